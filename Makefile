@@ -1,0 +1,43 @@
+# flaxvae: `make run` (install, prepare data, train the default model, evaluate) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FLAXVAE := $(VENV)/bin/flaxvae
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+RUN_DIR ?= runs/fashion_mnist_mlp
+export FLAXVAE_DATA_DIR ?= $(CURDIR)/data/tfds
+
+.PHONY: install venv data run test bench clean
+
+install: venv data
+
+# The venv is rebuilt only when pyproject.toml changes (the stamp is older).
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+# Fashion-MNIST's IDX files come from Debian's dataset-fashion-mnist when missing.
+data: venv
+	@if [ ! -e $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ ! -e $(FMNIST_DIR)/train-images-idx3-ubyte ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  else echo "Fashion-MNIST not found in $(FMNIST_DIR): install Debian's dataset-fashion-mnist or set FMNIST_DIR"; exit 1; fi; \
+	fi
+	$(FLAXVAE) prepare-data fashion_mnist --source_dir $(FMNIST_DIR)
+
+run: install
+	$(FLAXVAE) train --config configs/fashion_mnist_mlp.py --workdir $(RUN_DIR) \
+	  --config.data.source_dir=$(FMNIST_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(FLAXVAE) bench --config configs/fashion_mnist_mlp.py
+
+clean:
+	rm -rf runs data/tfds

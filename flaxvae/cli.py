@@ -1,0 +1,112 @@
+"""The `flaxvae` command: `flaxvae COMMAND [flags]`; `flaxvae COMMAND --help` for each.
+
+    flaxvae train --config configs/fashion_mnist_mlp.py --workdir runs/mlp [--config.key=value ...]
+    flaxvae prepare-data fashion_mnist [--source_dir DIR] [--data_dir DIR]
+
+Problems a user can fix (a bad config value, missing data, a batch that does
+not split over the devices) end with one line on stderr and exit status 2,
+before any file in the workdir is touched.
+"""
+import logging
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+USAGE_ERROR = 2
+COMMANDS = {}
+
+
+class UsageError(ValueError):
+  pass
+
+
+def command(name):
+  def add(fn):
+    COMMANDS[name] = fn
+    return fn
+  return add
+
+
+def _parse(argv, define):
+  """Parses `argv` into a fresh FlagValues; any problem becomes a one-line UsageError."""
+  fv = flags.FlagValues()
+  define(fv)
+  flags.DEFINE_boolean("help", False, "show this help", flag_values=fv, short_name="h")
+  try:
+    positional = fv(argv)[1:]
+  except Exception as e:  # absl and config_flags raise several types, all user errors here
+    raise UsageError(_one_line(e)) from None
+  if fv.help:
+    print(fv.main_module_help() if hasattr(fv, "main_module_help") else "")
+    print(fv.get_help())
+    sys.exit(0)
+  return fv, positional
+
+
+def _one_line(e):
+  text = " ".join(str(e).split())
+  return text if len(text) < 400 else text[:400] + " ..."
+
+
+def _config_flags(fv, workdir_required=True):
+  config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py), "
+                                  "optionally followed by :ARG for get_config(ARG)",
+                                  flag_values=fv, lock_config=True)
+  flags.DEFINE_string("workdir", None, "the run's directory: metrics, checkpoints, images",
+                      flag_values=fv)
+
+
+@command("train")
+def train_command(argv):
+  """Trains a VAE, resuming from the workdir's latest checkpoint if there is one."""
+  fv, _ = _parse(argv, _config_flags)
+  if fv.config is None or not fv.workdir:
+    raise UsageError("train needs --config configs/NAME.py and --workdir DIR")
+  from flaxvae import train
+  final = train.train(fv.config, fv.workdir)
+  print(f"test ELBO {final['elbo']:.2f} nats (rate {final['rate']:.2f}, "
+        f"distortion {final['distortion']:.2f})")
+  print(f"workdir: {os.path.abspath(fv.workdir)}  (metrics.jsonl, tensorboard/, images/, "
+        "checkpoints/)")
+
+
+@command("prepare-data")
+def prepare_data_command(argv):
+  """Prepares a dataset as TFDS ArrayRecord files once, so training needs no download."""
+  def define(fv):
+    flags.DEFINE_string("source_dir", None, "folder with the original files", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "where prepared datasets live "
+                        "(default $FLAXVAE_DATA_DIR or ~/.cache/flaxvae/tfds)", flag_values=fv)
+  fv, names = _parse(argv, define)
+  if names != ["fashion_mnist"]:
+    raise UsageError("prepare-data takes one dataset name: fashion_mnist")
+  from flaxvae import datasets
+  path = datasets.prepare_fashion_mnist(fv.source_dir, fv.data_dir)
+  print(f"fashion_mnist ready in {path}")
+
+
+def main(argv=None):
+  argv = list(sys.argv if argv is None else argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help") or argv[1] not in COMMANDS:
+    print(__doc__.strip())
+    print("commands: " + ", ".join(sorted(COMMANDS)))
+    if len(argv) >= 2 and argv[1] not in ("-h", "--help", "help"):
+      print(f"flaxvae: error: unknown command {argv[1]!r}", file=sys.stderr)
+      return USAGE_ERROR
+    return 0 if len(argv) >= 2 else USAGE_ERROR
+  from flaxvae.datasets import DataError
+  from flaxvae.models import ConfigError
+  try:
+    COMMANDS[argv[1]]([f"flaxvae {argv[1]}", *argv[2:]])
+  except (UsageError, ConfigError, DataError) as e:
+    print(f"flaxvae {argv[1]}: error: {_one_line(e)}", file=sys.stderr)
+    return USAGE_ERROR
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,139 @@
+"""The train step, written once per device with collectives over the `data` axis.
+
+`parallel.py` runs these functions under `jax.shard_map` or `jax.pmap`; nothing
+here knows which. The model enters as an NNX graphdef, split once, and the
+step is a pure function of the state pytree.
+
+Randomness is keyed per example, not per device: example i of the global
+batch at step s uses fold_in(fold_in(rng, s), i). So the same seed and global
+batch give the same numbers on 1 device or 8, with either backend.
+"""
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flaxvae import losses
+
+AXIS = "data"
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar: updates attempted so far
+  params: Any  # pure dict of float32 arrays (nnx.to_pure_dict of the model state)
+  opt_state: Any
+  ema_params: Any  # same tree as params when config.ema_decay > 0, else ()
+  rng: jax.Array  # raw uint32 PRNG key data, so checkpoints hold plain arrays
+  skipped: jax.Array  # int32: steps skipped for non-finite loss/gradients, in total
+  consecutive_skips: jax.Array  # int32: skipped in a row up to now
+
+
+class StepConfig(NamedTuple):
+  """The static settings the step closes over (hashable, from the run config)."""
+  likelihood: losses.Likelihood
+  objective: str
+  num_samples: int
+  beta: float
+  kl_warmup_steps: int
+  free_bits: float
+  binarization: str
+  ema_decay: float
+  skip_nonfinite: bool
+
+
+def step_config(config, likelihood):
+  o = config.objective
+  return StepConfig(likelihood, o.name, o.num_samples, o.beta, o.kl_warmup_steps, o.free_bits,
+                    config.data.binarization, config.ema_decay, config.optimizer.skip_nonfinite)
+
+
+def preprocess(images_uint8, keys, binarization):
+  """uint8 images -> floats in [0,1] on device; dynamic binarization draws per example."""
+  x = images_uint8.astype(jnp.float32) / 255.0
+  if binarization == "dynamic":
+    return jax.vmap(lambda k, p: jax.random.bernoulli(k, p).astype(jnp.float32))(keys, x)
+  if binarization == "static":
+    return (x > 0.5).astype(jnp.float32)
+  if binarization == "none":
+    return x
+  raise ValueError(f"unknown data.binarization {binarization!r}: use none, dynamic or static")
+
+
+def example_keys(rng, step, batch_size):
+  """One key per example of this device's slice of the global batch (device-count invariant)."""
+  first = jax.lax.axis_index(AXIS) * batch_size
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(batch_size))
+
+
+def batch_terms(graphdef, params, x, keys, cfg: StepConfig, kl_scale=1.0, axis_name=AXIS):
+  """Per-example VAE terms for a batch, each example with its own posterior noise."""
+  model = nnx.merge(graphdef, params)
+  mean, logvar = model.encode(x)
+  eps_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  eps = jax.vmap(lambda k, m: jax.random.normal(k, (cfg.num_samples, *m.shape), m.dtype))(
+      eps_keys, mean)  # [batch, k, latent]
+  return losses.vae_terms(jnp.swapaxes(eps, 0, 1), x, mean, logvar, model.decode, cfg.likelihood,
+                          objective=cfg.objective, kl_scale=kl_scale, free_bits=cfg.free_bits,
+                          axis_name=axis_name)
+
+
+def _tree_where(pred, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images):
+  """One optimizer update from this device's slice of the global batch."""
+  keys = example_keys(state.rng, state.step, images.shape[0])
+  x = preprocess(images, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), cfg.binarization)
+  kl_scale = losses.kl_weight(state.step, cfg.beta, cfg.kl_warmup_steps)
+
+  def loss_fn(params):
+    terms = batch_terms(graphdef, params, x, keys, cfg, kl_scale)
+    return jnp.mean(terms["loss"]), terms
+
+  (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  metrics = jax.lax.pmean({k: jnp.mean(v) for k, v in terms.items()}, AXIS)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = state.ema_params
+  if cfg.ema_decay:
+    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
+  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  if cfg.skip_nonfinite:
+    params, opt_state, ema = _tree_where(ok, (params, opt_state, ema),
+                                         (state.params, state.opt_state, state.ema_params))
+  skipped = (~ok).astype(jnp.int32)
+  new_state = TrainState(state.step + 1, params, opt_state, ema, state.rng,
+                         state.skipped + skipped, (state.consecutive_skips + skipped) * skipped)
+  metrics = dict(metrics, grad_norm=grad_norm, skipped=skipped.astype(jnp.float32))
+  return new_state, metrics
+
+
+def train_steps(graphdef, tx, cfg: StepConfig, unroll: int, state: TrainState, images):
+  """`images.shape[0]` train steps in one lax.scan; returns the mean of each metric.
+
+  Metrics are summed on device so the host only reads them when it logs.
+  """
+  def body(state, batch):
+    return train_step(graphdef, tx, cfg, state, batch)
+
+  state, metrics = jax.lax.scan(body, state, images, unroll=unroll)
+  return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+
+def gather_train_steps(graphdef, tx, cfg, unroll, state, dataset, indices):
+  """train_steps over batches gathered on device from a device-resident dataset."""
+  return train_steps(graphdef, tx, cfg, unroll, state, dataset[indices])
+
+
+def eval_terms(graphdef, cfg: StepConfig, params, rng, images, example_ids):
+  """Per-example ELBO terms (one posterior sample each), keyed by the examples' ids."""
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.wrap_key_data(rng), i))(example_ids)
+  x = preprocess(images, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), cfg.binarization)
+  return batch_terms(graphdef, params, x, keys, cfg._replace(objective="elbo", num_samples=1),
+                     axis_name=None)

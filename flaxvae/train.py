@@ -1,0 +1,237 @@
+"""The trainer: one function, `train(config, workdir)`, in banner-commented stages.
+
+    flaxvae train --config configs/fashion_mnist_mlp.py --workdir runs/mlp
+
+The hot loop sends only example indices to the devices: the training split
+lives on device, each dispatch runs `config.steps_per_dispatch` steps in one
+jitted lax.scan, and metrics stay on device until a log step fetches them.
+"""
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flaxvae import checkpoint as checkpoint_lib
+from flaxvae import data as data_lib
+from flaxvae import evaluate, losses, models, optim, outputs, parallel
+from flaxvae import step as step_lib
+from flaxvae.models import ConfigError
+
+log = logging.getLogger("flaxvae")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def validate(config):
+  """Fails fast, before anything is read or written, on settings that cannot work."""
+  for key in ("num_steps", "batch_size", "steps_per_dispatch", "scan_unroll", "log_every_steps"):
+    if config[key] <= 0:
+      raise ConfigError(f"{key} must be positive, got {config[key]}")
+  if config.dtype not in DTYPES:
+    raise ConfigError(f"unknown dtype {config.dtype!r}: choose one of {sorted(DTYPES)}")
+  if config.objective.num_samples <= 0:
+    raise ConfigError(f"objective.num_samples must be positive, got {config.objective.num_samples}")
+  if config.data.binarization not in ("none", "dynamic", "static"):
+    raise ConfigError(f"unknown data.binarization {config.data.binarization!r}: "
+                      "use none, dynamic or static")
+  if config.objective.name not in ("elbo", "iwae"):
+    raise ConfigError(f"unknown objective.name {config.objective.name!r}: use elbo or iwae")
+
+
+def event_boundaries(config):
+  """Steps at which the host must act: log, evaluate, checkpoint or stop."""
+  return [s for s in (config.log_every_steps, config.eval.every_steps,
+                      config.checkpoint.every_steps) if s > 0]
+
+
+def next_dispatch_size(step, config):
+  """Steps to run in the next dispatch: up to steps_per_dispatch, never past an event."""
+  limit = min(config.steps_per_dispatch, config.num_steps - step)
+  for every in event_boundaries(config):
+    limit = min(limit, every - step % every)
+  return limit
+
+
+class Run:
+  """The pieces of a run that evaluation, the API and the trainer all need."""
+
+  def __init__(self, config, *, need_train_split=True):
+    validate(config)
+    self.config = config
+    self.runner = parallel.create_runner(config.parallel, config.batch_size)
+    self.likelihood = losses.get_likelihood(config.objective.likelihood,
+                                            config.objective.gaussian_logvar)
+    self.step_cfg = step_lib.step_config(config, self.likelihood)
+    self.train_images = (data_lib.load_images(config.data, config.data.train_split)
+                         if need_train_split else None)
+    self.eval_images = data_lib.load_images(config.data, config.data.eval_split)
+    self.image_shape = tuple(self.eval_images.shape[1:])
+    model = models.create_model(config.model, image_shape=self.image_shape,
+                                num_params=self.likelihood.num_params, seed=config.seed,
+                                dtype=DTYPES[config.dtype])
+    self.graphdef, params = nnx.split(model)
+    self.params = nnx.to_pure_dict(params)
+    self.tx, self.schedule = optim.create_optimizer(config.optimizer, config.num_steps)
+
+  def initial_state(self):
+    params = self.params
+    return step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+        ema_params=params if self.config.ema_decay else (),
+        rng=jax.random.key_data(jax.random.key(self.config.seed)),
+        skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32))
+
+  def eval_params(self, state):
+    """The parameters evaluation uses: the EMA when the run keeps one."""
+    return state.ema_params if self.config.ema_decay else state.params
+
+
+# ----------------------------------------------------------------------------
+# Image grids
+# ----------------------------------------------------------------------------
+def save_image_grids(run: Run, params, workdir, step):
+  """Test reconstructions (originals above their reconstructions) and prior samples."""
+  if not outputs.is_writer():
+    return
+  model = nnx.merge(run.graphdef, jax.tree.map(jnp.asarray, params))
+  n = run.config.eval.num_image_samples
+  x = run.eval_images[:n // 2].astype(np.float32) / 255.0
+  mean, _ = model.encode(x)
+  recon = run.likelihood.mean(model.decode(mean))
+  z = jax.random.normal(jax.random.key(run.config.seed), (n, run.config.model.latent_dim))
+  samples = run.likelihood.mean(model.decode(z))
+  columns = max(1, n // 4)
+  pairs = np.concatenate([x[:columns], recon[:columns], x[columns:2 * columns],
+                          recon[columns:2 * columns]])
+  images_dir = os.path.join(workdir, "images")
+  os.makedirs(images_dir, exist_ok=True)
+  outputs.save_image_grid(os.path.join(images_dir, f"reconstructions_{step:07d}.png"), pairs, columns)
+  outputs.save_image_grid(os.path.join(images_dir, f"samples_{step:07d}.png"), samples)
+
+
+def train(config, workdir):
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation row."""
+  # --------------------------------------------------------------------------
+  # Setup: everything that can fail on a bad config fails here, before writing.
+  # --------------------------------------------------------------------------
+  run = Run(config)
+  runner = run.runner
+  if config.batch_size > len(run.train_images):
+    raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
+                      f"({len(run.train_images)} examples)")
+  os.makedirs(workdir, exist_ok=True)
+  if outputs.is_writer():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = outputs.MetricWriter(workdir)
+  log.info("devices: %d x %s (%s backend), processes: %d", runner.num_devices,
+           runner.devices[0].device_kind, config.parallel.backend, jax.process_count())
+
+  # --------------------------------------------------------------------------
+  # State: fresh, or the latest checkpoint of this workdir.
+  # --------------------------------------------------------------------------
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+  state = run.initial_state()
+  stream = data_lib.IndexStream(len(run.train_images), config.seed)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    target = checkpoint_lib.abstract_like(state, runner.sharding())
+    state, data_state, _ = checkpointer.restore(latest, target)
+    stream = data_lib.IndexStream.from_state(data_state)
+    log.info("resumed from step %d of %s", latest, checkpointer.directory)
+  state = runner.put(state)
+
+  # --------------------------------------------------------------------------
+  # Compile: the multi-step train function, with the state donated.
+  # --------------------------------------------------------------------------
+  train_fn = runner.wrap(
+      functools.partial(step_lib.gather_train_steps, run.graphdef, run.tx, run.step_cfg,
+                        config.scan_unroll),
+      (parallel.REPLICATED, parallel.REPLICATED, parallel.batch_axis(1)),
+      (parallel.REPLICATED, parallel.REPLICATED), donate_argnums=(0,))
+  train_data = runner.put(run.train_images)
+  evaluator = evaluate.Evaluator(runner, run.eval_images, config.eval.batch_size)
+  elbo_fn = evaluate.elbo_fn(run.graphdef, run.step_cfg)
+  eval_rng = jax.random.key_data(jax.random.key(config.seed + 1))
+  num_dims = int(np.prod(run.image_shape))
+
+  def run_eval(step, num_examples):
+    params = runner.get(run.eval_params(state))
+    values = evaluator.per_example("elbo", elbo_fn, params, eval_rng, num_examples)
+    row = evaluate.summarize(values, num_dims if run.likelihood.discrete else None)
+    writer.write(step, dict(row, num_examples=len(values["elbo"])), split=config.data.eval_split)
+    save_image_grids(run, params, workdir, step)
+    return row
+
+  # --------------------------------------------------------------------------
+  # Loop: dispatch, and act on the host only at log/eval/checkpoint steps.
+  # --------------------------------------------------------------------------
+  step = int(runner.get(state.step))
+  local = config.batch_size // jax.process_count()
+  lo, hi = jax.process_index() * local, (jax.process_index() + 1) * local
+  pending, window_start, window_step = [], time.perf_counter(), step
+  progress = _progress(step, config.num_steps)
+  while step < config.num_steps:
+    n = next_dispatch_size(step, config)
+    indices = stream.take(n * config.batch_size).reshape(n, config.batch_size)[:, lo:hi]
+    state, metrics = train_fn(state, train_data, runner.put(indices, parallel.batch_axis(1)))
+    pending.append((n, metrics))
+    step += n
+    if step % config.log_every_steps == 0 or step == config.num_steps:
+      row = _mean_rows([(k, runner.get(m)) for k, m in pending])
+      now = time.perf_counter()
+      row["examples_per_s"] = (step - window_step) * config.batch_size / (now - window_start)
+      row["learning_rate"] = float(run.schedule(step))
+      row["epoch"] = stream.epoch + stream.position / stream.num_examples
+      writer.write(step, row)
+      progress(step, row)
+      _check_skips(runner.get(state.consecutive_skips), config, step, checkpointer)
+      pending, window_start, window_step = [], time.perf_counter(), step
+    if config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.num_steps:
+      run_eval(step, config.eval.num_examples)
+    if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+      checkpointer.save(step, runner.unreplicate(state), stream.state(), config.to_dict())
+
+  # --------------------------------------------------------------------------
+  # Final: wait for the last checkpoint, evaluate on the whole split.
+  # --------------------------------------------------------------------------
+  checkpointer.close()
+  final = run_eval(step, None)
+  writer.close()
+  return final
+
+
+def _mean_rows(pending):
+  """Step-weighted mean of the per-dispatch metric means."""
+  total = sum(n for n, _ in pending)
+  keys = pending[0][1].keys()
+  return {k: float(sum(n * float(m[k]) for n, m in pending) / total) for k in keys}
+
+
+def _check_skips(consecutive, config, step, checkpointer):
+  if config.max_consecutive_skips and consecutive >= config.max_consecutive_skips:
+    raise FloatingPointError(
+        f"{int(consecutive)} consecutive steps up to step {step} had a non-finite loss or "
+        f"gradient; last good checkpoint: step {checkpointer.latest_step()} in "
+        f"{checkpointer.directory}. Lower optimizer.learning_rate or set grad_clip_norm")
+
+
+def _progress(start, total):
+  """A one-line console progress display (process 0 only)."""
+  begin = time.perf_counter()
+
+  def show(step, row):
+    if not outputs.is_writer():
+      return
+    done = step / total
+    bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
+    print(f"\r[{bar}] step {step}/{total} loss {row['loss']:.2f} rate {row['rate']:.2f} "
+          f"{row['examples_per_s']:,.0f} ex/s {time.perf_counter() - begin:.0f}s",
+          end="\n" if step == total else "", flush=True)
+  return show
