@@ -97,7 +97,7 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images):
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   metrics = jax.lax.pmean({k: jnp.mean(v) for k, v in terms.items()}, AXIS)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
