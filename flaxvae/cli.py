@@ -50,18 +50,22 @@ def _one_line(e):
   return text if len(text) < 400 else text[:400] + " ..."
 
 
-def _config_flags(fv, workdir_required=True):
-  config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py), "
-                                  "optionally followed by :ARG for get_config(ARG)",
-                                  flag_values=fv, lock_config=True)
-  flags.DEFINE_string("workdir", None, "the run's directory: metrics, checkpoints, images",
-                      flag_values=fv)
+def _config_flags(argv):
+  """Defines --config (with its --config.key=value overrides, read from `argv`) and --workdir."""
+  def define(fv):
+    config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py), "
+                                    "optionally followed by :ARG for get_config(ARG)",
+                                    flag_values=fv, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "the run's directory: metrics, checkpoints, images",
+                        flag_values=fv)
+  return define
+
 
 
 @command("train")
 def train_command(argv):
   """Trains a VAE, resuming from the workdir's latest checkpoint if there is one."""
-  fv, _ = _parse(argv, _config_flags)
+  fv, _ = _parse(argv, _config_flags(argv))
   if fv.config is None or not fv.workdir:
     raise UsageError("train needs --config configs/NAME.py and --workdir DIR")
   from flaxvae import train

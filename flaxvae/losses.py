@@ -12,6 +12,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flaxvae.errors import ConfigError
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -105,7 +107,7 @@ def get_likelihood(name, gaussian_logvar=None):
   if name == "discretized_logistic":
     return Likelihood(2, discretized_logistic_log_prob,
                       lambda raw: jnp.clip(raw[..., 0], 0.0, 1.0), True)
-  raise ValueError(f"unknown likelihood {name!r}: use bernoulli, gaussian or discretized_logistic")
+  raise ConfigError(f"unknown objective.likelihood {name!r}: use bernoulli, gaussian or discretized_logistic")
 
 
 # ---------------------------------------------------------------------------

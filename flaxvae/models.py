@@ -13,14 +13,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxvae.errors import ConfigError
+
 _MODELS: dict[str, Callable] = {}
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu,
                "tanh": jnp.tanh, "elu": jax.nn.elu, "softplus": jax.nn.softplus}
-
-
-class ConfigError(ValueError):
-  """A configuration problem; str() is one line saying what to change."""
 
 
 def register(name):
@@ -30,8 +28,8 @@ def register(name):
   return add
 
 
-def create_model(model_config, *, image_shape, num_params, seed=0, dtype=jnp.float32):
-  """Builds the registered model `model_config.name` for images of `image_shape`."""
+def check_config(model_config):
+  """Raises ConfigError for a model config that cannot be built, before any data is read."""
   if model_config.name not in _MODELS:
     raise ConfigError(f"unknown model.name {model_config.name!r}: choose one of {sorted(_MODELS)}")
   if model_config.activation not in ACTIVATIONS:
@@ -39,6 +37,11 @@ def create_model(model_config, *, image_shape, num_params, seed=0, dtype=jnp.flo
                       f"choose one of {sorted(ACTIVATIONS)}")
   if model_config.latent_dim <= 0:
     raise ConfigError(f"model.latent_dim must be positive, got {model_config.latent_dim}")
+
+
+def create_model(model_config, *, image_shape, num_params, seed=0, dtype=jnp.float32):
+  """Builds the registered model `model_config.name` for images of `image_shape`."""
+  check_config(model_config)
   kwargs = {k: v for k, v in model_config.items() if k != "name"}
   return _MODELS[model_config.name](image_shape=tuple(image_shape), num_params=num_params,
                                     rngs=nnx.Rngs(seed), dtype=dtype, **kwargs)

@@ -42,6 +42,9 @@ def validate(config):
                       "use none, dynamic or static")
   if config.objective.name not in ("elbo", "iwae"):
     raise ConfigError(f"unknown objective.name {config.objective.name!r}: use elbo or iwae")
+  models.check_config(config.model)
+  optim.create_optimizer(config.optimizer, config.num_steps)
+  losses.get_likelihood(config.objective.likelihood, config.objective.gaussian_logvar)
 
 
 def event_boundaries(config):

@@ -1,0 +1,96 @@
+"""The `flaxvae` command: a short real run, and one-line errors for bad inputs that touch nothing."""
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from flaxvae import cli
+from flaxvae import data as data_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MLP_CONFIG = str(REPO / "configs" / "fashion_mnist_mlp.py")
+from tests.test_parallel import tiny_images  # noqa: E402
+
+
+def tree_digest(path):
+  """A hash of every file's name and bytes under `path`: equal before and after means untouched."""
+  h = hashlib.sha256()
+  for p in sorted(pathlib.Path(path).rglob("*")):
+    h.update(str(p.relative_to(path)).encode())
+    if p.is_file():
+      h.update(p.read_bytes())
+  return h.hexdigest()
+
+
+@pytest.fixture
+def workdir_with_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "100").mkdir(parents=True)
+  (workdir / "checkpoints" / "100" / "state").write_bytes(b"precious")
+  return workdir
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.model.no_such_key=3", "no_such_key"),
+    ("--config.batch_size=0", "batch_size must be positive"),
+    ("--config.batch_size=12", "does not divide evenly over 8 devices"),
+    ("--config.model.name=resnet", "unknown model.name 'resnet'"),
+    ("--config.data.source_dir={tmp}/missing", "has no Fashion-MNIST IDX files"),
+    ("--config.optimizer.name=sgdx", "unknown optimizer.name"),
+])
+def test_bad_inputs_fail_in_one_line_and_touch_nothing(capsys, tmp_path, workdir_with_checkpoint,
+                                                       flag, message):
+  before = tree_digest(workdir_with_checkpoint)
+  flag = flag.format(tmp=tmp_path)
+  status = cli.main(["flaxvae", "train", f"--config={MLP_CONFIG}",
+                     f"--workdir={workdir_with_checkpoint}", flag,
+                     f"--config.data.data_dir={tmp_path}/tfds"])
+  err = capsys.readouterr().err.strip()
+  assert status == 2
+  assert message in err and "\n" not in err, err
+  assert tree_digest(workdir_with_checkpoint) == before
+
+
+def test_missing_flags_and_unknown_command(capsys):
+  assert cli.main(["flaxvae", "train"]) == 2
+  assert "needs --config" in capsys.readouterr().err
+  assert cli.main(["flaxvae", "fly"]) == 2
+
+
+def test_console_script_exit_status(tmp_path):
+  flaxvae = pathlib.Path(sys.executable).parent / "flaxvae"
+  result = subprocess.run([str(flaxvae), "train", f"--config={MLP_CONFIG}",
+                           f"--workdir={tmp_path}/run", "--config.batch_size=-5"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("flaxvae train: error: batch_size")
+  assert not (tmp_path / "run").exists()
+
+
+def test_short_training_run_writes_every_output(monkeypatch, tmp_path, capsys):
+  splits = {"train": tiny_images(512), "test": tiny_images(128, seed=1)}
+  monkeypatch.setattr(data_lib, "load_images", lambda data_config, split: splits[split])
+  workdir = tmp_path / "run"
+  status = cli.main(["flaxvae", "train", f"--config={MLP_CONFIG}", f"--workdir={workdir}",
+                     "--config.num_steps=20", "--config.steps_per_dispatch=5",
+                     "--config.log_every_steps=10", "--config.eval.every_steps=10",
+                     "--config.checkpoint.every_steps=10", "--config.batch_size=32",
+                     "--config.model.hidden=(16,)", "--config.eval.num_examples=64",
+                     "--config.eval.final_num_importance_samples=10",
+                     "--config.eval.num_importance_samples=5"])
+  assert status == 0, capsys.readouterr().err
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train_rows] == [10, 20]
+  for key in ("loss", "rate", "distortion", "examples_per_s", "learning_rate"):
+    assert key in train_rows[0]
+  assert any(r["split"] == "test" and "elbo" in r for r in rows)
+  assert json.loads((workdir / "config.json").read_text())["batch_size"] == 32
+  assert any(p.name.startswith("events") for p in (workdir / "tensorboard").iterdir())
+  assert any(p.suffix == ".png" for p in (workdir / "images").iterdir())
+  assert sorted(os.listdir(workdir / "checkpoints"))[:2] == ["10", "20"]
+  assert "workdir:" in capsys.readouterr().out
