@@ -12,15 +12,37 @@ import numpy as np
 from flaxvae.models import ConfigError
 
 
+PIPELINES = ("auto", "in_memory", "streaming")
+
+
 def load_images(data_config, split):
-  """uint8 images [N, H, W, C] of `split`, preparing the dataset first when needed."""
-  if data_config.name != "fashion_mnist":
-    raise ConfigError(f"unknown data.name {data_config.name!r}: this build knows fashion_mnist")
-  from flaxvae import datasets
-  builder_dir = datasets.prepare_fashion_mnist(data_config.source_dir or None,
-                                               data_config.data_dir or None)
-  images, _ = datasets.load_split(builder_dir, split)
-  return images
+  """uint8 images [N, H, W, C] of `split`, preparing Fashion-MNIST first when needed."""
+  if data_config.name == "fashion_mnist":
+    from flaxvae import datasets
+    builder_dir = datasets.prepare_fashion_mnist(data_config.source_dir or None,
+                                                 data_config.data_dir or None)
+    images, _ = datasets.load_split(builder_dir, split)
+    return images
+  from flaxvae import records
+  return records.open_split(data_config, split).read_all()
+
+
+def choose_pipeline(data_config, split):
+  """"in_memory" or "streaming" for `split`: data.pipeline, or by size when it is "auto".
+
+  The size of the catalog's splits is known without opening them, so the common case reads
+  nothing here (and tests that replace `load_images` never touch disk).
+  """
+  choice = data_config.get("pipeline", "auto")
+  if choice not in PIPELINES:
+    raise ConfigError(f"unknown data.pipeline {choice!r}: use {', '.join(PIPELINES)}")
+  if choice != "auto":
+    return choice
+  from flaxvae import records
+  nbytes = records.static_split_bytes(data_config, split)
+  if nbytes is None:
+    nbytes = records.open_split(data_config, split).nbytes
+  return "in_memory" if nbytes <= data_config.get("in_memory_max_bytes", 1 << 30) else "streaming"
 
 
 def epoch_permutation(seed, epoch, num_examples):
@@ -58,4 +80,5 @@ class IndexStream:
 
   @classmethod
   def from_state(cls, state):
-    return cls(**{k: int(v) for k, v in state.items()})
+    """From either pipeline's state: both keep num_examples, seed, epoch and position."""
+    return cls(**{k: int(state[k]) for k in ("num_examples", "seed", "epoch", "position")})

@@ -39,6 +39,10 @@ def base_config():
   config.data.binarization = "none"  # none (grey levels in [0,1]), dynamic (Bernoulli per step), static (> 0.5)
   config.data.train_split = "train"
   config.data.eval_split = "test"
+  config.data.pipeline = "auto"  # auto, in_memory (train split on device) or streaming (Grain)
+  config.data.in_memory_max_bytes = 1 << 30  # auto: splits up to this size stay on every device
+  config.data.read_threads = 2  # streaming: Grain threads reading and decoding batches
+  config.data.prefetch_batches = 64  # streaming: batches Grain reads ahead of the trainer
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"
@@ -67,5 +71,9 @@ def base_config():
   config.eval.num_examples = 2_000  # during training; the final evaluation uses the whole split
   config.eval.num_importance_samples = 100  # during training
   config.eval.final_num_importance_samples = 5_000
+  config.eval.final_num_examples = 0  # 0: the whole split
+  config.eval.amortization_examples = 1_000  # final evaluation only; 0 skips the amortization gap
+  config.eval.amortization_steps = 500  # per-example Adam steps on (mean, logvar)
+  config.eval.amortization_learning_rate = 1e-2  # cosine-decayed to 0 over the steps
   config.eval.num_image_samples = 64
   return config

@@ -19,7 +19,7 @@ from flax import nnx
 
 from flaxvae import checkpoint as checkpoint_lib
 from flaxvae import data as data_lib
-from flaxvae import evaluate, losses, models, optim, outputs, parallel
+from flaxvae import evaluate, losses, models, optim, outputs, parallel, pipeline
 from flaxvae import step as step_lib
 from flaxvae.models import ConfigError
 
@@ -43,6 +43,7 @@ def validate(config):
   if config.objective.name not in ("elbo", "iwae"):
     raise ConfigError(f"unknown objective.name {config.objective.name!r}: use elbo or iwae")
   models.check_config(config.model)
+  evaluate.check_config(config.eval)
   optim.create_optimizer(config.optimizer, config.num_steps)
   losses.get_likelihood(config.objective.likelihood, config.objective.gaussian_logvar)
 
@@ -71,8 +72,13 @@ class Run:
     self.likelihood = losses.get_likelihood(config.objective.likelihood,
                                             config.objective.gaussian_logvar)
     self.step_cfg = step_lib.step_config(config, self.likelihood)
+    # The streaming path reads the train split per batch; only the in-memory path loads it here.
+    self.pipeline = (data_lib.choose_pipeline(config.data, config.data.train_split)
+                     if need_train_split else None)
     self.train_images = (data_lib.load_images(config.data, config.data.train_split)
-                         if need_train_split else None)
+                         if self.pipeline == "in_memory" else None)
+    self.train_split = (pipeline.open_train_split(config)
+                        if self.pipeline == "streaming" else None)
     self.eval_images = data_lib.load_images(config.data, config.data.eval_split)
     self.image_shape = tuple(self.eval_images.shape[1:])
     model = models.create_model(config.model, image_shape=self.image_shape,
@@ -125,7 +131,7 @@ def train(config, workdir):
   # --------------------------------------------------------------------------
   run = Run(config)
   runner = run.runner
-  if config.batch_size > len(run.train_images):
+  if run.train_images is not None and config.batch_size > len(run.train_images):
     raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
                       f"({len(run.train_images)} examples)")
   os.makedirs(workdir, exist_ok=True)
@@ -141,34 +147,35 @@ def train(config, workdir):
   # --------------------------------------------------------------------------
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   state = run.initial_state()
-  stream = data_lib.IndexStream(len(run.train_images), config.seed)
+  data_state = None
   latest = checkpointer.latest_step()
   if latest is not None:
     target = checkpoint_lib.abstract_like(state, runner.sharding())
     state, data_state, _ = checkpointer.restore(latest, target)
-    stream = data_lib.IndexStream.from_state(data_state)
     log.info("resumed from step %d of %s", latest, checkpointer.directory)
   state = runner.put(state)
 
   # --------------------------------------------------------------------------
   # Compile: the multi-step train function, with the state donated.
   # --------------------------------------------------------------------------
+  # in_memory: train split on device, indices per dispatch; streaming: Grain uint8 batches.
+  train_data = run.train_images if run.pipeline == "in_memory" else run.train_split
+  feed = pipeline.create_feed(config, runner, train_data, data_state)
+  log.info("input pipeline: %s", feed.name)
   train_fn = runner.wrap(
-      functools.partial(step_lib.gather_train_steps, run.graphdef, run.tx, run.step_cfg,
-                        config.scan_unroll),
-      (parallel.REPLICATED, parallel.REPLICATED, parallel.batch_axis(1)),
+      functools.partial(feed.step_fn, run.graphdef, run.tx, run.step_cfg, config.scan_unroll),
+      (parallel.REPLICATED, *feed.arg_kinds),
       (parallel.REPLICATED, parallel.REPLICATED), donate_argnums=(0,))
-  train_data = runner.put(run.train_images)
   evaluator = evaluate.Evaluator(runner, run.eval_images, config.eval.batch_size)
-  elbo_fn = evaluate.elbo_fn(run.graphdef, run.step_cfg)
-  eval_rng = jax.random.key_data(jax.random.key(config.seed + 1))
-  num_dims = int(np.prod(run.image_shape))
+  eval_rng = evaluate.eval_rng(config)
 
-  def run_eval(step, num_examples):
+  def run_eval(step, final=False):
     params = runner.get(run.eval_params(state))
-    values = evaluator.per_example("elbo", elbo_fn, params, eval_rng, num_examples)
-    row = evaluate.summarize(values, num_dims if run.likelihood.discrete else None)
-    writer.write(step, dict(row, num_examples=len(values["elbo"])), split=config.data.eval_split)
+    diagnose = evaluate.final_evaluation if final else evaluate.periodic_evaluation
+    row = diagnose(run, evaluator, params, eval_rng)
+    writer.write(step, dict(row, final=final), split=config.data.eval_split)
+    if final and outputs.is_writer():
+      evaluate.write_eval_json(workdir, dict(row, step=step, split=config.data.eval_split))
     save_image_grids(run, params, workdir, step)
     return row
 
@@ -176,14 +183,11 @@ def train(config, workdir):
   # Loop: dispatch, and act on the host only at log/eval/checkpoint steps.
   # --------------------------------------------------------------------------
   step = int(runner.get(state.step))
-  local = config.batch_size // jax.process_count()
-  lo, hi = jax.process_index() * local, (jax.process_index() + 1) * local
   pending, window_start, window_step = [], time.perf_counter(), step
   progress = _progress(step, config.num_steps)
   while step < config.num_steps:
     n = next_dispatch_size(step, config)
-    indices = stream.take(n * config.batch_size).reshape(n, config.batch_size)[:, lo:hi]
-    state, metrics = train_fn(state, train_data, runner.put(indices, parallel.batch_axis(1)))
+    state, metrics = train_fn(state, *feed.args(n))  # async: the next batches overlap compute
     pending.append((n, metrics))
     step += n
     if step % config.log_every_steps == 0 or step == config.num_steps:
@@ -191,21 +195,21 @@ def train(config, workdir):
       now = time.perf_counter()
       row["examples_per_s"] = (step - window_step) * config.batch_size / (now - window_start)
       row["learning_rate"] = float(run.schedule(step))
-      row["epoch"] = stream.epoch + stream.position / stream.num_examples
+      row["epoch"] = feed.epoch
       writer.write(step, row)
       progress(step, row)
       _check_skips(runner.get(state.consecutive_skips), config, step, checkpointer)
       pending, window_start, window_step = [], time.perf_counter(), step
     if config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.num_steps:
-      run_eval(step, config.eval.num_examples)
+      run_eval(step)
     if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
-      checkpointer.save(step, runner.unreplicate(state), stream.state(), config.to_dict())
+      checkpointer.save(step, runner.unreplicate(state), feed.state(), config.to_dict())
 
   # --------------------------------------------------------------------------
   # Final: wait for the last checkpoint, evaluate on the whole split.
   # --------------------------------------------------------------------------
   checkpointer.close()
-  final = run_eval(step, None)
+  final = run_eval(step, final=True)
   writer.close()
   return final
 
