@@ -2,6 +2,8 @@
 
     flaxvae train --config configs/fashion_mnist_mlp.py --workdir runs/mlp [--config.key=value ...]
     flaxvae prepare-data fashion_mnist [--source_dir DIR] [--data_dir DIR]
+    flaxvae prepare-data folder --source DIR --name NAME [--test_fraction F]
+    flaxvae bench-input --config configs/fashion_mnist_mlp.py
 
 Problems a user can fix (a bad config value, missing data, a batch that does
 not split over the devices) end with one line on stderr and exit status 2,
@@ -78,17 +80,59 @@ def train_command(argv):
 
 @command("prepare-data")
 def prepare_data_command(argv):
-  """Prepares a dataset as TFDS ArrayRecord files once, so training needs no download."""
+  """Prepares a dataset as TFDS ArrayRecord files once, so training needs no download.
+
+  fashion_mnist (offline, IDX files); mnist, binarized_mnist, cifar10, celeb_a, imagenet32,
+  imagenet64 (TFDS catalog: TensorFlow and internet once, `pip install 'flaxvae[prep]'`);
+  folder --source DIR --name NAME [--test_fraction F] (your images; then data.name=NAME).
+  """
   def define(fv):
     flags.DEFINE_string("source_dir", None, "folder with the original files", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "where prepared datasets live "
                         "(default $FLAXVAE_DATA_DIR or ~/.cache/flaxvae/tfds)", flag_values=fv)
+    flags.DEFINE_string("source", None, "folder: the images (or .npy arrays), optionally one "
+                        "sub-folder per label", flag_values=fv)
+    flags.DEFINE_string("name", None, "folder: the dataset's name (then data.name=NAME)",
+                        flag_values=fv)
+    flags.DEFINE_float("test_fraction", 0.0, "folder: fraction held out as split `test`",
+                       flag_values=fv)
   fv, names = _parse(argv, define)
-  if names != ["fashion_mnist"]:
-    raise UsageError("prepare-data takes one dataset name: fashion_mnist")
-  from flaxvae import datasets
-  path = datasets.prepare_fashion_mnist(fv.source_dir, fv.data_dir)
-  print(f"fashion_mnist ready in {path}")
+  from flaxvae import records
+  known = ["fashion_mnist", *sorted(records.CATALOG), "folder"]
+  if len(names) != 1 or names[0] not in known:
+    raise UsageError(f"prepare-data takes one dataset name: {', '.join(known)}")
+  name = names[0]
+  if name == "fashion_mnist":
+    from flaxvae import datasets
+    path = datasets.prepare_fashion_mnist(fv.source_dir, fv.data_dir)
+  elif name == "folder":
+    if not fv.source or not fv.name:
+      raise UsageError("prepare-data folder needs --source DIR and --name NAME")
+    from flaxvae import folder
+    path = folder.prepare_folder(fv.source, fv.name, fv.test_fraction, fv.data_dir)
+    name = fv.name
+  else:
+    path = records.prepare_catalog(name, fv.data_dir)
+  print(f"{name} ready in {path}")
+
+
+@command("bench-input")
+def bench_input_command(argv):
+  """Examples/s each input pipeline delivers to the devices (no training), as JSON."""
+  def define(fv):
+    _config_flags(argv)(fv)
+    flags.DEFINE_float("seconds", 5.0, "time per pipeline", flag_values=fv)
+    flags.DEFINE_boolean("with_training", False, "also train end to end on each path and on "
+                         "synthetic device-resident batches", flag_values=fv)
+  fv, _ = _parse(argv, define)
+  if fv.config is None:
+    raise UsageError("bench-input needs --config configs/NAME.py")
+  import json
+  from flaxvae import pipeline
+  result = pipeline.bench_input(fv.config, fv.seconds)
+  if fv.with_training:
+    result["training_examples_per_s"] = pipeline.bench_training(fv.config)
+  print(json.dumps(result))
 
 
 def main(argv=None):
