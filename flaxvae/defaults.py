@@ -56,6 +56,10 @@ def base_config():
   config.optimizer.weight_decay = 0.0
   config.optimizer.grad_clip_norm = 0.0  # 0 disables global-norm clipping
   config.optimizer.skip_nonfinite = True  # a step with a NaN/inf loss or gradient leaves the state unchanged
+  config.optimizer.skip_threshold = 0.0  # > 0: skip a step whose gradient norm exceeds this
+  config.optimizer.adaptive_skip = 0.0  # > 0: also skip above this multiple of a running quantile of recent norms
+  config.optimizer.adaptive_skip_quantile = 0.9
+  config.optimizer.adaptive_skip_window = 200  # recent finite gradient norms the quantile is taken over
 
   config.parallel = ml_collections.ConfigDict()
   config.parallel.backend = "shard_map"  # shard_map or pmap
@@ -64,6 +68,8 @@ def base_config():
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 5_000
   config.checkpoint.max_to_keep = 3
+  config.checkpoint.keep_best = 1  # also keep the checkpoints with the highest eval ELBO
+  config.checkpoint.allow_config_change = False  # True: resume even if meaning-changing keys differ
 
   config.eval = ml_collections.ConfigDict()
   config.eval.every_steps = 5_000

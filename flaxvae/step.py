@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flaxvae import losses
+from flaxvae import guards, losses
 
 AXIS = "data"
 
@@ -28,6 +28,7 @@ class TrainState(NamedTuple):
   rng: jax.Array  # raw uint32 PRNG key data, so checkpoints hold plain arrays
   skipped: jax.Array  # int32: steps skipped for non-finite loss/gradients, in total
   consecutive_skips: jax.Array  # int32: skipped in a row up to now
+  guard: Any = ()  # guards.py: recent gradient norms when optimizer.adaptive_skip > 0
 
 
 class StepConfig(NamedTuple):
@@ -41,12 +42,17 @@ class StepConfig(NamedTuple):
   binarization: str
   ema_decay: float
   skip_nonfinite: bool
+  skip_threshold: float = 0.0
+  adaptive_skip: float = 0.0
+  adaptive_skip_quantile: float = 0.9
 
 
 def step_config(config, likelihood):
-  o = config.objective
+  o, opt = config.objective, config.optimizer
   return StepConfig(likelihood, o.name, o.num_samples, o.beta, o.kl_warmup_steps, o.free_bits,
-                    config.data.binarization, config.ema_decay, config.optimizer.skip_nonfinite)
+                    config.data.binarization, config.ema_decay, opt.skip_nonfinite,
+                    opt.get("skip_threshold", 0.0), opt.get("adaptive_skip", 0.0),
+                    opt.get("adaptive_skip_quantile", 0.9))
 
 
 def preprocess(images_uint8, keys, binarization):
@@ -104,12 +110,15 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images):
   if cfg.ema_decay:
     ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
   ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  if cfg.skip_nonfinite:
+  if guards.enabled(cfg):  # grad_norm is pmean'd: every device takes the same decision
+    ok &= grad_norm <= guards.threshold(state.guard, cfg)
+  if cfg.skip_nonfinite or guards.enabled(cfg):
     params, opt_state, ema = _tree_where(ok, (params, opt_state, ema),
                                          (state.params, state.opt_state, state.ema_params))
   skipped = (~ok).astype(jnp.int32)
   new_state = TrainState(state.step + 1, params, opt_state, ema, state.rng,
-                         state.skipped + skipped, (state.consecutive_skips + skipped) * skipped)
+                         state.skipped + skipped, (state.consecutive_skips + skipped) * skipped,
+                         guards.update(state.guard, grad_norm))
   metrics = dict(metrics, grad_norm=grad_norm, skipped=skipped.astype(jnp.float32))
   return new_state, metrics
 

@@ -19,7 +19,8 @@ from flax import nnx
 
 from flaxvae import checkpoint as checkpoint_lib
 from flaxvae import data as data_lib
-from flaxvae import evaluate, losses, models, optim, outputs, parallel, pipeline
+from flaxvae import evaluate, guards, losses, models, optim, outputs, parallel, pipeline
+from flaxvae import preemption
 from flaxvae import step as step_lib
 from flaxvae.models import ConfigError
 
@@ -94,7 +95,9 @@ class Run:
         step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
         ema_params=params if self.config.ema_decay else (),
         rng=jax.random.key_data(jax.random.key(self.config.seed)),
-        skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32))
+        skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32),
+        guard=guards.init(self.config.optimizer.get("adaptive_skip", 0.0),
+                          self.config.optimizer.get("adaptive_skip_window", 200)))
 
   def eval_params(self, state):
     """The parameters evaluation uses: the EMA when the run keeps one."""
@@ -134,26 +137,32 @@ def train(config, workdir):
   if run.train_images is not None and config.batch_size > len(run.train_images):
     raise ConfigError(f"batch_size {config.batch_size} is larger than the training split "
                       f"({len(run.train_images)} examples)")
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise checkpoint_lib.CheckpointError(f"cannot create --workdir {workdir}: {e.strerror}") from None
+
+  # --------------------------------------------------------------------------
+  # State: fresh, or the newest readable checkpoint of this workdir (after
+  # checking its config), before anything in the workdir is written.
+  # --------------------------------------------------------------------------
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+  checkpointer.check_writable()
+  config_json = checkpoint_lib.resolved_config(config)
+  state = run.initial_state()
+  data_state = None
+  target = checkpoint_lib.abstract_like(state, runner.sharding())
+  restored = checkpointer.restore_latest(target, config_json)
+  if restored is not None:
+    latest, state, data_state, _ = restored
+    log.info("resumed from step %d of %s", latest, checkpointer.directory)
+  state = runner.put(state)
   if outputs.is_writer():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   writer = outputs.MetricWriter(workdir)
   log.info("devices: %d x %s (%s backend), processes: %d", runner.num_devices,
            runner.devices[0].device_kind, config.parallel.backend, jax.process_count())
-
-  # --------------------------------------------------------------------------
-  # State: fresh, or the latest checkpoint of this workdir.
-  # --------------------------------------------------------------------------
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-  state = run.initial_state()
-  data_state = None
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    target = checkpoint_lib.abstract_like(state, runner.sharding())
-    state, data_state, _ = checkpointer.restore(latest, target)
-    log.info("resumed from step %d of %s", latest, checkpointer.directory)
-  state = runner.put(state)
 
   # --------------------------------------------------------------------------
   # Compile: the multi-step train function, with the state donated.
@@ -181,29 +190,51 @@ def train(config, workdir):
 
   # --------------------------------------------------------------------------
   # Loop: dispatch, and act on the host only at log/eval/checkpoint steps.
+  # A signal stops it after the dispatch in flight, with a committed checkpoint.
   # --------------------------------------------------------------------------
   step = int(runner.get(state.step))
   pending, window_start, window_step = [], time.perf_counter(), step
   progress = _progress(step, config.num_steps)
-  while step < config.num_steps:
-    n = next_dispatch_size(step, config)
-    state, metrics = train_fn(state, *feed.args(n))  # async: the next batches overlap compute
-    pending.append((n, metrics))
-    step += n
-    if step % config.log_every_steps == 0 or step == config.num_steps:
-      row = _mean_rows([(k, runner.get(m)) for k, m in pending])
-      now = time.perf_counter()
-      row["examples_per_s"] = (step - window_step) * config.batch_size / (now - window_start)
-      row["learning_rate"] = float(run.schedule(step))
-      row["epoch"] = feed.epoch
-      writer.write(step, row)
-      progress(step, row)
-      _check_skips(runner.get(state.consecutive_skips), config, step, checkpointer)
-      pending, window_start, window_step = [], time.perf_counter(), step
-    if config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.num_steps:
-      run_eval(step)
-    if step % config.checkpoint.every_steps == 0 or step == config.num_steps:
-      checkpointer.save(step, runner.unreplicate(state), feed.state(), config.to_dict())
+  watcher = preemption.Watcher(checkpointer.manager)
+  try:
+    while step < config.num_steps:
+      n = next_dispatch_size(step, config)
+      state, metrics = train_fn(state, *feed.args(n))  # async: the next batches overlap compute
+      pending.append((n, metrics))
+      step += n
+      if step % config.log_every_steps == 0 or step == config.num_steps:
+        row = _mean_rows([(k, runner.get(m)) for k, m in pending])
+        now = time.perf_counter()
+        row["examples_per_s"] = (step - window_step) * config.batch_size / (now - window_start)
+        row["learning_rate"] = float(run.schedule(step))
+        row["epoch"] = feed.epoch
+        writer.write(step, row)
+        progress(step, row)
+        _check_skips(runner.get(state.consecutive_skips), config, step, checkpointer)
+        pending, window_start, window_step = [], time.perf_counter(), step
+      eval_row = None
+      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.num_steps:
+        eval_row = run_eval(step)
+      stop = watcher.should_stop(step)
+      if stop or step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+        checkpointer.save(step, runner.unreplicate(state), feed.state(), config_json, eval_row)
+        log.info("checkpoint step %d: save() blocked the loop %.1f ms", step,
+                 1e3 * checkpointer.last_blocked_s)
+      if stop:
+        checkpointer.close()  # waits for the commit
+        log.warning("stopped at step %d on %s: checkpoint committed in %s; rerun the same "
+                    "command to resume", step, preemption.signal.Signals(watcher.signum).name,
+                    checkpointer.directory)
+        raise preemption.Preempted(watcher.signum, step)
+  except BaseException:
+    watcher.close()
+    try:  # let the last good checkpoint commit before the error propagates
+      checkpointer.close()
+    except Exception as e:  # the original error matters more
+      log.error("%s", e)
+    writer.close()
+    raise
+  watcher.close()
 
   # --------------------------------------------------------------------------
   # Final: wait for the last checkpoint, evaluate on the whole split.
@@ -224,8 +255,8 @@ def _mean_rows(pending):
 def _check_skips(consecutive, config, step, checkpointer):
   if config.max_consecutive_skips and consecutive >= config.max_consecutive_skips:
     raise FloatingPointError(
-        f"{int(consecutive)} consecutive steps up to step {step} had a non-finite loss or "
-        f"gradient; last good checkpoint: step {checkpointer.latest_step()} in "
+        f"{int(consecutive)} consecutive steps up to step {step} were skipped (non-finite loss "
+        f"or gradient, or gradient norm above the skip threshold); last good checkpoint: step {checkpointer.latest_step()} in "
         f"{checkpointer.directory}. Lower optimizer.learning_rate or set grad_clip_norm")
 
 

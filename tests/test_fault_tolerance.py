@@ -1,0 +1,320 @@
+"""Fault tolerance: exact resume, preemption, portability, gradient guards, storage failures.
+
+One tiny run (8x8 images, 64 examples, 12 steps of batch 16) is trained once per module
+as the reference; the other tests interrupt, corrupt or move copies of it.
+"""
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from flaxvae import checkpoint as checkpoint_lib
+from flaxvae import data as data_lib
+from flaxvae import defaults, guards, losses, preemption, train
+from flaxvae.models import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SPLITS = {split: np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+          for split, n, seed in (("train", 64, 0), ("test", 16, 1))}
+STOP_AT = 6  # mid-epoch: an epoch is 4 steps
+
+
+def tiny_config(**changes):
+  c = defaults.base_config()
+  c.model.hidden, c.model.latent_dim = (16,), 2
+  c.batch_size, c.num_steps, c.steps_per_dispatch, c.log_every_steps = 16, 12, 3, 3
+  c.data.binarization, c.data.pipeline = "dynamic", "in_memory"
+  c.ema_decay = 0.9
+  c.optimizer.adaptive_skip, c.optimizer.adaptive_skip_window = 4.0, 8
+  c.checkpoint.every_steps = 6
+  c.eval.every_steps, c.eval.batch_size, c.eval.num_examples = 0, 16, 16
+  c.eval.final_num_importance_samples, c.eval.amortization_examples = 2, 0
+  c.eval.num_image_samples = 4
+  for key, value in changes.items():
+    node = c
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fake_data():
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(data_lib, "load_images", lambda data_config, split: SPLITS[split])
+    yield
+
+
+def saved_state(workdir, step):
+  """A checkpoint's state opened with orbax alone, as the checkpoint docstring shows."""
+  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir, "checkpoints", str(step),
+                                                         "state").absolute())
+
+
+def assert_bitwise(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def stop_at(step_to_stop):
+  def should_stop(self, step):
+    if step >= step_to_stop:
+      self.signum = signal.SIGTERM
+    return self.signum is not None
+  return should_stop
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  train.train(tiny_config(), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+  """Preempted (in process) at STOP_AT, then resumed to the end."""
+  workdir = tmp_path_factory.mktemp("resumed")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(preemption.Watcher, "should_stop", stop_at(STOP_AT))
+    with pytest.raises(preemption.Preempted) as stopped:
+      train.train(tiny_config(**{"checkpoint.every_steps": 100}), str(workdir))
+  assert stopped.value.code == 143 and stopped.value.step == STOP_AT
+  interrupted = saved_state(workdir, STOP_AT)
+  train.train(tiny_config(**{"checkpoint.every_steps": 100}), str(workdir))
+  return workdir, interrupted
+
+
+def test_resume_mid_epoch_is_bitwise_equal(reference, resumed):
+  workdir, interrupted = resumed
+  assert int(interrupted["step"]) == STOP_AT
+  final, expected = saved_state(workdir, 12), saved_state(reference, 12)
+  assert_bitwise(final, expected)  # params, opt_state, EMA, rng, skip counters, norm window
+
+
+def test_scan_grouping_does_not_change_numbers():
+  """The premise of exact resume: n steps in one lax.scan == the same steps one by one."""
+  import functools
+  from flaxvae import parallel, step as step_lib
+  run = train.Run(tiny_config(**{"parallel.num_devices": 1}))
+  runner = run.runner
+  fn = runner.wrap(functools.partial(step_lib.gather_train_steps, run.graphdef, run.tx,
+                                     run.step_cfg, 1),
+                   (parallel.REPLICATED, parallel.REPLICATED, parallel.batch_axis(1)),
+                   (parallel.REPLICATED, parallel.REPLICATED))
+  images = runner.put(run.train_images)
+  indices = data_lib.IndexStream(64, 0).take(2 * 16).reshape(2, 16)
+  results = []
+  for groups in ((2,), (1, 1)):
+    state, start = runner.put(run.initial_state()), 0
+    for n in groups:
+      state, _ = fn(state, images, runner.put(indices[start:start + n], parallel.batch_axis(1)))
+      start += n
+    results.append(runner.get(state))
+  assert_bitwise(results[0], results[1])
+
+
+def test_eight_devices_to_one_with_pmap_and_back(reference, resumed, tmp_path):
+  workdir = tmp_path / "moved"
+  shutil.copytree(resumed[0], workdir)
+  shutil.rmtree(workdir / "checkpoints" / "12")  # keep only the step-6 checkpoint (8 devices)
+  one = train.train(tiny_config(**{"parallel.backend": "pmap", "parallel.num_devices": 1}),
+                    str(workdir))
+  expected = saved_state(reference, 12)
+  got = saved_state(workdir, 12)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got["params"], expected["params"])
+  # ... and the pmap, 1-device step-12 checkpoint back on 8 devices with shard_map.
+  eight = train.train(tiny_config(), str(workdir))
+  np.testing.assert_allclose(eight["elbo"], one["elbo"], rtol=1e-4)
+
+
+DRIVER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from tests import test_fault_tolerance as t
+from flaxvae import cli, data, pipeline
+data.load_images = lambda data_config, split: t.SPLITS[split]
+if {slow}:
+  args = pipeline.InMemoryFeed.args
+  pipeline.InMemoryFeed.args = lambda self, n: (time.sleep(0.4), args(self, n))[1]
+sys.exit(cli.main(["flaxvae", "train", "--config", {config!r}, "--workdir", {workdir!r}]))
+"""
+
+
+def start_trainer(tmp_path, workdir, slow):
+  config = tmp_path / "tiny_config.py"
+  config.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
+                    "from tests.test_fault_tolerance import tiny_config\n"
+                    "def get_config():\n  return tiny_config()\n")
+  code = DRIVER.format(repo=str(REPO), slow=slow, config=str(config), workdir=str(workdir))
+  return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_training(proc, workdir, timeout=90):
+  """Returns once the first train metrics row is written (the loop is running)."""
+  metrics = pathlib.Path(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if metrics.exists() and metrics.read_text().strip():
+      return
+    assert proc.poll() is None, proc.communicate()[0]
+    time.sleep(0.05)
+  proc.kill()
+  pytest.fail("the trainer did not start")
+
+
+def test_sigterm_saves_and_resume_matches(reference, tmp_path):
+  workdir = tmp_path / "run"
+  proc = start_trainer(tmp_path, workdir, slow=True)
+  wait_for_training(proc, workdir)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 143, output
+  steps = checkpoint_lib.Checkpointer(str(workdir), tiny_config().checkpoint).all_steps()
+  assert steps and max(steps) < 12, (steps, output)
+  proc = start_trainer(tmp_path, workdir, slow=False)
+  output = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, output
+  assert_bitwise(saved_state(workdir, 12), saved_state(reference, 12))
+
+
+def test_second_signal_exits_at_once_keeping_the_last_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  proc = start_trainer(tmp_path, workdir, slow=True)
+  wait_for_training(proc, workdir)
+  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=60)[0]
+  assert proc.returncode == preemption.EXIT_FORCED, output
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), tiny_config().checkpoint)
+  for step in checkpointer.all_steps():  # whatever is listed is complete
+    assert int(saved_state(workdir, step)["step"]) == step
+
+
+def nan_kl_weight(from_step, to_step):
+  original = losses.kl_weight
+  return lambda step, beta, warmup: jnp.where((step >= from_step) & (step < to_step), jnp.nan,
+                                              original(step, beta, warmup))
+
+
+def test_a_nan_step_is_skipped_and_training_continues(tmp_path, monkeypatch):
+  monkeypatch.setattr(losses, "kl_weight", nan_kl_weight(4, 5))
+  final = train.train(tiny_config(), str(tmp_path))
+  state = saved_state(tmp_path, 12)
+  assert int(state["skipped"]) == 1 and int(state["step"]) == 12
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+  assert np.isfinite(final["elbo"])
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert any(r.get("skipped", 0) > 0 for r in rows if r.get("step") == 6)
+
+
+def test_a_stream_of_nans_stops_naming_the_step_and_last_checkpoint(tmp_path, monkeypatch):
+  monkeypatch.setattr(losses, "kl_weight", nan_kl_weight(4, 10**9))
+  with pytest.raises(FloatingPointError, match=r"up to step 9 .*last good checkpoint: step 6"):
+    train.train(tiny_config(max_consecutive_skips=3), str(tmp_path))
+  assert checkpoint_lib.Checkpointer(str(tmp_path), tiny_config().checkpoint).all_steps() == [6]
+
+
+def test_adaptive_threshold_follows_a_lasting_change_of_norms():
+  cfg = train.step_lib.StepConfig(None, "elbo", 1, 1.0, 0, 0.0, "none", 0.0, True,
+                                  skip_threshold=0.0, adaptive_skip=2.0,
+                                  adaptive_skip_quantile=0.5)
+  guard = guards.init(2.0, 40)
+  for _ in range(40):
+    guard = guards.update(guard, jnp.float32(1.0))
+  assert float(guards.threshold(guard, cfg)) == 2.0
+  skipped = 0
+  for _ in range(60):  # the norms jump to 10 for good: skipped at first, then accepted
+    skipped += int(10.0 > guards.threshold(guard, cfg))
+    guard = guards.update(guard, jnp.float32(10.0))
+  assert 0 < skipped < 40 and float(guards.threshold(guard, cfg)) == 20.0
+  guard = guards.update(guard, jnp.float32(jnp.nan))  # non-finite norms never enter
+  assert float(guards.threshold(guard, cfg)) == 20.0
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(reference, tmp_path, caplog):
+  workdir = tmp_path / "copy"
+  shutil.copytree(reference, workdir)
+  for path in (workdir / "checkpoints" / "12" / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+  run = train.Run(tiny_config())
+  target = checkpoint_lib.abstract_like(run.initial_state(), run.runner.sharding())
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), tiny_config().checkpoint)
+  with caplog.at_level(logging.WARNING, logger="flaxvae"):
+    step, state, data_state, _ = checkpointer.restore_latest(
+        target, checkpoint_lib.resolved_config(tiny_config()))
+  assert step == 6 and int(state.step) == 6 and data_state["position"] == 32
+  assert "step 12" in caplog.text and "falling back to step 6" in caplog.text
+  assert checkpointer.all_steps() == [6]  # 12 was set aside, not deleted
+  assert list((workdir / "checkpoints").glob("12.unreadable-*"))
+
+
+def tree_digest(root):
+  digest = hashlib.sha256()
+  for path in sorted(pathlib.Path(root).rglob("*")):
+    digest.update(str(path.relative_to(root)).encode())
+    if path.is_file():
+      digest.update(path.read_bytes())
+  return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def read_only(path):
+  """`path` made read-only: by permissions, or (as root, who ignores them) a read-only bind mount."""
+  if os.geteuid() != 0:
+    modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+    for p in modes:
+      p.chmod(modes[p] & ~0o222)
+    try:
+      yield
+    finally:
+      for p, mode in modes.items():
+        p.chmod(mode)
+    return
+  if subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)],
+                    capture_output=True).returncode:
+    pytest.skip("running as root without permission to mount a read-only directory")
+  try:
+    yield
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_read_only_workdir_fails_cleanly_leaving_checkpoints(reference, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(reference, workdir)
+  before = tree_digest(workdir)
+  with read_only(workdir):
+    with pytest.raises(checkpoint_lib.CheckpointError, match="could not write checkpoints"):
+      train.train(tiny_config(num_steps=18, **{"checkpoint.allow_config_change": True}),
+                  str(workdir))
+  assert tree_digest(workdir) == before
+
+
+def test_changed_model_shape_is_refused_naming_the_field(reference, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(reference, workdir)
+  before = tree_digest(workdir)
+  with pytest.raises(ConfigError, match=r"model\.latent_dim: 2 -> 3.*allow_config_change=True"):
+    train.train(tiny_config(**{"model.latent_dim": 3}), str(workdir))
+  assert tree_digest(workdir) == before
