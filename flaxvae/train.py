@@ -56,11 +56,22 @@ def event_boundaries(config):
 
 
 def next_dispatch_size(step, config):
-  """Steps to run in the next dispatch: up to steps_per_dispatch, never past an event."""
+  """Steps to run in the next dispatch: steps_per_dispatch, or 1 when that would pass an event.
+
+  Only these two sizes ever run, so the train function compiles at most twice.
+  """
   limit = min(config.steps_per_dispatch, config.num_steps - step)
   for every in event_boundaries(config):
     limit = min(limit, every - step % every)
-  return limit
+  return config.steps_per_dispatch if limit == config.steps_per_dispatch else 1
+
+
+def check_no_recompilation(train_fn, sizes_run):
+  """Cheap guard: one compilation per dispatch size, none after (jit backends only)."""
+  cache_size = getattr(train_fn, "_cache_size", None)
+  if cache_size is not None and cache_size() > len(sizes_run):
+    raise RuntimeError(f"the train step compiled {cache_size()} times for dispatch sizes "
+                       f"{sorted(sizes_run)}: an argument changed shape, dtype or sharding")
 
 
 class Run:
@@ -194,6 +205,7 @@ def train(config, workdir):
   # --------------------------------------------------------------------------
   step = int(runner.get(state.step))
   pending, window_start, window_step = [], time.perf_counter(), step
+  sizes_run = set()
   progress = _progress(step, config.num_steps)
   watcher = preemption.Watcher(checkpointer.manager)
   try:
@@ -201,8 +213,10 @@ def train(config, workdir):
       n = next_dispatch_size(step, config)
       state, metrics = train_fn(state, *feed.args(n))  # async: the next batches overlap compute
       pending.append((n, metrics))
+      sizes_run.add(n)
       step += n
       if step % config.log_every_steps == 0 or step == config.num_steps:
+        check_no_recompilation(train_fn, sizes_run)
         row = _mean_rows([(k, runner.get(m)) for k, m in pending])
         now = time.perf_counter()
         row["examples_per_s"] = (step - window_step) * config.batch_size / (now - window_start)
