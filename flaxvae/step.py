@@ -133,8 +133,15 @@ def train_steps(graphdef, tx, cfg: StepConfig, unroll: int, state: TrainState, i
 
   # A rolled loop (even of one trip) runs convolutions many times slower on XLA:CPU, so
   # dispatches no longer than `unroll` are unrolled completely: straight-line code, no loop.
-  full = images.shape[0] <= unroll
-  state, metrics = jax.lax.scan(body, state, images, unroll=True if full else unroll)
+  # (lax.scan keeps a one-trip while loop for length 1, so this unrolls by hand.)
+  if images.shape[0] <= unroll:
+    rows = []
+    for batch in images:
+      state, row = body(state, batch)
+      rows.append(row)
+    metrics = jax.tree.map(lambda *m: jnp.stack(m), *rows)
+  else:
+    state, metrics = jax.lax.scan(body, state, images, unroll=unroll)
   return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
