@@ -36,8 +36,16 @@ run: install
 test: install
 	$(PY) -m pytest -q tests
 
-bench: install
-	$(FLAXVAE) bench --config configs/fashion_mnist_mlp.py
+# Peers, `flaxvae train`, `flaxvae bench` (MLP, conv) and the PyTorch conv twin in one
+# invocation -> BENCHMARKS.md. PyTorch lives in its own venv, never in flaxvae's deps.
+TORCH_VENV := .venv-torch
+$(TORCH_VENV)/.installed:
+	@test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy
+	@touch $@
+
+bench: install $(TORCH_VENV)/.installed
+	$(PY) benchmarks/report.py --out BENCHMARKS.md
 
 clean:
 	rm -rf runs data/tfds

@@ -4,6 +4,7 @@
     flaxvae prepare-data fashion_mnist [--source_dir DIR] [--data_dir DIR]
     flaxvae prepare-data folder --source DIR --name NAME [--test_fraction F]
     flaxvae bench-input --config configs/fashion_mnist_mlp.py
+    flaxvae bench --config configs/fashion_mnist_mlp.py [--steps N] [--cases default,dispatch,scaling]
 
 Problems a user can fix (a bad config value, missing data, a batch that does
 not split over the devices) end with one line on stderr and exit status 2,
@@ -133,6 +134,67 @@ def bench_input_command(argv):
   if fv.with_training:
     result["training_examples_per_s"] = pipeline.bench_training(fv.config)
   print(json.dumps(result))
+
+
+@command("bench")
+def bench_command(argv):
+  """Trainer step benchmarks (compile, examples/s, FLOP/s, MFU, scaling), one JSON line per case."""
+  def define(fv):
+    _config_flags(argv)(fv)
+    flags.DEFINE_integer("steps", 0, "train steps per timed window (0: about 2 s)", flag_values=fv)
+    flags.DEFINE_integer("windows", 5, "timed windows per case (the median is reported)",
+                         flag_values=fv)
+    flags.DEFINE_list("cases", ["default", "dispatch", "scaling"], "which cases", flag_values=fv)
+    flags.DEFINE_boolean("input_only", False, "time only the input pipelines (bench-input)",
+                         flag_values=fv)
+  fv, _ = _parse(argv, define)
+  if fv.config is None:
+    raise UsageError("bench needs --config configs/NAME.py")
+  if "jax" not in sys.modules and "host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # The scaling case needs several devices: simulate 8 on a CPU-only host.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+  from flaxvae import bench
+  unknown = set(fv.cases) - set(bench.CASES)
+  if unknown:
+    raise UsageError(f"unknown --cases {sorted(unknown)}: choose from {', '.join(bench.CASES)}")
+  if fv.input_only:
+    import json
+    from flaxvae import pipeline
+    print(json.dumps(pipeline.bench_input(fv.config)))
+    return
+  bench.run_cases(fv.config, tuple(fv.cases), steps=fv.steps, windows=fv.windows)
+
+
+@command("evaluate")
+def evaluate_command(argv):
+  """log p(x), inference and amortization gaps, ELBO surgery, active units -> DIR/eval.json."""
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
+    flags.DEFINE_string("split", None, "split to evaluate (default: the run's eval split)", flag_values=fv)
+    flags.DEFINE_integer("num_importance_samples", None, "K (default eval.final_num_importance_samples)",
+                         flag_values=fv)
+    flags.DEFINE_integer("max_examples", None, "first N examples (default: the whole split)", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+  fv, _ = _parse(argv, define)
+  if not fv.workdir:
+    raise UsageError("evaluate needs --workdir DIR (a trained run)")
+  from flaxvae import evaluate
+  row = evaluate.evaluate_workdir(fv.workdir, fv.split, fv.num_importance_samples, fv.max_examples, fv.step)
+  print(evaluate.format_table(row))
+  print(f"written: {os.path.join(fv.workdir, 'eval.json')}")
+
+
+@command("report")
+def report_command(argv):
+  """PNG plots of the evaluation metrics over training steps, into DIR/report/."""
+  fv, _ = _parse(argv, lambda fv: flags.DEFINE_string("workdir", None, "the run's directory",
+                                                      flag_values=fv))
+  if not fv.workdir:
+    raise UsageError("report needs --workdir DIR (a trained run)")
+  from flaxvae import report
+  for path in report.make_report(fv.workdir):
+    print(path)
 
 
 def main(argv=None):

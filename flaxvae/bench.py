@@ -1,0 +1,225 @@
+"""`flaxvae bench`: how fast the trainer's own compiled step runs, and how far from the limit.
+
+    flaxvae bench --config configs/fashion_mnist_mlp.py [--steps N] [--cases all]
+
+Each case compiles the same function `train.py` dispatches (the in-memory feed: indices into
+the device-resident split, `config.steps_per_dispatch` steps per call) and prints one JSON line:
+compile time, steady-state examples/s (median of timed windows after a warm-up dispatch),
+FLOP/s from XLA's cost analysis of one compiled step, model-FLOP utilisation against a
+matmul peak measured on the same host, memory analysis, devices and versions.
+
+Cases: `default` (the config as is), `dispatch` (steps_per_dispatch x scan_unroll variants, to
+show that a rolled loop suits the MLP and not convolutions on CPU), `scaling` (the same global
+batch on 1, 2, 4, 8 devices, with the time of one gradient all-reduce). Timings on a shared
+machine are noisy: compare ratios from one invocation.
+"""
+import functools
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxvae import data as data_lib
+from flaxvae import parallel, train
+from flaxvae import step as step_lib
+
+CASES = ("default", "dispatch", "scaling")
+
+
+def matmul_peak(size=1024, seconds=1.0):
+  """float32 matmul FLOP/s of the default device: the practical compute limit here."""
+  a = jnp.ones((size, size), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, a).block_until_ready()
+  best, deadline = 0.0, time.perf_counter() + seconds
+  while time.perf_counter() < deadline:
+    start = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = max(best, 2 * size**3 / (time.perf_counter() - start))
+  return best
+
+
+def _cost(compiled):
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return analysis or {}
+
+
+def _memory(compiled):
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if m is None:
+    return None
+  keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+          "generated_code_size_in_bytes")
+  return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+def step_flops(run):
+  """FLOPs of one train step of the global batch, from XLA's cost analysis (1 device, no loop).
+
+  Cost analysis counts a loop body once, so it is taken on a single unrolled step.
+  """
+  def one_step(state, images):
+    return step_lib.train_step(run.graphdef, run.tx, run.step_cfg, state, images)
+  runner = parallel.Runner("shard_map", jax.devices()[:1])
+  fn = runner.wrap(one_step, (parallel.REPLICATED, parallel.batch_axis(0)),
+                   (parallel.REPLICATED, parallel.REPLICATED))
+  images = jax.ShapeDtypeStruct((run.config.batch_size, *run.image_shape), jnp.uint8)
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                       run.initial_state())
+  return float(_cost(fn.lower(state, images).compile()).get("flops", 0.0))
+
+
+def allreduce_seconds(runner, params, repeats=20):
+  """Time of one mean all-reduce of a gradient-sized tree over the runner's devices."""
+  if runner.num_devices == 1:
+    return 0.0
+  fn = runner.wrap(lambda g: jax.lax.pmean(g, step_lib.AXIS), (parallel.REPLICATED,),
+                   (parallel.REPLICATED,))
+  grads = runner.put(params)
+  jax.block_until_ready(fn(grads))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(grads))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, images=None):
+  """Compile and steady-state timings of train.py's dispatched function for `config`."""
+  run = train.Run(config)
+  runner = run.runner
+  images = run.train_images if images is None else images
+  n = config.steps_per_dispatch
+  train_fn = runner.wrap(
+      functools.partial(step_lib.gather_train_steps, run.graphdef, run.tx, run.step_cfg,
+                        config.scan_unroll),
+      (parallel.REPLICATED, parallel.REPLICATED, parallel.batch_axis(1)),
+      (parallel.REPLICATED, parallel.REPLICATED), donate_argnums=(0,))
+  state = runner.put(run.initial_state())
+  dataset = runner.put(images)
+  stream = data_lib.IndexStream(len(images), config.seed)
+
+  def indices():
+    idx = stream.take(n * config.batch_size).reshape(n, config.batch_size)
+    return runner.put(idx, parallel.batch_axis(1))
+
+  start = time.perf_counter()
+  compiled = train_fn.lower(state, dataset, indices()).compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  state, metrics = compiled(state, dataset, indices())  # warm-up: first run, allocations
+  jax.block_until_ready(metrics)
+  first_dispatch_s = time.perf_counter() - start
+  dispatches = max(1, -(-steps // n)) if steps else max(
+      1, int(window_seconds / max(first_dispatch_s, 1e-4)))
+  rates = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    for _ in range(dispatches):
+      state, metrics = compiled(state, dataset, indices())
+    jax.block_until_ready(metrics)
+    rates.append(dispatches * n * config.batch_size / (time.perf_counter() - start))
+  loss = float(runner.get(metrics)["loss"])
+  return dict(run=run, runner=runner, compile_s=compile_s, first_dispatch_s=first_dispatch_s,
+              examples_per_s=statistics.median(rates), window_rates=rates,
+              steps_per_window=dispatches * n, memory=_memory(compiled), loss=loss,
+              state=state)
+
+
+def environment():
+  import flax
+  import optax
+  devices = jax.devices()
+  return dict(device_kind=devices[0].device_kind, platform=devices[0].platform,
+              jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
+              python=platform.python_version(), machine=platform.machine())
+
+
+def case_row(name, config, timing, flops_per_step, peak, num_devices, **extra):
+  examples_per_s = timing["examples_per_s"]
+  flops_per_s = flops_per_step * examples_per_s / config.batch_size
+  peak_devices = peak  # simulated CPU devices share one host: its peak is the limit
+  return dict(
+      case=name, model=config.model.name, batch_size=config.batch_size, dtype=config.dtype,
+      steps_per_dispatch=config.steps_per_dispatch, scan_unroll=config.scan_unroll,
+      num_devices=num_devices, compile_s=round(timing["compile_s"], 2),
+      step_ms=round(1000 * config.batch_size / examples_per_s, 3),
+      examples_per_s=round(examples_per_s, 1),
+      window_examples_per_s=[round(r) for r in timing["window_rates"]],
+      steps_per_window=timing["steps_per_window"],
+      flops_per_example=round(flops_per_step / config.batch_size),
+      flop_per_s=round(flops_per_s), matmul_peak_flop_per_s=round(peak_devices),
+      mfu=round(flops_per_s / peak_devices, 4),
+      limit_examples_per_s=round(peak_devices * config.batch_size / max(flops_per_step, 1)),
+      memory=timing["memory"], loss=round(timing["loss"], 3), **extra)
+
+
+def dispatch_variants(config):
+  """(steps_per_dispatch, scan_unroll) pairs that show the loop's effect on this model."""
+  s = config.steps_per_dispatch if config.steps_per_dispatch > 1 else 4
+  variants = [(1, 1), (s, 1), (s, s if s <= 8 else 4)]
+  return [v for i, v in enumerate(variants) if v not in variants[:i]]
+
+
+def run_cases(config, cases=CASES, *, steps=0, windows=5, device_counts=(1, 2, 4, 8),
+              images=None, emit=print):
+  """Runs the chosen cases; emits and returns one dict (a JSON line) per case."""
+  peak = matmul_peak()
+  env = environment()
+  rows = []
+
+  def record(row):
+    row = dict(row, **env)
+    rows.append(row)
+    emit(json.dumps(row))
+
+  def variant(**changes):
+    c = config.copy_and_resolve_references()
+    c.unlock()
+    for key, value in changes.items():
+      node, *path = key.split(".")
+      target = c[node] if path else c
+      target[path[0] if path else node] = value
+    return c
+
+  base = variant(**{"parallel.num_devices": 1})
+  flops = None
+  if "default" in cases:
+    timing = time_trainer(base, steps=steps, windows=windows, images=images)
+    flops = step_flops(timing["run"])
+    images = timing["run"].train_images if images is None else images
+    record(case_row("default", base, timing, flops, peak, 1))
+  if flops is None:
+    flops = step_flops(train.Run(base))
+  if "dispatch" in cases:
+    for spd, unroll in dispatch_variants(config):
+      if (spd, unroll) == (config.steps_per_dispatch, config.scan_unroll) and "default" in cases:
+        continue
+      c = variant(steps_per_dispatch=spd, scan_unroll=unroll, **{"parallel.num_devices": 1})
+      # A rolled conv loop is very slow on CPU: time it over fewer steps.
+      timing = time_trainer(c, steps=steps, windows=windows if spd == 1 else 3, images=images)
+      record(case_row("dispatch", c, timing, flops, peak, 1))
+  if "scaling" in cases:
+    counts = [d for d in device_counts if d <= jax.device_count() and config.batch_size % d == 0]
+    one = None
+    for d in counts:
+      c = variant(**{"parallel.num_devices": d})
+      timing = time_trainer(c, steps=steps, windows=windows, images=images)
+      reduce_s = allreduce_seconds(timing["runner"], timing["run"].params)
+      step_s = config.batch_size / timing["examples_per_s"]
+      one = step_s if one is None else one
+      grad_bytes = sum(np.asarray(p).nbytes for p in jax.tree.leaves(timing["run"].params))
+      record(case_row("scaling", c, timing, flops, peak, d, allreduce_bytes=grad_bytes,
+                      allreduce_ms=round(1000 * reduce_s, 3),
+                      overhead_vs_1_device=round(step_s / one - 1, 4),
+                      allreduce_fraction_of_step=round(reduce_s / step_s, 4)))
+  return rows
