@@ -171,16 +171,19 @@ def evaluate_command(argv):
   """log p(x), inference and amortization gaps, ELBO surgery, active units -> DIR/eval.json."""
   def define(fv):
     flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
-    flags.DEFINE_string("split", None, "split to evaluate (default: the run's eval split)", flag_values=fv)
-    flags.DEFINE_integer("num_importance_samples", None, "K (default eval.final_num_importance_samples)",
+    flags.DEFINE_string("split", None, "split to evaluate (default: the run's eval split)",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_importance_samples", None,
+                         "K (default: eval.final_num_importance_samples)", flag_values=fv)
+    flags.DEFINE_integer("max_examples", None, "first N examples (default: the whole split)",
                          flag_values=fv)
-    flags.DEFINE_integer("max_examples", None, "first N examples (default: the whole split)", flag_values=fv)
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
   fv, _ = _parse(argv, define)
   if not fv.workdir:
     raise UsageError("evaluate needs --workdir DIR (a trained run)")
   from flaxvae import evaluate
-  row = evaluate.evaluate_workdir(fv.workdir, fv.split, fv.num_importance_samples, fv.max_examples, fv.step)
+  row = evaluate.evaluate_workdir(fv.workdir, fv.split, fv.num_importance_samples,
+                                  fv.max_examples, fv.step)
   print(evaluate.format_table(row))
   print(f"written: {os.path.join(fv.workdir, 'eval.json')}")
 
