@@ -147,13 +147,13 @@ def bench_command(argv):
     flags.DEFINE_list("cases", ["default", "dispatch", "scaling"], "which cases", flag_values=fv)
     flags.DEFINE_boolean("input_only", False, "time only the input pipelines (bench-input)",
                          flag_values=fv)
+  if "jax" not in sys.modules and "host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # The scaling case needs several devices: simulate 8 on a CPU-only host (before jax loads).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
   fv, _ = _parse(argv, define)
   if fv.config is None:
     raise UsageError("bench needs --config configs/NAME.py")
-  if "jax" not in sys.modules and "host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # The scaling case needs several devices: simulate 8 on a CPU-only host.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_force_host_platform_device_count=8").strip()
   from flaxvae import bench
   unknown = set(fv.cases) - set(bench.CASES)
   if unknown:
