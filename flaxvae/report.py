@@ -48,7 +48,7 @@ def evaluation_rows(workdir):
   return periodic, final
 
 
-def _plot(ax, rows, key, label, color, final):
+def _plot(ax, rows, key, label, color, final, count_key="num_examples"):
   rows = [r for r in rows if key in r and "step" in r]
   if not rows:
     return
@@ -58,7 +58,7 @@ def _plot(ax, rows, key, label, color, final):
   if final:
     ax.errorbar(steps, values, yerr=2 * errors, fmt="D", color=color, capsize=3,
                 label=f"{label}, final (K={rows[-1].get('num_importance_samples')}, "
-                      f"N={rows[-1].get('num_examples')})")
+                      f"N={rows[-1].get(count_key)})")
   else:
     ax.plot(steps, values, "-o", ms=3, color=color, label=label)
     ax.fill_between(steps, values - 2 * errors, values + 2 * errors, color=color, alpha=0.2)
@@ -77,8 +77,8 @@ def make_report(workdir):
       _plot(ax, periodic, key, label, color, final=False)
       _plot(ax, final, key, label, color, final=True)
     if name == "kl_to_prior_and_posterior":
-      _plot(ax, final, "amortization_gap", "amortization gap", "C2", final=True)
-      _plot(ax, final, "approximation_gap", "approximation gap", "C3", final=True)
+      for key, color in (("amortization_gap", "C2"), ("approximation_gap", "C3")):
+        _plot(ax, final, key, key.replace("_", " "), color, True, "amortization_examples")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("training step")
     ax.grid(alpha=0.3)
