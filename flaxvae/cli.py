@@ -147,10 +147,6 @@ def bench_command(argv):
     flags.DEFINE_list("cases", ["default", "dispatch", "scaling"], "which cases", flag_values=fv)
     flags.DEFINE_boolean("input_only", False, "time only the input pipelines (bench-input)",
                          flag_values=fv)
-  if "jax" not in sys.modules and "host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # The scaling case needs several devices: simulate 8 on a CPU-only host (before jax loads).
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_force_host_platform_device_count=8").strip()
   fv, _ = _parse(argv, define)
   if fv.config is None:
     raise UsageError("bench needs --config configs/NAME.py")
@@ -200,6 +196,13 @@ def report_command(argv):
     print(path)
 
 
+def _simulate_devices_for_bench():
+  """The bench's scaling case needs several devices: simulate 8 on a CPU host, before jax loads."""
+  if "jax" not in sys.modules and "host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+
+
 def main(argv=None):
   argv = list(sys.argv if argv is None else argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -211,6 +214,8 @@ def main(argv=None):
       print(f"flaxvae: error: unknown command {argv[1]!r}", file=sys.stderr)
       return USAGE_ERROR
     return 0 if len(argv) >= 2 else USAGE_ERROR
+  if argv[1] == "bench":
+    _simulate_devices_for_bench()
   from flaxvae.datasets import DataError
   from flaxvae.models import ConfigError
   try:
