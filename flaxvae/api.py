@@ -142,8 +142,14 @@ def load(workdir, step=None) -> Model:
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   step = _chosen_step(checkpointer.manager, step)
   target = checkpoint_lib.abstract_like(run.initial_state(), run.runner.sharding())
-  state, _, _ = checkpointer.restore(step, target)
-  checkpointer.close()
+  try:
+    state, _, _ = checkpointer.restore(step, target)
+  except ValueError as e:  # orbax: the saved tree differs from this version's TrainState
+    raise ConfigError(f"cannot read checkpoint step {step} in {checkpointer.directory} with this "
+                      f"flaxvae version ({' '.join(str(e).split())[:120]}): retrain or use the "
+                      "version that wrote it") from None
+  finally:
+    checkpointer.close()
   params = jax.tree.map(np.asarray, run.eval_params(state))
   return Model(run, params, int(step))
 
