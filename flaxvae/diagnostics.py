@@ -55,7 +55,6 @@ def importance_bounds(decode, likelihood, x, mean, logvar, keys, num_samples, ch
   batch, latent = mean.shape
   chunk = chunk or chunk_size(num_samples, batch)
   num_chunks = -(-num_samples // chunk)
-  flat_x = x.reshape(batch, -1)
 
   def body(carry, c):
     log_sum_w, sum_log_w, sum_log_px_z = carry
@@ -63,9 +62,7 @@ def importance_bounds(decode, likelihood, x, mean, logvar, keys, num_samples, ch
     eps = jax.vmap(lambda k: jax.vmap(
         lambda i: jax.random.normal(jax.random.fold_in(k, i), (latent,)))(index))(keys)
     z = mean[None] + jnp.exp(0.5 * logvar)[None] * jnp.swapaxes(eps, 0, 1)  # [chunk, b, latent]
-    # Pixels flattened: XLA:CPU fuses and vectorizes the likelihood far better over one axis.
-    raw = decode(z.reshape(-1, latent)).reshape(chunk, batch, -1, likelihood.num_params)
-    log_px_z = jnp.sum(likelihood.log_prob(raw, flat_x[None]).astype(jnp.float32), -1)  # [chunk, b]
+    log_px_z = losses.sample_log_prob(likelihood, decode(z.reshape(-1, latent)), x)  # [chunk, b]
     log_w = log_px_z + losses.log_standard_normal(z) - losses.log_normal(z, mean, logvar)
     valid = (index < num_samples)[:, None]
     log_sum_w = jnp.logaddexp(log_sum_w, jax.nn.logsumexp(jnp.where(valid, log_w, -jnp.inf), 0))
