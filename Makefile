@@ -29,9 +29,13 @@ data: venv
 	fi
 	$(FLAXVAE) prepare-data fashion_mnist --source_dir $(FMNIST_DIR)
 
+# Training ends with the full evaluation (DIR/eval.json); report draws its plots.
 run: install
 	$(FLAXVAE) train --config configs/fashion_mnist_mlp.py --workdir $(RUN_DIR) \
 	  --config.data.source_dir=$(FMNIST_DIR)
+	$(FLAXVAE) report --workdir $(RUN_DIR)
+	@echo "metrics: $(RUN_DIR)/metrics.jsonl  evaluation: $(RUN_DIR)/eval.json  plots: $(RUN_DIR)/report/" \
+	  "images: $(RUN_DIR)/images/  checkpoints: $(RUN_DIR)/checkpoints/  TensorBoard: $(RUN_DIR)/tensorboard/"
 
 test: install
 	$(PY) -m pytest -q tests
