@@ -4,9 +4,12 @@
 here knows which. The model enters as an NNX graphdef, split once, and the
 step is a pure function of the state pytree.
 
-Randomness is keyed per example, not per device: example i of the global
-batch at step s uses fold_in(fold_in(rng, s), i). So the same seed and global
-batch give the same numbers on 1 device or 8, with either backend.
+Randomness does not depend on the device count: at step s each device draws
+the noise of the whole global batch from fold_in(rng, s) and keeps its own
+rows. The redundant draws are tiny (latent noise, and pixels only for dynamic
+binarization), one RNG call instead of one per example, and the same seed and
+global batch give the same numbers on 1 device or 8, with either backend.
+Evaluation keys its noise per example id instead, so any subset reproduces.
 """
 from typing import Any, NamedTuple
 
@@ -55,11 +58,14 @@ def step_config(config, likelihood):
                     opt.get("adaptive_skip_quantile", 0.9))
 
 
-def preprocess(images_uint8, keys, binarization):
-  """uint8 images -> floats in [0,1] on device; dynamic binarization draws per example."""
-  x = images_uint8.astype(jnp.float32) / 255.0
+def to_unit_range(images_uint8):
+  return images_uint8.astype(jnp.float32) / 255.0
+
+
+def binarize(x, uniform, binarization):
+  """Floats in [0,1] -> the model's targets: as they are, Bernoulli draws, or thresholded."""
   if binarization == "dynamic":
-    return jax.vmap(lambda k, p: jax.random.bernoulli(k, p).astype(jnp.float32))(keys, x)
+    return (uniform < x).astype(jnp.float32)
   if binarization == "static":
     return (x > 0.5).astype(jnp.float32)
   if binarization == "none":
@@ -67,54 +73,84 @@ def preprocess(images_uint8, keys, binarization):
   raise ValueError(f"unknown data.binarization {binarization!r}: use none, dynamic or static")
 
 
-def example_keys(rng, step, batch_size):
-  """One key per example of this device's slice of the global batch (device-count invariant)."""
-  first = jax.lax.axis_index(AXIS) * batch_size
-  step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-  return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(first + jnp.arange(batch_size))
+def preprocess(images_uint8, keys, binarization):
+  """uint8 images -> targets, with dynamic binarization drawn from each example's key."""
+  x = to_unit_range(images_uint8)
+  uniform = (jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:]))(keys)
+             if binarization == "dynamic" else None)
+  return binarize(x, uniform, binarization)
 
 
-def batch_terms(graphdef, params, x, keys, cfg: StepConfig, kl_scale=1.0, axis_name=AXIS):
-  """Per-example VAE terms for a batch, each example with its own posterior noise."""
+def example_noise(keys, num_samples, latent_dim):
+  """Posterior noise [k, batch, latent] keyed per example (evaluation)."""
+  eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (num_samples, latent_dim)))(keys)
+  return jnp.swapaxes(eps, 0, 1)
+
+
+class GlobalBatchNoise:
+  """Draws noise for the whole global batch from one key and keeps this device's rows."""
+
+  def __init__(self, key, local_batch):
+    self.key, self.local_batch = key, local_batch
+    self.first = jax.lax.axis_index(AXIS) * local_batch
+    self.global_batch = local_batch * jax.lax.axis_size(AXIS)
+
+  def _rows(self, draw, stream, shape, axis):
+    full = draw(jax.random.fold_in(self.key, stream), shape)
+    return jax.lax.dynamic_slice_in_dim(full, self.first, self.local_batch, axis)
+
+  def uniform(self, event_shape):
+    return self._rows(jax.random.uniform, 0, (self.global_batch, *event_shape), 0)
+
+  def normal(self, num_samples, latent_dim):
+    return self._rows(jax.random.normal, 1, (num_samples, self.global_batch, latent_dim), 1)
+
+
+def batch_terms(graphdef, params, x, draw_eps, cfg: StepConfig, kl_scale=1.0, axis_name=AXIS):
+  """Per-example VAE terms for a batch; `draw_eps(k, latent_dim)` gives the posterior noise."""
   model = nnx.merge(graphdef, params)
   mean, logvar = model.encode(x)
-  eps_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-  eps = jax.vmap(lambda k, m: jax.random.normal(k, (cfg.num_samples, *m.shape), m.dtype))(
-      eps_keys, mean)  # [batch, k, latent]
-  return losses.vae_terms(jnp.swapaxes(eps, 0, 1), x, mean, logvar, model.decode, cfg.likelihood,
+  eps = draw_eps(cfg.num_samples, mean.shape[-1])  # [k, batch, latent]
+  return losses.vae_terms(eps, x, mean, logvar, model.decode, cfg.likelihood,
                           objective=cfg.objective, kl_scale=kl_scale, free_bits=cfg.free_bits,
                           axis_name=axis_name)
 
 
-def _tree_where(pred, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
 def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images):
   """One optimizer update from this device's slice of the global batch."""
-  keys = example_keys(state.rng, state.step, images.shape[0])
-  x = preprocess(images, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), cfg.binarization)
+  noise = GlobalBatchNoise(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
+                           images.shape[0])
+  x = to_unit_range(images)
+  x = binarize(x, noise.uniform(x.shape[1:]) if cfg.binarization == "dynamic" else None,
+               cfg.binarization)
   kl_scale = losses.kl_weight(state.step, cfg.beta, cfg.kl_warmup_steps)
 
   def loss_fn(params):
-    terms = batch_terms(graphdef, params, x, keys, cfg, kl_scale)
+    terms = batch_terms(graphdef, params, x, noise.normal, cfg, kl_scale)
     return jnp.mean(terms["loss"]), terms
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   metrics = jax.lax.pmean({k: jnp.mean(v) for k, v in terms.items()}, AXIS)
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = state.ema_params
-  if cfg.ema_decay:
-    ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
   ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   if guards.enabled(cfg):  # grad_norm is pmean'd: every device takes the same decision
     ok &= grad_norm <= guards.threshold(state.guard, cfg)
+
+  def update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if cfg.ema_decay:
+      ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
+    return params, opt_state, ema
+
   if cfg.skip_nonfinite or guards.enabled(cfg):
-    params, opt_state, ema = _tree_where(ok, (params, opt_state, ema),
-                                         (state.params, state.opt_state, state.ema_params))
+    # A branch, not a select over every array: a skipped step costs nothing, a taken one no copy.
+    params, opt_state, ema = jax.lax.cond(
+        ok, update, lambda _: (state.params, state.opt_state, state.ema_params), None)
+  else:
+    params, opt_state, ema = update(None)
   skipped = (~ok).astype(jnp.int32)
   new_state = TrainState(state.step + 1, params, opt_state, ema, state.rng,
                          state.skipped + skipped, (state.consecutive_skips + skipped) * skipped,
@@ -154,5 +190,5 @@ def eval_terms(graphdef, cfg: StepConfig, params, rng, images, example_ids):
   """Per-example ELBO terms (one posterior sample each), keyed by the examples' ids."""
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.wrap_key_data(rng), i))(example_ids)
   x = preprocess(images, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), cfg.binarization)
-  return batch_terms(graphdef, params, x, keys, cfg._replace(objective="elbo", num_samples=1),
-                     axis_name=None)
+  return batch_terms(graphdef, params, x, lambda k, d: example_noise(keys, k, d),
+                     cfg._replace(objective="elbo", num_samples=1), axis_name=None)
