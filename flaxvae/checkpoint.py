@@ -19,7 +19,11 @@ Opening a checkpoint with orbax-checkpoint alone (no flaxvae, any device count):
 
     import orbax.checkpoint as ocp, json, pathlib
     step_dir = pathlib.Path("runs/mlp/checkpoints") / "28000"
-    state = ocp.StandardCheckpointer().restore((step_dir / "state").absolute())
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata((step_dir / "state").absolute()).item_metadata.tree
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])   # the layout to restore onto
+    state = checkpointer.restore((step_dir / "state").absolute(), jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree))
     params = state["params"]          # nested dict of arrays, e.g. params["encoder"]...
     config = json.loads((step_dir / "config" / "metadata").read_text())
 
@@ -261,6 +265,15 @@ class Checkpointer:
 def _one_line(e):
   text = " ".join(str(e).split()) or type(e).__name__
   return text if len(text) < 300 else text[:300] + " ..."
+
+
+def read_state(state_dir):
+  """A checkpoint's `state` item as host arrays, whatever topology wrote it (orbax alone)."""
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(os.path.abspath(state_dir)).item_metadata.tree
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), tree)
+  return checkpointer.restore(os.path.abspath(state_dir), target)
 
 
 def abstract_like(tree, sharding):

@@ -61,6 +61,10 @@ def _config_flags(argv):
                                     flag_values=fv, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "the run's directory: metrics, checkpoints, images",
                         flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "multi-process: how many processes", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
   return define
 
 
@@ -71,7 +75,8 @@ def train_command(argv):
   fv, _ = _parse(argv, _config_flags(argv))
   if fv.config is None or not fv.workdir:
     raise UsageError("train needs --config configs/NAME.py and --workdir DIR")
-  from flaxvae import train
+  from flaxvae import distributed, train
+  distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
   final = train.train(fv.config, fv.workdir)
   print(f"test ELBO {final['elbo']:.2f} nats (rate {final['rate']:.2f}, "
         f"distortion {final['distortion']:.2f})")

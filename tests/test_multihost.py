@@ -1,0 +1,134 @@
+"""Several processes on localhost (jax.distributed over gloo) against one process, and the launch scripts."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from flaxvae import checkpoint as checkpoint_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FLAXVAE = pathlib.Path(sys.executable).parent / "flaxvae"
+TINY_RUN = ["--config", str(REPO / "configs" / "fashion_mnist_mlp.py"),
+            "--config.data.name=tiny", "--config.model.hidden=(16,)", "--config.model.latent_dim=4",
+            "--config.batch_size=16", "--config.num_steps=24", "--config.steps_per_dispatch=4",
+            "--config.log_every_steps=4", "--config.checkpoint.every_steps=8",
+            "--config.eval.every_steps=0", "--config.eval.batch_size=16",
+            "--config.eval.final_num_importance_samples=4", "--config.eval.amortization_examples=0",
+            "--config.data.binarization=dynamic"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A tiny dataset written through the real folder converter (.npy arrays)."""
+  root = tmp_path_factory.mktemp("multihost")
+  source = root / "source"
+  source.mkdir()
+  images = np.random.default_rng(0).integers(0, 256, (96, 28, 28, 1), dtype=np.uint8)
+  np.save(source / "images.npy", images)
+  subprocess.run([str(FLAXVAE), "prepare-data", "folder", f"--source={source}", "--name=tiny",
+                  "--test_fraction=0.25", f"--data_dir={root / 'tfds'}"],
+                 check=True, capture_output=True, timeout=300)
+  return root / "tfds"
+
+
+def launch(num_processes, devices, workdir, data_dir, *extra, timeout=300):
+  env = dict(os.environ, DEVICES_PER_PROCESS=str(devices), FLAXVAE_DATA_DIR=str(data_dir),
+             FLAXVAE=str(FLAXVAE), FLAXVAE_HEARTBEAT_TIMEOUT="10")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([str(REPO / "launch" / "local.sh"), str(num_processes), *TINY_RUN,
+                         f"--workdir={workdir}", *extra],
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(workdir):
+  rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def final_params(workdir):
+  import orbax.checkpoint as ocp
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  path = workdir / "checkpoints" / str(steps[-1]) / "state"
+  return checkpoint_lib.read_state(path)["params"]
+
+
+def test_two_processes_match_one_and_their_checkpoint_restores_on_one(tmp_path, data_dir):
+  two, one = tmp_path / "two", tmp_path / "one"
+  result = launch(2, 2, two, data_dir, "--config.num_steps=16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = launch(1, 4, one, data_dir, "--config.num_steps=16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  np.testing.assert_allclose(train_losses(two), train_losses(one), rtol=1e-5)
+  import jax
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               final_params(two), final_params(one))
+  # The 2-process checkpoint continues in one process, and ends where the 1-process run ends.
+  result = launch(1, 4, two, data_dir, "--config.checkpoint.allow_config_change=True")
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = launch(1, 4, one, data_dir, "--config.checkpoint.allow_config_change=True")
+  assert result.returncode == 0, result.stderr[-3000:]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               final_params(two), final_params(one))
+
+
+def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(tmp_path, data_dir):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, DEVICES_PER_PROCESS="2", FLAXVAE_DATA_DIR=str(data_dir),
+             FLAXVAE=str(FLAXVAE), FLAXVAE_HEARTBEAT_TIMEOUT="10")
+  env.pop("XLA_FLAGS", None)
+  launcher = subprocess.Popen([str(REPO / "launch" / "local.sh"), "2", *TINY_RUN,
+                               "--config.num_steps=100000", f"--workdir={workdir}"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 240
+    while not (workdir / "checkpoints" / "8").is_dir():
+      assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+      time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert len(children) == 2
+    os.kill(int(children[-1]), signal.SIGKILL)  # process 1 dies without a chance to clean up
+    killed_at = time.monotonic()
+    status = launcher.wait(timeout=120)
+    assert status != 0
+    assert time.monotonic() - killed_at < 120
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  result = launch(1, 4, workdir, data_dir, "--config.checkpoint.allow_config_change=True",
+                  "--config.num_steps=24")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resumed from step" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["local.sh", "slurm.sbatch", "tpu_pod.sh"])
+def test_launch_scripts_parse(script):
+  subprocess.run(["bash", "-n", str(REPO / "launch" / script)], check=True)
+
+
+def test_gke_jobset_is_well_formed():
+  yaml = pytest.importorskip("yaml")
+  doc = yaml.safe_load((REPO / "launch" / "gke.yaml").read_text())
+  assert doc["apiVersion"].startswith("jobset.x-k8s.io/") and doc["kind"] == "JobSet"
+  job = doc["spec"]["replicatedJobs"][0]["template"]["spec"]
+  assert job["parallelism"] == job["completions"]
+  container = job["template"]["spec"]["containers"][0]
+  assert container["command"][-1] == "train"
+  assert any(a.startswith("--workdir=") for a in container["args"])
+
+
+def test_partial_multiprocess_flags_are_refused():
+  from flaxvae import distributed
+  from flaxvae.errors import ConfigError
+  with pytest.raises(ConfigError, match="need all of"):
+    distributed.explicit_settings("127.0.0.1:1234", None, None)
+  with pytest.raises(ConfigError, match="must be in"):
+    distributed.explicit_settings("127.0.0.1:1234", 2, 5)
+  assert shutil.which("bash")
