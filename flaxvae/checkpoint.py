@@ -18,7 +18,7 @@ is renamed `<step>.unreadable-<time>` and the previous step is used, with a warn
 Opening a checkpoint with orbax-checkpoint alone (no flaxvae, any device count):
 
     import orbax.checkpoint as ocp, json, pathlib
-    step_dir = pathlib.Path("runs/mlp/checkpoints") / "28000"
+    step_dir = pathlib.Path("runs/mlp/checkpoints") / "24000"
     checkpointer = ocp.StandardCheckpointer()
     tree = checkpointer.metadata((step_dir / "state").absolute()).item_metadata.tree
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])   # the layout to restore onto
