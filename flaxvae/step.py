@@ -130,8 +130,8 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images):
     return jnp.mean(terms["loss"]), terms
 
   (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, AXIS)
-  metrics = jax.lax.pmean({k: jnp.mean(v) for k, v in terms.items()}, AXIS)
+  grads = losses.device_mean(grads, AXIS)
+  metrics = losses.device_mean({k: jnp.mean(v) for k, v in terms.items()}, AXIS)
   grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   if guards.enabled(cfg):  # grad_norm is pmean'd: every device takes the same decision
@@ -159,31 +159,37 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images):
   return new_state, metrics
 
 
-def train_steps(graphdef, tx, cfg: StepConfig, unroll: int, state: TrainState, images):
-  """`images.shape[0]` train steps in one lax.scan; returns the mean of each metric.
+def train_steps(graphdef, tx, cfg: StepConfig, unroll: int, state: TrainState, batches,
+                batch_of=lambda b: b):
+  """`len(batches)` train steps in one lax.scan; returns the mean of each metric.
 
-  Metrics are summed on device so the host only reads them when it logs.
+  `batch_of` turns a scanned item into the step's uint8 images (the identity for
+  image batches, a gather for indices). Metrics are summed on device so the host
+  only reads them when it logs.
   """
-  def body(state, batch):
-    return train_step(graphdef, tx, cfg, state, batch)
+  def body(state, item):
+    return train_step(graphdef, tx, cfg, state, batch_of(item))
 
   # A rolled loop (even of one trip) runs convolutions many times slower on XLA:CPU, so
   # dispatches no longer than `unroll` are unrolled completely: straight-line code, no loop.
   # (lax.scan keeps a one-trip while loop for length 1, so this unrolls by hand.)
-  if images.shape[0] <= unroll:
+  if batches.shape[0] <= unroll:
     rows = []
-    for batch in images:
-      state, row = body(state, batch)
+    for item in batches:
+      state, row = body(state, item)
       rows.append(row)
     metrics = jax.tree.map(lambda *m: jnp.stack(m), *rows)
   else:
-    state, metrics = jax.lax.scan(body, state, images, unroll=unroll)
+    state, metrics = jax.lax.scan(body, state, batches, unroll=unroll)
   return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
 def gather_train_steps(graphdef, tx, cfg, unroll, state, dataset, indices):
-  """train_steps over batches gathered on device from a device-resident dataset."""
-  return train_steps(graphdef, tx, cfg, unroll, state, dataset[indices])
+  """train_steps over batches gathered on device from a device-resident dataset.
+
+  Each step gathers its own batch inside the loop: no [steps, batch, *image] copy.
+  """
+  return train_steps(graphdef, tx, cfg, unroll, state, indices, lambda idx: dataset[idx])
 
 
 def eval_terms(graphdef, cfg: StepConfig, params, rng, images, example_ids):
