@@ -140,6 +140,7 @@ def save_image_grids(run: Run, params, workdir, step):
 
 def train(config, workdir):
   """Trains (or resumes) the run in `workdir`; returns the final evaluation row."""
+  started = time.perf_counter()
   # --------------------------------------------------------------------------
   # Setup: everything that can fail on a bad config fails here, before writing.
   # --------------------------------------------------------------------------
@@ -222,6 +223,7 @@ def train(config, workdir):
         row["examples_per_s"] = (step - window_step) * config.batch_size / (now - window_start)
         row["learning_rate"] = float(run.schedule(step))
         row["epoch"] = feed.epoch
+        row["wall_s"] = now - started  # since train() began: setup, compile, evals, saves
         writer.write(step, row)
         progress(step, row)
         _check_skips(runner.get(state.consecutive_skips), config, step, checkpointer)
