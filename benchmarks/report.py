@@ -1,6 +1,6 @@
 """Runs every benchmark in one invocation and writes BENCHMARKS.md (`make bench` calls this).
 
-    .venv/bin/python benchmarks/report.py [--out BENCHMARKS.md] [--rounds 2]
+    .venv/bin/python benchmarks/report.py [--out BENCHMARKS.md] [--rounds 3]
 
 1. the shared peer harness (../shared/bench/peer_vae.py): torch, flax_jit, flax_scan;
 2. `flaxvae train` on the default MLP config as `make run` trains it (a small final
@@ -64,7 +64,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
   parser.add_argument("--peer_epochs", type=int, default=3)
-  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
 
   rounds = {k: [] for k in ("torch", "flax_jit", "flax_scan", "flaxvae_train", "conv", "torch_conv")}

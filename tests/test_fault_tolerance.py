@@ -137,8 +137,23 @@ def test_eight_devices_to_one_with_pmap_and_back(reference, resumed, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                got["params"], expected["params"])
   # ... and the pmap, 1-device step-12 checkpoint back on 8 devices with shard_map.
+  (workdir / "eval.json").unlink()  # else the finished run's evaluation is reused
   eight = train.train(tiny_config(), str(workdir))
   np.testing.assert_allclose(eight["elbo"], one["elbo"], rtol=1e-4)
+
+
+def test_rerunning_a_finished_run_reuses_its_final_evaluation(reference, tmp_path, monkeypatch):
+  workdir = tmp_path / "finished"
+  shutil.copytree(reference, workdir)
+  stored = json.loads((workdir / "eval.json").read_text())
+  evaluated = []
+  final_evaluation = train.evaluate.final_evaluation
+  monkeypatch.setattr(train.evaluate, "final_evaluation",
+                      lambda *a, **k: evaluated.append(1) or final_evaluation(*a, **k))
+  assert train.train(tiny_config(), str(workdir)) == stored and not evaluated
+  # Another K is another evaluation.
+  row = train.train(tiny_config(**{"eval.final_num_importance_samples": 3}), str(workdir))
+  assert evaluated and row["num_importance_samples"] == 3
 
 
 DRIVER = """
