@@ -154,9 +154,11 @@ class Checkpointer:
       os.makedirs(self.directory, exist_ok=True)
       with open(probe, "w") as f:
         f.write("ok")
-      os.remove(probe)
     except OSError as e:
       raise _storage_error("write checkpoints", self.directory, e.strerror or e) from None
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -196,11 +198,18 @@ class Checkpointer:
     """Waits for the pending save, then releases the manager (safe to call twice)."""
     if self._closed:
       return
+    self._closed = True
+    error = None
     try:
       self.wait()
-    finally:
-      self._closed = True
+    except CheckpointError as e:
+      error = e
+    try:
       self.manager.close()
+    except Exception as e:  # orbax raises a failed write again here: report it once, in one line
+      error = error or _storage_error("finish writing a checkpoint", self.directory, _one_line(e))
+    if error is not None:
+      raise error
 
   # -- restoring --------------------------------------------------------------
   def read_config(self, step):

@@ -9,6 +9,12 @@ import os
 import jax
 import numpy as np
 
+from flaxvae.errors import ConfigError
+
+
+class OutputError(ConfigError):
+  """A metrics row could not be written (full disk, permissions): one line, not a traceback."""
+
 
 def is_writer():
   return jax.process_index() == 0
@@ -28,8 +34,13 @@ class MetricWriter:
     if not is_writer():
       return
     row = {"step": int(step), "split": split, **{k: _plain(v) for k, v in row.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:
+      raise OutputError(f"could not write step {step}'s metrics to {self.path}: "
+                        f"{e.strerror or e}. Free space or fix permissions, then rerun the same "
+                        "command: it resumes from the last checkpoint") from None
     for key, value in row.items():
       if key not in ("step", "split") and isinstance(value, (int, float)):
         self._tb.add_scalar(f"{split}/{key}", value, step)

@@ -323,6 +323,44 @@ def test_read_only_workdir_fails_cleanly_leaving_checkpoints(reference, tmp_path
   assert tree_digest(workdir) == before
 
 
+@contextlib.contextmanager
+def small_disk(path, size="2m"):
+  """A tmpfs of `size` at `path` (root only: mounting needs it)."""
+  path.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                          str(path)], capture_output=True).returncode:
+    pytest.skip("needs root and permission to mount a tmpfs to fill a disk")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(directory):
+  with open(directory / "filler", "wb", buffering=0) as f:
+    with contextlib.suppress(OSError):
+      while True:
+        f.write(b"\0" * 4096)
+
+
+def test_disk_full_mid_run_fails_in_one_line_keeping_the_last_checkpoint(reference, tmp_path,
+                                                                        monkeypatch):
+  with small_disk(tmp_path / "disk") as disk:
+    workdir = disk / "run"
+    shutil.copytree(reference, workdir)
+    check_writable = checkpoint_lib.Checkpointer.check_writable
+    # The disk fills up after the start-up check passed: the next write in the run fails.
+    monkeypatch.setattr(checkpoint_lib.Checkpointer, "check_writable",
+                        lambda self: (check_writable(self), fill(disk)))
+    with pytest.raises(ConfigError, match="No space left on device.*Free space") as failed:
+      train.train(tiny_config(num_steps=18, **{"checkpoint.allow_config_change": True}),
+                  str(workdir))
+    assert "\n" not in str(failed.value)
+    (disk / "filler").unlink()
+    assert_bitwise(saved_state(workdir, 12), saved_state(reference, 12))
+    assert checkpoint_lib.Checkpointer(str(workdir), tiny_config().checkpoint).latest_step() == 12
+
+
 def test_changed_model_shape_is_refused_naming_the_field(reference, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(reference, workdir)
