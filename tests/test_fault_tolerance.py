@@ -361,6 +361,20 @@ def test_disk_full_mid_run_fails_in_one_line_keeping_the_last_checkpoint(referen
     assert checkpoint_lib.Checkpointer(str(workdir), tiny_config().checkpoint).latest_step() == 12
 
 
+def test_keeps_the_last_n_and_the_best_elbo_steps(tmp_path):
+  config = tiny_config(**{"checkpoint.max_to_keep": 2, "checkpoint.keep_best": 1}).checkpoint
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), config)
+  elbos = {2: -50.0, 4: -40.0, 6: -45.0, 8: -60.0}  # step 4 is the best; odd steps have no eval
+  for step in range(1, 10):
+    row = {"elbo": elbos[step]} if step in elbos else None
+    checkpointer.save(step, {"w": jnp.full((3,), float(step))}, {}, {}, row)
+    checkpointer.wait()
+  checkpointer.close()
+  assert sorted(checkpointer.all_steps()) == [4, 8, 9]
+  kept = ocp.StandardCheckpointer().restore(tmp_path.absolute() / "checkpoints" / "4" / "state")
+  np.testing.assert_array_equal(kept["w"], np.full((3,), 4.0))
+
+
 def test_changed_model_shape_is_refused_naming_the_field(reference, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(reference, workdir)
