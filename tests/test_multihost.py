@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,39 @@ def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(tmp_path, data_di
                   "--config.num_steps=24")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "resumed from step" in result.stderr
+
+
+def test_sigterm_to_one_process_stops_all_at_one_committed_step(tmp_path, data_dir):
+  """JAX's preemption sync: every process stops after the same dispatch, saved and committed."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, DEVICES_PER_PROCESS="2", FLAXVAE_DATA_DIR=str(data_dir),
+             FLAXVAE=str(FLAXVAE), FLAXVAE_HEARTBEAT_TIMEOUT="10")
+  env.pop("XLA_FLAGS", None)
+  launcher = subprocess.Popen([str(REPO / "launch" / "local.sh"), "2", *TINY_RUN,
+                               "--config.num_steps=100000", f"--workdir={workdir}"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 240
+    while not (workdir / "checkpoints" / "8").is_dir():
+      assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+      time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert len(children) == 2
+    os.kill(int(children[1]), signal.SIGTERM)  # only process 1 is told
+    assert launcher.wait(timeout=120) == 143
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  stops = re.findall(r"stopped at step (\d+) on SIGTERM: checkpoint committed", launcher.stderr.read())
+  assert len(stops) == 2 and stops[0] == stops[1], stops
+  stopped = int(stops[0])
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert max(steps) == stopped and stopped % 4 == 0  # a dispatch boundary
+  result = launch(2, 2, workdir, data_dir, "--config.checkpoint.allow_config_change=True",
+                  f"--config.num_steps={stopped + 4}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from step {stopped}" in result.stderr
 
 
 @pytest.mark.parametrize("script", ["local.sh", "slurm.sbatch", "tpu_pod.sh"])
