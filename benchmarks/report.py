@@ -130,7 +130,8 @@ def main():
       "`flaxvae/xla_flags.py`); about a quarter of the step is layout transposes that put "
       "activations and gradients in [C, H, W, B] order for the kernel-gradient convolutions, "
       "and about a sixth is elementwise work (bias, ReLU, their masks) that Eigen does not "
-      "fuse into the convolutions. Inside a rolled loop XLA:CPU keeps the loop's layouts, "
+      "fuse into the convolutions. glibc malloc tunables (`flaxvae/malloc.py`) stop each "
+      "dispatch from page-faulting its 65 MB of scratch memory in again. Inside a rolled loop XLA:CPU keeps the loop's layouts, "
       "cannot call Eigen and emits naive convolution loops (the `dispatch` row with unroll 1), "
       "so conv configs unroll their steps per dispatch.", "",
       "## Every bench case", "",

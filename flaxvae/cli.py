@@ -17,7 +17,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from flaxvae import xla_flags
+from flaxvae import malloc, xla_flags
 
 USAGE_ERROR = 2
 COMMANDS = {}
@@ -230,6 +230,8 @@ def report_command(argv):
 
 
 def main(argv=None):
+  if argv is None:  # the program itself, not a caller in Python: tune malloc before JAX loads
+    malloc.reexec_with_tuned_malloc(sys.argv)
   argv = list(sys.argv if argv is None else argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)

@@ -1,4 +1,4 @@
-"""flaxvae's XLA defaults: added once, never over a flag the user set, and can be turned off."""
+"""flaxvae's process defaults: XLA flags and glibc malloc tunables, added once, never over the user's own."""
 from flaxvae import xla_flags
 
 
@@ -28,3 +28,14 @@ def test_defaults_leave_a_started_backend_alone(monkeypatch):
   env = {}
   xla_flags.apply_defaults(env)
   assert env == {}
+
+
+def test_malloc_tunables_are_added_once_and_never_over_the_users(monkeypatch):
+  from flaxvae import malloc
+  monkeypatch.setattr(malloc.platform, "libc_ver", lambda: ("glibc", "2.36"))
+  monkeypatch.setattr(malloc.platform, "system", lambda: "Linux")
+  env = malloc.tuned_environment({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F", "A": "1"})
+  assert env == {"A": "1", "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F:" + malloc.TUNABLES}
+  assert malloc.tuned_environment(env) is None  # after the re-exec: no loop
+  assert malloc.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) is None
+  assert malloc.tuned_environment({"FLAXVAE_MALLOC_DEFAULTS": "0"}) is None
