@@ -21,6 +21,7 @@ from flaxvae import malloc, xla_flags
 
 USAGE_ERROR = 2
 COMMANDS = {}
+_SCALING_CHILD = "FLAXVAE_BENCH_SCALING_CHILD"  # set in the bench's scaling child process
 
 
 class UsageError(ValueError):
@@ -174,9 +175,6 @@ def bench_command(argv):
     bench.run_cases(fv.config, here, steps=fv.steps, windows=fv.windows)
   if "scaling" in fv.cases:
     _bench_scaling_in_child(argv[1:])
-
-
-_SCALING_CHILD = "FLAXVAE_BENCH_SCALING_CHILD"
 
 
 def _bench_scaling_in_child(args):

@@ -39,13 +39,38 @@ def data_dir(tmp_path_factory):
   return root / "tfds"
 
 
-def launch(num_processes, devices, workdir, data_dir, *extra, timeout=300):
+def local_env(devices, data_dir):
   env = dict(os.environ, DEVICES_PER_PROCESS=str(devices), FLAXVAE_DATA_DIR=str(data_dir),
              FLAXVAE=str(FLAXVAE), FLAXVAE_HEARTBEAT_TIMEOUT="10")
   env.pop("XLA_FLAGS", None)
+  return env
+
+
+def launch(num_processes, devices, workdir, data_dir, *extra, timeout=300):
   return subprocess.run([str(REPO / "launch" / "local.sh"), str(num_processes), *TINY_RUN,
                          f"--workdir={workdir}", *extra],
-                        env=env, capture_output=True, text=True, timeout=timeout)
+                        env=local_env(devices, data_dir), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def start_two_until_checkpoint(workdir, data_dir):
+  """Two processes of an endless run, once step 8 is saved: (launcher, [pid0, pid1])."""
+  launcher = subprocess.Popen([str(REPO / "launch" / "local.sh"), "2", *TINY_RUN,
+                               "--config.num_steps=100000", f"--workdir={workdir}"],
+                              env=local_env(2, data_dir), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 240
+    while not (workdir / "checkpoints" / "8").is_dir():
+      assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+      time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                              text=True).stdout.split()
+    assert len(children) == 2
+  except BaseException:
+    launcher.kill()
+    raise
+  return launcher, [int(c) for c in children]
 
 
 def train_losses(workdir):
@@ -81,21 +106,9 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_one(tmp_path, 
 
 def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(tmp_path, data_dir):
   workdir = tmp_path / "run"
-  env = dict(os.environ, DEVICES_PER_PROCESS="2", FLAXVAE_DATA_DIR=str(data_dir),
-             FLAXVAE=str(FLAXVAE), FLAXVAE_HEARTBEAT_TIMEOUT="10")
-  env.pop("XLA_FLAGS", None)
-  launcher = subprocess.Popen([str(REPO / "launch" / "local.sh"), "2", *TINY_RUN,
-                               "--config.num_steps=100000", f"--workdir={workdir}"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  launcher, children = start_two_until_checkpoint(workdir, data_dir)
   try:
-    deadline = time.monotonic() + 240
-    while not (workdir / "checkpoints" / "8").is_dir():
-      assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-      time.sleep(0.2)
-    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
-                              text=True).stdout.split()
-    assert len(children) == 2
-    os.kill(int(children[-1]), signal.SIGKILL)  # process 1 dies without a chance to clean up
+    os.kill(children[1], signal.SIGKILL)  # process 1 dies without a chance to clean up
     killed_at = time.monotonic()
     status = launcher.wait(timeout=120)
     assert status != 0
@@ -112,21 +125,9 @@ def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(tmp_path, data_di
 def test_sigterm_to_one_process_stops_all_at_one_committed_step(tmp_path, data_dir):
   """JAX's preemption sync: every process stops after the same dispatch, saved and committed."""
   workdir = tmp_path / "run"
-  env = dict(os.environ, DEVICES_PER_PROCESS="2", FLAXVAE_DATA_DIR=str(data_dir),
-             FLAXVAE=str(FLAXVAE), FLAXVAE_HEARTBEAT_TIMEOUT="10")
-  env.pop("XLA_FLAGS", None)
-  launcher = subprocess.Popen([str(REPO / "launch" / "local.sh"), "2", *TINY_RUN,
-                               "--config.num_steps=100000", f"--workdir={workdir}"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  launcher, children = start_two_until_checkpoint(workdir, data_dir)
   try:
-    deadline = time.monotonic() + 240
-    while not (workdir / "checkpoints" / "8").is_dir():
-      assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
-      time.sleep(0.2)
-    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
-                              text=True).stdout.split()
-    assert len(children) == 2
-    os.kill(int(children[1]), signal.SIGTERM)  # only process 1 is told
+    os.kill(children[1], signal.SIGTERM)  # only process 1 is told
     assert launcher.wait(timeout=120) == 143
   finally:
     if launcher.poll() is None:
