@@ -7,11 +7,8 @@ from flaxvae import defaults
 
 def get_config(arg=None):
   config = defaults.base_config()
-  config.model.name = "conv"
-  config.model.latent_dim = 16
-  config.model.channels = (32, 64)
-  config.model.blocks_per_stage = 1
-  config.model.activation = "relu"
+  config.model = defaults.model_config("conv", latent_dim=16, channels=(32, 64),
+                                       blocks_per_stage=1, activation="relu")
   config.num_steps = 5_000
   # On XLA:CPU a rolled scan of conv steps is many times slower than one step per
   # dispatch; unrolling a few steps keeps most of the dispatch saving.

@@ -10,10 +10,7 @@ from flaxvae import defaults
 
 def get_config(arg=None):
   config = defaults.base_config()
-  config.model.name = "mlp"
-  config.model.latent_dim = 20
-  config.model.hidden = (400,)
-  config.model.activation = "relu"
+  config.model = defaults.model_config("mlp", latent_dim=20, hidden=(400,), activation="relu")
   config.num_steps = 24_000  # about 51 epochs at batch 128
   # The final evaluation (K=5000 importance samples over the 10,000 test images) is
   # most of `make run`; the amortization gap on 500 examples keeps it inside 10 minutes.

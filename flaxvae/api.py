@@ -1,38 +1,43 @@
 """The Python API for notebooks and scripts: a trained model from its workdir, and its data.
 
-    model = flaxvae.load("runs/fashion_mnist_mlp")        # latest checkpoint
+    model = flaxvae.load("runs/fashion_mnist_mlp")        # latest checkpoint, any device count
     x = flaxvae.load_dataset("runs/fashion_mnist_mlp", "test")[:100]
-    mean, logvar = model.encode(x)
     log_px = model.log_marginal(x, jax.random.key(0), num_samples=5000)
+    images = model.sample(jax.random.key(1), 16, temperature=0.8)
 
-The model is rebuilt from the config saved in the checkpoint (so a later change
-to a config file does not change what `load` returns), with the same pieces the
-trainer uses (`train.Run`). Evaluation uses the EMA parameters when the run kept them.
+The model is rebuilt from the config saved in the checkpoint (so a later change to a config
+file does not change what `load` returns), with the same pieces the trainer uses (`Run`),
+on whatever devices this machine has. Evaluation uses the EMA parameters when the run kept
+them.
 """
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from flaxvae import defaults, diagnostics, losses
-from flaxvae import step as step_lib
-from flaxvae.errors import ConfigError
+from flaxvae import config as config_lib
+from flaxvae.data import catalog, fashion_mnist, protocols
+from flaxvae.errors import CheckpointError, ConfigError
+from flaxvae.eval import diagnostics, evaluation, sampling
+from flaxvae.eval.evaluator import Evaluator
+from flaxvae.models import contract
+from flaxvae.objectives import gaussian
+from flaxvae.run import Run
+from flaxvae.train import checkpoint as checkpoint_lib
 
 
 def _checkpoint_manager(workdir):
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
-    raise ConfigError(f"no checkpoints in {directory}: train first "
-                      "(flaxvae train --config ... --workdir DIR) or check --workdir")
+    raise CheckpointError(f"no checkpoints in {directory}: train first "
+                          "(flaxvae train --config ... --workdir DIR) or check --workdir")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, read_only=True))
+      create=False, read_only=True, save_interval_steps=0))
   if manager.latest_step() is None:
-    raise ConfigError(f"no finished checkpoint in {directory}: train longer "
-                      "(checkpoint.every_steps) or check --workdir")
+    raise CheckpointError(f"no finished checkpoint in {directory}: train longer "
+                          "(checkpoint.every_steps) or check --workdir")
   return manager
 
 
@@ -40,90 +45,112 @@ def _chosen_step(manager, step):
   if step is None:
     return manager.latest_step()
   if step not in manager.all_steps():
-    raise ConfigError(f"no checkpoint for step {step} in {manager.directory}: "
-                      f"available steps are {sorted(manager.all_steps())}")
+    raise CheckpointError(f"no checkpoint for step {step} in {manager.directory}: "
+                          f"available steps are {sorted(manager.all_steps())}")
   return step
 
 
-def saved_config(workdir, step=None):
-  """The resolved config a checkpoint was trained with, on top of today's defaults."""
+def saved_config_json(workdir, step=None):
   manager = _checkpoint_manager(workdir)
   step = _chosen_step(manager, step)
   saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   manager.close()
-  return _with_defaults(saved)
+  return saved
 
 
-def _with_defaults(saved: dict):
-  config = defaults.base_config()
+def saved_config(workdir, step=None):
+  """The resolved config a checkpoint was trained with, on top of today's defaults."""
+  return config_lib.with_defaults(saved_config_json(workdir, step))
 
-  def merge(target, values):
-    for key, value in values.items():
-      if isinstance(value, dict) and key in target and isinstance(target[key],
-                                                                  ml_collections.ConfigDict):
-        merge(target[key], value)
-      else:
-        target[key] = tuple(value) if isinstance(value, list) else value
-  with config.unlocked():
-    merge(config, saved)
-  return config
+
+def _image_shape(saved, config):
+  """The trained image shape: stamped in the checkpoint (0.2+), else known for the catalog."""
+  if saved.get("image_shape"):
+    return tuple(saved["image_shape"])
+  if config.data.name == "fashion_mnist":
+    return fashion_mnist.IMAGE_SHAPE
+  if config.data.name in catalog.CATALOG:
+    return catalog.CATALOG[config.data.name].image_shape
+  return None  # a folder dataset of an old run: read from its evaluation split
+
+
+class SampleKeyNoise(diagnostics.SampleNoise):
+  """Per-example noise for `num_samples` draws keyed by `key` and the example's position."""
+
+  def __init__(self, key, batch, num_samples):
+    super().__init__(jax.random.split(key, batch), jnp.arange(num_samples))
 
 
 class Model:
   """A trained VAE. Inputs `x` are preprocessed floats [batch, H, W, C] (see `load_dataset`);
-  uint8 images are scaled to [0, 1]. Every method returns per-example values in nats."""
+  uint8 images go through the run's data protocol first. Per-example values are in nats."""
 
   def __init__(self, run, params, step):
-    self.run, self.params, self.step = run, params, step
+    self.run, self.params, self.step = run, jax.tree.map(jnp.asarray, params), step
     self.config, self.likelihood = run.config, run.likelihood
-    self.latent_dim = run.config.model.latent_dim
-    graphdef = run.graphdef
+    self.latent_shapes = run.model.latent_shapes
+    self.capabilities = tuple(getattr(run.model, "CAPABILITIES", ()))
 
-    def model(params):
-      return nnx.merge(graphdef, params)
-    likelihood = self.likelihood
-
-    def log_likelihood(params, x, z):
-      raw = model(params).decode(z.reshape(-1, z.shape[-1]))
-      raw = raw.reshape(*z.shape[:-1], *x.shape[1:], likelihood.num_params)
-      return jnp.sum(likelihood.log_prob(raw, x), axis=tuple(range(z.ndim - 1, raw.ndim - 1)))
+    merge = run.model_with
 
     def bounds(params, x, key, num_samples):
-      m = model(params)
-      mean, logvar = m.encode(x)
+      model = merge(params)
       keys = jax.random.split(key, x.shape[0])
-      return diagnostics.importance_bounds(m.decode, likelihood, x, mean, logvar, keys, num_samples)
+      out = diagnostics.importance_pass(lambda noise: model.terms(x, noise), x, keys,
+                                        num_samples)
+      return out["iwae"], out["elbo"]
 
-    self._encode = jax.jit(lambda p, x: model(p).encode(x))
-    self._decode = jax.jit(lambda p, z: model(p).decode(z))
-    self._log_likelihood = jax.jit(log_likelihood)
     self._bounds = jax.jit(bounds, static_argnums=3)
+    self._encode = jax.jit(lambda p, x: merge(p).encode(x))
+    self._decode = jax.jit(lambda p, z: merge(p).decode(z))
+    self._log_joint = jax.jit(lambda p, x, zs: merge(p).log_joint(x, zs))
 
   def _x(self, x):
     x = np.asarray(x)
-    return jnp.asarray(x / 255.0 if x.dtype == np.uint8 else x, jnp.float32)
+    if x.dtype == np.uint8:
+      return protocols.eval_targets(jnp.asarray(x), jnp.arange(len(x)), self.run.protocol)
+    return jnp.asarray(x, jnp.float32)
+
+  def _require(self, capability, what):
+    if capability not in self.capabilities:
+      raise ConfigError(f"{what} needs a model with the {capability} capability; model "
+                        f"{self.config.model.name!r} has {list(self.capabilities) or 'none'}")
 
   def encode(self, x):
-    """The posterior q(z|x) as (mean, logvar), each [batch, latent]."""
+    """The Gaussian posterior q(z|x) as (mean, logvar), each [batch, latent]."""
+    self._require(contract.AGGREGATE_POSTERIOR, "encode")
     return self._encode(self.params, self._x(x))
 
   def decode(self, z):
-    """The likelihood's raw parameters for latents z [n, latent]: [n, H, W, C, num_params]
-    (Bernoulli logits, Gaussian mean and log-variance, ...)."""
+    """The likelihood's raw parameters for latents z [n, latent]: [n, H, W, channels_out]."""
+    self._require(contract.AGGREGATE_POSTERIOR, "decode")
     return self._decode(self.params, jnp.asarray(z, jnp.float32))
 
+  def log_joint(self, x, zs):
+    """log p(x, z) per example at given latents (a tuple, top layer first, [batch, *shape])."""
+    return self._log_joint(self.params, self._x(x), tuple(jnp.asarray(z) for z in zs))
+
   def log_likelihood(self, x, z):
-    """log p(x|z) summed over pixels: z [batch, latent] -> [batch]; [k, batch, latent] -> [k, batch]."""
-    return self._log_likelihood(self.params, self._x(x), jnp.asarray(z, jnp.float32))
+    """log p(x|z) summed over pixels, for a one-layer model: z [batch, latent] -> [batch]."""
+    self._require(contract.AGGREGATE_POSTERIOR, "log_likelihood")
+    z = jnp.asarray(z, jnp.float32)
+    return self.log_joint(x, (z,)) - gaussian.log_standard_normal(z)
 
   def log_prior(self, z):
-    """log N(z; 0, I) per latent vector."""
-    return losses.log_standard_normal(jnp.asarray(z, jnp.float32))
+    """log N(z; 0, I) per latent vector (one-layer models)."""
+    return gaussian.log_standard_normal(jnp.asarray(z, jnp.float32))
 
-  def sample(self, key, n):
-    """n images from the model: z ~ p(z), then the mean of p(x|z) (what the image grids show)."""
-    z = jax.random.normal(key, (n, self.latent_dim))
-    return self.likelihood.mean(self.decode(z))
+  def sample(self, key, n, temperature=1.0):
+    """n images [n, H, W, C] in [0, 1]: the mean of p(x|z) for z from the prior, whose
+    standard deviations are scaled by `temperature` (one value, or one per layer, top first)."""
+    return sampling.samples(self.run, self.params, key, n, temperature)
+
+  def reconstruct(self, x, key, keep_layers=None):
+    """Reconstructions keeping the top `keep_layers` layers from q(z|x) (None: all)."""
+    model = self.run.model_with(self.params)
+    keep = len(self.latent_shapes) if keep_layers is None else keep_layers
+    return np.asarray(self.likelihood.mean(model.reconstruct(
+        self._x(x), sampling.KeyNoise(key, len(x)), keep)))
 
   def elbo(self, x, key, num_samples=1):
     """The ELBO per example, estimated with `num_samples` posterior draws."""
@@ -135,19 +162,21 @@ class Model:
 
 
 def load(workdir, step=None) -> Model:
-  """The model of `workdir` at checkpoint `step` (default: the latest)."""
-  from flaxvae import checkpoint as checkpoint_lib, train
-  config = saved_config(workdir, step)
-  run = train.Run(config, need_train_split=False)
+  """The model of `workdir` at checkpoint `step` (default: the latest), on this machine's devices."""
+  saved = saved_config_json(workdir, step)
+  config = config_lib.with_defaults(saved)
+  run = Run(config, for_training=False, image_shape=_image_shape(saved, config))
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   step = _chosen_step(checkpointer.manager, step)
   target = checkpoint_lib.abstract_like(run.initial_state(), run.runner.sharding())
   try:
     state, _, _ = checkpointer.restore(step, target)
   except ValueError as e:  # orbax: the saved tree differs from this version's TrainState
-    raise ConfigError(f"cannot read checkpoint step {step} in {checkpointer.directory} with this "
-                      f"flaxvae version ({' '.join(str(e).split())[:120]}): retrain or use the "
-                      "version that wrote it") from None
+    raise CheckpointError(
+        f"cannot read checkpoint step {step} in {checkpointer.directory}: it was written by "
+        f"flaxvae {config.flaxvae_version} and this is flaxvae {config_lib.version()} "
+        f"({' '.join(str(e).split())[:120]}): retrain, or load it with flaxvae "
+        f"{config.flaxvae_version}") from None
   finally:
     checkpointer.close()
   params = jax.tree.map(np.asarray, run.eval_params(state))
@@ -155,22 +184,35 @@ def load(workdir, step=None) -> Model:
 
 
 def load_dataset(config_or_workdir, split):
-  """The examples of `split` exactly as evaluation scores them: floats [N, H, W, C].
-
-  Grey levels are scaled to [0, 1]; static binarization thresholds them, and
-  dynamic binarization uses the evaluation's own per-example draws.
-  """
-  from flaxvae import data as data_lib, evaluate
+  """The examples of `split` exactly as evaluation scores them: floats [N, H, W, C]."""
   config = (saved_config(config_or_workdir) if isinstance(config_or_workdir, (str, os.PathLike))
             else config_or_workdir)
-  images = data_lib.load_images(config.data, split)
-  rng = evaluate.eval_rng(config)
-
-  @jax.jit
-  def prepare(images, ids):
-    return diagnostics.preprocessed(images, diagnostics.example_keys(rng, ids),
-                                    config.data.binarization)
-
+  run = Run(config, for_training=False)
+  images = run.dataset.images(split)
+  prepare = jax.jit(lambda im, ids: protocols.eval_targets(im, ids, run.protocol))
   parts = [np.asarray(prepare(images[i:i + 10_000], np.arange(i, min(i + 10_000, len(images)))))
            for i in range(0, len(images), 10_000)]
   return np.concatenate(parts)
+
+
+def evaluate(workdir, split=None, num_importance_samples=None, max_examples=None, step=None):
+  """`flaxvae evaluate`: the final evaluation of a checkpoint -> (row, path of its JSON file).
+
+  The config's own final evaluation goes to eval.json; any other (fewer examples, another K or
+  split) to its own file, so eval.json stays what `report` and `make run` rely on.
+  """
+  if num_importance_samples is not None and num_importance_samples <= 0:
+    raise ConfigError(f"--num_importance_samples must be positive, got {num_importance_samples}")
+  if max_examples is not None and max_examples < 0:
+    raise ConfigError(f"--max_examples must be >= 0 (0: the whole split), got {max_examples}")
+  model = load(workdir, step)
+  run, config = model.run, model.run.config
+  split = split or config.data.eval_split
+  images = run.eval_images if split == config.data.eval_split else run.dataset.images(split)
+  evaluator = Evaluator(run.runner, images, config.eval.batch_size)
+  n, k = evaluation.final_settings(config, max_examples, num_importance_samples)
+  row = evaluation.final_evaluation(run, evaluator, model.params, evaluation.eval_rng(config),
+                                    (n, k))
+  row = dict(row, step=model.step, split=split)
+  name = evaluation.result_file(config, split, n, k)
+  return row, evaluation.write_json(workdir, name, row)

@@ -13,10 +13,12 @@ show that a rolled loop suits the MLP and not convolutions on CPU), `scaling` (t
 batch on 1, 2, 4, 8 devices, with the time of one gradient all-reduce). Timings on a shared
 machine are noisy: compare ratios from one invocation.
 """
-import functools
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -24,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxvae import data as data_lib
-from flaxvae import parallel, train
-from flaxvae import step as step_lib
+from flaxvae.data import feeds, order
+from flaxvae.errors import UsageError
+from flaxvae.run import Run
+from flaxvae.runtime import parallel, xla_flags
 
 CASES = ("default", "dispatch", "scaling")
 
@@ -66,11 +70,7 @@ def step_flops(run):
 
   Cost analysis counts a loop body once, so it is taken on a single unrolled step.
   """
-  def one_step(state, images):
-    return step_lib.train_step(run.graphdef, run.tx, run.step_cfg, state, images)
-  runner = parallel.Runner("shard_map", jax.devices()[:1])
-  fn = runner.wrap(one_step, (parallel.REPLICATED, parallel.batch_axis(0)),
-                   (parallel.REPLICATED, parallel.REPLICATED))
+  fn = run.train_fn("one_step", runner=parallel.Runner("shard_map", jax.devices()[:1]))
   images = jax.ShapeDtypeStruct((run.config.batch_size, *run.image_shape), jnp.uint8)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                        run.initial_state())
@@ -81,7 +81,7 @@ def allreduce_seconds(runner, params, repeats=20):
   """Time of one mean all-reduce of a gradient-sized tree over the runner's devices."""
   if runner.num_devices == 1:
     return 0.0
-  fn = runner.wrap(lambda g: jax.lax.pmean(g, step_lib.AXIS), (parallel.REPLICATED,),
+  fn = runner.wrap(lambda g: jax.lax.pmean(g, parallel.AXIS), (parallel.REPLICATED,),
                    (parallel.REPLICATED,))
   grads = runner.put(params)
   jax.block_until_ready(fn(grads))
@@ -93,20 +93,16 @@ def allreduce_seconds(runner, params, repeats=20):
   return statistics.median(times)
 
 
-def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, images=None):
+def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, dataset=None):
   """Compile and steady-state timings of train.py's dispatched function for `config`."""
-  run = train.Run(config)
+  run = Run(config, dataset)
   runner = run.runner
-  images = run.train_images if images is None else images
+  images = run.train_images
   n = config.steps_per_dispatch
-  train_fn = runner.wrap(
-      functools.partial(step_lib.gather_train_steps, run.graphdef, run.tx, run.step_cfg,
-                        config.scan_unroll),
-      (parallel.REPLICATED, parallel.REPLICATED, parallel.batch_axis(1)),
-      (parallel.REPLICATED, parallel.REPLICATED), donate_argnums=(0,))
+  train_fn = run.train_fn("indices")
   state = runner.put(run.initial_state())
   dataset = runner.put(images)
-  stream = data_lib.IndexStream(len(images), config.seed)
+  stream = order.IndexStream(len(images), config.seed)
 
   def indices():
     idx = stream.take(n * config.batch_size).reshape(n, config.batch_size)
@@ -171,7 +167,7 @@ def dispatch_variants(config):
 
 
 def run_cases(config, cases=CASES, *, steps=0, windows=5, device_counts=(1, 2, 4, 8),
-              images=None, emit=print):
+              dataset=None, emit=print):
   """Runs the chosen cases; emits and returns one dict (a JSON line) per case."""
   peak = matmul_peak()
   env = environment()
@@ -194,26 +190,26 @@ def run_cases(config, cases=CASES, *, steps=0, windows=5, device_counts=(1, 2, 4
   base = variant(**{"parallel.num_devices": 1})
   flops = None
   if "default" in cases:
-    timing = time_trainer(base, steps=steps, windows=windows, images=images)
+    timing = time_trainer(base, steps=steps, windows=windows, dataset=dataset)
     flops = step_flops(timing["run"])
-    images = timing["run"].train_images if images is None else images
+    dataset = timing["run"].dataset
     record(case_row("default", base, timing, flops, peak, 1))
   if flops is None:
-    flops = step_flops(train.Run(base))
+    flops = step_flops(Run(base, dataset))
   if "dispatch" in cases:
     for spd, unroll in dispatch_variants(config):
       if (spd, unroll) == (config.steps_per_dispatch, config.scan_unroll) and "default" in cases:
         continue
       c = variant(steps_per_dispatch=spd, scan_unroll=unroll, **{"parallel.num_devices": 1})
       # A rolled conv loop is very slow on CPU: time it over fewer steps.
-      timing = time_trainer(c, steps=steps, windows=windows if spd == 1 else 3, images=images)
+      timing = time_trainer(c, steps=steps, windows=windows if spd == 1 else 3, dataset=dataset)
       record(case_row("dispatch", c, timing, flops, peak, 1))
   if "scaling" in cases:
     counts = [d for d in device_counts if d <= jax.device_count() and config.batch_size % d == 0]
     one = None
     for d in counts:
       c = variant(**{"parallel.num_devices": d})
-      timing = time_trainer(c, steps=steps, windows=windows, images=images)
+      timing = time_trainer(c, steps=steps, windows=windows, dataset=dataset)
       reduce_s = allreduce_seconds(timing["runner"], timing["run"].params)
       step_s = config.batch_size / timing["examples_per_s"]
       one = step_s if one is None else one
@@ -223,3 +219,93 @@ def run_cases(config, cases=CASES, *, steps=0, windows=5, device_counts=(1, 2, 4
                       overhead_vs_1_device=round(step_s / one - 1, 4),
                       allreduce_fraction_of_step=round(reduce_s / step_s, 4)))
   return rows
+
+
+def in_child_with_devices(args, devices, marker):
+  """Reruns `flaxvae bench args` in a child process with `devices` simulated CPU devices.
+
+  Simulated devices split the host's threads, which slows even a one-device step (~20% for
+  the conv VAE), so the other cases run in this process without them.
+  """
+  sys.stdout.flush()
+  env = dict(os.environ, **{marker: "1"})
+  xla_flags.add(f"--xla_force_host_platform_device_count={devices}", env)
+  status = subprocess.run([sys.executable, "-m", "flaxvae.cli", "bench", *args],
+                          env=env, check=False).returncode
+  if status:
+    raise UsageError(f"the {devices}-device child failed (exit status {status}); its error is above")
+
+
+# ----------------------------------------------------------------------------
+# Input-only benchmarks: examples/s each path delivers to the devices.
+# ----------------------------------------------------------------------------
+def bench_input(config, seconds=5.0, dispatch_steps=None):
+  """{path: examples/s} of feeding config's train split to the devices, without training.
+
+  Each path runs whole dispatches of `dispatch_steps` (default config.steps_per_dispatch) batches
+  and waits until the batch is on device (in_memory: the indices plus the on-device gather).
+  """
+  runner = parallel.create_runner(config.parallel, config.batch_size)
+  dataset = data_lib.open_dataset(config.data)
+  n = dispatch_steps or config.steps_per_dispatch
+  split = dataset.open_split(config.data.train_split)
+  images = split.read_all()
+  gather = jax.jit(lambda data, idx: data[idx])
+  options = dict(seed=config.seed, batch_size=config.batch_size,
+                 read_threads=config.data.read_threads,
+                 prefetch_batches=config.data.prefetch_batches)
+
+  def measure(produce):
+    jax.block_until_ready(produce())  # warm-up: compile, threads started
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+      jax.block_until_ready(produce())
+      count += n * config.batch_size
+    return count / (time.perf_counter() - start)
+
+  results = {}
+  feed = feeds.create_feed(images, runner, **options)
+  results["in_memory"] = measure(lambda: gather(*feed.args(n)))
+  del feed
+  feed = feeds.create_feed(split, runner, **options)
+  results["streaming"] = measure(lambda: feed.args(n))
+  results.update(dataset=config.data.name, examples=split.num_examples,
+                 image_shape=list(split.image_shape), batch_size=config.batch_size,
+                 steps_per_dispatch=n, read_threads=config.data.read_threads,
+                 default_pipeline=data_lib.choose_pipeline(config.data, dataset,
+                                                           config.data.train_split))
+  return results
+
+
+def bench_training(config, dispatches=3):
+  """End-to-end train examples/s with each path and with synthetic device-resident batches.
+
+  "synthetic" reuses one uint8 dispatch of batches already on device: the ceiling any input
+  pipeline can reach. Each path runs `dispatches` whole dispatches after one for compilation.
+  """
+  n, results = config.steps_per_dispatch, {}
+  for path in ("synthetic", "in_memory", "streaming"):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.data.pipeline = "in_memory" if path == "synthetic" else path
+    run = Run(c)
+    feed = run.create_feed()
+    if path == "synthetic":
+      data = run.train_images
+      batches = data[:n * c.batch_size].reshape(n, c.batch_size, *data.shape[1:])
+      fixed = (run.runner.put(batches[:, feed.lo:feed.hi], parallel.batch_axis(1)),)
+      fn, next_args = run.train_fn("batches"), lambda: fixed
+    else:
+      fn = run.train_fn("indices" if feed.gathers else "batches")
+      next_args = lambda feed=feed: feed.args(n)
+    state = run.runner.put(run.initial_state())
+    state, metrics = fn(state, *next_args())
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(dispatches):
+      state, metrics = fn(state, *next_args())  # async: the next args are made meanwhile
+    jax.block_until_ready(metrics)
+    results[path] = dispatches * n * c.batch_size / (time.perf_counter() - start)
+  for path in ("in_memory", "streaming"):
+    results[f"{path}_fraction_of_synthetic"] = results[path] / results["synthetic"]
+  return results

@@ -1,15 +1,19 @@
 """The `flaxvae` command: `flaxvae COMMAND [flags]`; `flaxvae COMMAND --help` for each.
 
     flaxvae train --config configs/fashion_mnist_mlp.py --workdir runs/mlp [--config.key=value ...]
+    flaxvae evaluate --workdir runs/mlp [--num_importance_samples K] [--max_examples N]
+    flaxvae sample --workdir runs/mlp [--temperature 0.8 | --temperature 1,0.9,0.8] [--n 64]
+    flaxvae report --workdir runs/mlp
     flaxvae prepare-data fashion_mnist [--source_dir DIR] [--data_dir DIR]
     flaxvae prepare-data folder --source DIR --name NAME [--test_fraction F]
+    flaxvae bench --config configs/fashion_mnist_mlp.py [--cases default,dispatch,scaling]
     flaxvae bench-input --config configs/fashion_mnist_mlp.py
-    flaxvae bench --config configs/fashion_mnist_mlp.py [--steps N] [--cases default,dispatch,scaling]
 
-Problems a user can fix (a bad config value, missing data, a batch that does
-not split over the devices) end with one line on stderr and exit status 2,
-before any file in the workdir is touched.
+Problems a user can fix (a bad config value, missing data, a batch that does not split over
+the devices) end with one line on stderr and exit status 2, before any file in the workdir is
+touched; a run that fails (diverged, stuck devices) ends with one line and exit status 1.
 """
+import difflib
 import logging
 import os
 import sys
@@ -17,15 +21,12 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from flaxvae import malloc, xla_flags
+from flaxvae.errors import DeviceTimeout, FlaxvaeError, UsageError
+from flaxvae.runtime import malloc
 
-USAGE_ERROR = 2
 COMMANDS = {}
-_SCALING_CHILD = "FLAXVAE_BENCH_SCALING_CHILD"  # set in the bench's scaling child process
-
-
-class UsageError(ValueError):
-  pass
+SCALING_CHILD = "FLAXVAE_BENCH_SCALING_CHILD"  # set in the bench's scaling child process
+RENAMED_KEYS = {"data.binarization": "data.protocol (binarized, static_binarized, 8bit or grey)"}
 
 
 def command(name):
@@ -35,25 +36,100 @@ def command(name):
   return add
 
 
-def _parse(argv, define):
-  """Parses `argv` into a fresh FlagValues; any problem becomes a one-line UsageError."""
+def _one_line(e):
+  text = " ".join(str(e).split())
+  return text if len(text) < 400 else text[:400] + " ..."
+
+
+def _parse(argv, define, positional=0):
+  """Parses `argv` into a fresh FlagValues; any problem becomes a one-line UsageError.
+
+  At most `positional` positional arguments are accepted (a stray word from a wrapper script
+  is refused, not ignored).
+  """
   fv = flags.FlagValues()
   define(fv)
   flags.DEFINE_boolean("help", False, "show this help", flag_values=fv, short_name="h")
+  _check_config_flags(argv)
   try:
-    positional = fv(argv)[1:]
+    rest = fv(argv)[1:]
   except Exception as e:  # absl and config_flags raise several types, all user errors here
-    raise UsageError(_one_line(e)) from None
+    raise UsageError(_config_key_error(argv, e) or _one_line(e)) from None
   if fv.help:
     print(fv.main_module_help() if hasattr(fv, "main_module_help") else "")
     print(fv.get_help())
     sys.exit(0)
-  return fv, positional
+  if len(rest) > positional:
+    raise UsageError(f"unexpected argument(s) {' '.join(rest[positional:])!r}: "
+                     f"{argv[0]} takes {positional or 'no'} positional argument(s); flags look "
+                     "like --name=value")
+  if "config" in fv and fv["config"].present:
+    try:
+      fv.config.keys()  # a config file that failed to load raises here
+    except Exception as e:  # whatever the file raised
+      raise UsageError(f"config file {_config_path(argv)} could not be loaded: "
+                       f"{_one_line(e)}") from None
+  return fv, rest
 
 
-def _one_line(e):
-  text = " ".join(str(e).split())
-  return text if len(text) < 400 else text[:400] + " ..."
+def _config_path(argv):
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":", 1)[0]
+  return None
+
+
+def _check_config_flags(argv):
+  """A missing config file is named with the configs that exist, before absl's traceback."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    folder = os.path.dirname(path) or "."
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+    close = difflib.get_close_matches(os.path.basename(path), found, n=1)
+    hint = f"did you mean {os.path.join(folder, close[0])}? " if close else ""
+    raise UsageError(f"config file {path} not found: {hint}configs in {folder}: "
+                     f"{', '.join(found) or 'none'}")
+
+
+def _flat_keys(config, prefix=""):
+  keys = []
+  for key, value in config.items():
+    name = prefix + key
+    keys.append(name)
+    if hasattr(value, "items"):
+      keys.extend(_flat_keys(value, name + "."))
+  return keys
+
+
+def _config_key_error(argv, error):
+  """'unknown config key X; did you mean Y' for a --config.X override naming no key."""
+  path = _config_path(argv)
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if path is None or not overrides:
+    return None
+  import importlib.util  # noqa: PLC0415  (only to explain a bad override)
+  spec = importlib.util.spec_from_file_location("_flaxvae_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    known = _flat_keys(module.get_config())
+  except Exception:  # the file itself is broken: absl's own message says more
+    return None
+  for key in overrides:
+    if key in known:
+      continue
+    if key in RENAMED_KEYS:
+      return f"config key {key} was renamed: use {RENAMED_KEYS[key]}"
+    close = difflib.get_close_matches(key, known, n=3)
+    section = key.rpartition(".")[0]
+    siblings = [k for k in known if k.rpartition(".")[0] == section]
+    return (f"unknown config key {key!r} in --config.{key}: "
+            + (f"did you mean {' or '.join(close)}? " if close else "")
+            + f"keys {('under ' + section) if section else 'at the top'}: "
+            + ", ".join(k.rpartition(".")[2] for k in siblings))
+  return f"{_one_line(error)}"
 
 
 def _config_flags(argv):
@@ -71,20 +147,20 @@ def _config_flags(argv):
   return define
 
 
-
 @command("train")
 def train_command(argv):
   """Trains a VAE, resuming from the workdir's latest checkpoint if there is one."""
   fv, _ = _parse(argv, _config_flags(argv))
   if fv.config is None or not fv.workdir:
     raise UsageError("train needs --config configs/NAME.py and --workdir DIR")
-  from flaxvae import distributed, train
+  from flaxvae.runtime import distributed  # noqa: PLC0415  (JAX starts after XLA_FLAGS are set)
+  from flaxvae.train import trainer  # noqa: PLC0415
   distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
-  final = train.train(fv.config, fv.workdir)
+  final = trainer.train(fv.config, fv.workdir)
   print(f"test ELBO {final['elbo']:.2f} nats (rate {final['rate']:.2f}, "
         f"distortion {final['distortion']:.2f})")
-  print(f"workdir: {os.path.abspath(fv.workdir)}  (metrics.jsonl, tensorboard/, images/, "
-        "checkpoints/)")
+  print(f"workdir: {os.path.abspath(fv.workdir)}  (metrics.jsonl, eval.json, tensorboard/, "
+        "images/, checkpoints/)")
 
 
 @command("prepare-data")
@@ -97,31 +173,30 @@ def prepare_data_command(argv):
   """
   def define(fv):
     flags.DEFINE_string("source_dir", None, "folder with the original files", flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "where prepared datasets live "
-                        "(default $FLAXVAE_DATA_DIR or ~/.cache/flaxvae/tfds)", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "where prepared datasets live (default "
+                        "$FLAXVAE_DATA_DIR, $TFDS_DATA_DIR or ~/.cache/flaxvae/tfds)",
+                        flag_values=fv)
     flags.DEFINE_string("source", None, "folder: the images (or .npy arrays), optionally one "
                         "sub-folder per label", flag_values=fv)
     flags.DEFINE_string("name", None, "folder: the dataset's name (then data.name=NAME)",
                         flag_values=fv)
     flags.DEFINE_float("test_fraction", 0.0, "folder: fraction held out as split `test`",
                        flag_values=fv)
-  fv, names = _parse(argv, define)
-  from flaxvae import records
-  known = ["fashion_mnist", *sorted(records.CATALOG), "folder"]
+  fv, names = _parse(argv, define, positional=1)
+  from flaxvae.data import catalog, fashion_mnist, folder  # noqa: PLC0415
+  known = ["fashion_mnist", *sorted(catalog.CATALOG), "folder"]
   if len(names) != 1 or names[0] not in known:
     raise UsageError(f"prepare-data takes one dataset name: {', '.join(known)}")
   name = names[0]
   if name == "fashion_mnist":
-    from flaxvae import datasets
-    path = datasets.prepare_fashion_mnist(fv.source_dir, fv.data_dir)
+    path = fashion_mnist.prepare_fashion_mnist(fv.source_dir, fv.data_dir)
   elif name == "folder":
     if not fv.source or not fv.name:
       raise UsageError("prepare-data folder needs --source DIR and --name NAME")
-    from flaxvae import folder
     path = folder.prepare_folder(fv.source, fv.name, fv.test_fraction, fv.data_dir)
     name = fv.name
   else:
-    path = records.prepare_catalog(name, fv.data_dir)
+    path = catalog.prepare_catalog(name, fv.data_dir)
   print(f"{name} ready in {path}")
 
 
@@ -129,18 +204,19 @@ def prepare_data_command(argv):
 def bench_input_command(argv):
   """Examples/s each input pipeline delivers to the devices (no training), as JSON."""
   def define(fv):
-    _config_flags(argv)(fv)
+    config_flags.DEFINE_config_file("config", None, "a config file", flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
     flags.DEFINE_float("seconds", 5.0, "time per pipeline", flag_values=fv)
     flags.DEFINE_boolean("with_training", False, "also train end to end on each path and on "
                          "synthetic device-resident batches", flag_values=fv)
   fv, _ = _parse(argv, define)
   if fv.config is None:
     raise UsageError("bench-input needs --config configs/NAME.py")
-  import json
-  from flaxvae import pipeline
-  result = pipeline.bench_input(fv.config, fv.seconds)
+  import json  # noqa: PLC0415
+  from flaxvae import bench  # noqa: PLC0415
+  result = bench.bench_input(fv.config, fv.seconds)
   if fv.with_training:
-    result["training_examples_per_s"] = pipeline.bench_training(fv.config)
+    result["training_examples_per_s"] = bench.bench_training(fv.config)
   print(json.dumps(result))
 
 
@@ -153,49 +229,30 @@ def bench_command(argv):
     flags.DEFINE_integer("windows", 5, "timed windows per case (the median is reported)",
                          flag_values=fv)
     flags.DEFINE_list("cases", ["default", "dispatch", "scaling"], "which cases", flag_values=fv)
-    flags.DEFINE_boolean("input_only", False, "time only the input pipelines (bench-input)",
-                         flag_values=fv)
   fv, _ = _parse(argv, define)
   if fv.config is None:
     raise UsageError("bench needs --config configs/NAME.py")
-  from flaxvae import bench
+  from flaxvae import bench  # noqa: PLC0415
   unknown = set(fv.cases) - set(bench.CASES)
   if unknown:
     raise UsageError(f"unknown --cases {sorted(unknown)}: choose from {', '.join(bench.CASES)}")
-  if fv.input_only:
-    import json
-    from flaxvae import pipeline
-    print(json.dumps(pipeline.bench_input(fv.config)))
-    return
-  if os.environ.get(_SCALING_CHILD) == "1":
+  if os.environ.get(SCALING_CHILD) == "1":
     bench.run_cases(fv.config, ("scaling",), steps=fv.steps, windows=fv.windows)
     return
   here = tuple(c for c in fv.cases if c != "scaling")
   if here:
     bench.run_cases(fv.config, here, steps=fv.steps, windows=fv.windows)
   if "scaling" in fv.cases:
-    _bench_scaling_in_child(argv[1:])
-
-
-def _bench_scaling_in_child(args):
-  """The scaling case in its own process with 8 simulated CPU devices.
-
-  Simulated devices split the host's threads, which slows even a one-device step
-  (~20% for the conv VAE), so the other cases run in this process without them.
-  """
-  import subprocess
-  sys.stdout.flush()
-  env = dict(os.environ, **{_SCALING_CHILD: "1"})
-  xla_flags.add("--xla_force_host_platform_device_count=8", env)
-  status = subprocess.run([sys.executable, "-m", "flaxvae.cli", "bench", *args],
-                          env=env, check=False).returncode
-  if status:
-    raise UsageError(f"the scaling case failed (exit status {status}); its error is above")
+    bench.in_child_with_devices(argv[1:], 8, SCALING_CHILD)
 
 
 @command("evaluate")
 def evaluate_command(argv):
-  """log p(x), inference and amortization gaps, ELBO surgery, active units -> DIR/eval.json."""
+  """log p(x), inference and amortization gaps, ELBO surgery, active units -> a JSON file.
+
+  The config's own final evaluation goes to WORKDIR/eval.json; one with other settings to
+  WORKDIR/eval_<split>_K<k>_N<n>.json, so eval.json stays the run's final evaluation.
+  """
   def define(fv):
     flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
     flags.DEFINE_string("split", None, "split to evaluate (default: the run's eval split)",
@@ -208,11 +265,43 @@ def evaluate_command(argv):
   fv, _ = _parse(argv, define)
   if not fv.workdir:
     raise UsageError("evaluate needs --workdir DIR (a trained run)")
-  from flaxvae import evaluate
-  row = evaluate.evaluate_workdir(fv.workdir, fv.split, fv.num_importance_samples,
-                                  fv.max_examples, fv.step)
-  print(evaluate.format_table(row))
-  print(f"written: {os.path.join(fv.workdir, 'eval.json')}")
+  from flaxvae import api  # noqa: PLC0415
+  from flaxvae.eval import evaluation  # noqa: PLC0415
+  row, path = api.evaluate(fv.workdir, fv.split, fv.num_importance_samples, fv.max_examples,
+                           fv.step)
+  print(evaluation.format_table(row))
+  print(f"written: {path}")
+
+
+@command("sample")
+def sample_command(argv):
+  """A PNG grid of prior samples at a temperature, or of reconstructions keeping the top L
+  latent layers (VDVAE's latent-level grids)."""
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
+    flags.DEFINE_list("temperature", ["1.0"], "prior temperature: one value, or one per latent "
+                      "layer (top first)", flag_values=fv)
+    flags.DEFINE_integer("n", 64, "images in the grid", flag_values=fv)
+    flags.DEFINE_list("keep_layers", [], "reconstruct test images keeping the top L layers from "
+                      "q(z|x), for each L given (e.g. 0,1,4,16)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the draws", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+    flags.DEFINE_string("out", None, "PNG path (default WORKDIR/images/sample_*.png)",
+                        flag_values=fv)
+  fv, _ = _parse(argv, define)
+  if not fv.workdir:
+    raise UsageError("sample needs --workdir DIR (a trained run)")
+  try:
+    temperature = [float(t) for t in fv.temperature]
+    keep = [int(k) for k in fv.keep_layers]
+  except ValueError as e:
+    raise UsageError(f"--temperature takes numbers and --keep_layers integers: {e}") from None
+  if fv.n <= 0 or any(t < 0 for t in temperature) or any(k < 0 for k in keep):
+    raise UsageError("--n must be positive, --temperature and --keep_layers >= 0")
+  from flaxvae import api  # noqa: PLC0415
+  from flaxvae.eval import sampling  # noqa: PLC0415
+  print(sampling.write_sample_grid(api.load(fv.workdir, fv.step), fv.workdir, fv.n, temperature,
+                                   keep, fv.seed, fv.out))
 
 
 @command("report")
@@ -222,31 +311,41 @@ def report_command(argv):
                                                       flag_values=fv))
   if not fv.workdir:
     raise UsageError("report needs --workdir DIR (a trained run)")
-  from flaxvae import report
+  from flaxvae.eval import report  # noqa: PLC0415
   for path in report.make_report(fv.workdir):
     print(path)
+
+
+def _configure_logging():
+  """flaxvae's own messages at INFO; everything else (JAX, Orbax, absl) at WARNING, so
+  JAX's INFO line about a TPU backend it could not open, on machines without TPUs, stays
+  quiet while real warnings and backend errors still show."""
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  logging.getLogger("flaxvae").setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def main(argv=None):
   if argv is None:  # the program itself, not a caller in Python: tune malloc before JAX loads
     malloc.reexec_with_tuned_malloc(sys.argv)
   argv = list(sys.argv if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  _configure_logging()
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help") or argv[1] not in COMMANDS:
     print(__doc__.strip())
     print("commands: " + ", ".join(sorted(COMMANDS)))
     if len(argv) >= 2 and argv[1] not in ("-h", "--help", "help"):
       print(f"flaxvae: error: unknown command {argv[1]!r}", file=sys.stderr)
-      return USAGE_ERROR
-    return 0 if len(argv) >= 2 else USAGE_ERROR
-  from flaxvae.datasets import DataError
-  from flaxvae.models import ConfigError
+      return UsageError.exit_status
+    return 0 if len(argv) >= 2 else UsageError.exit_status
   try:
     COMMANDS[argv[1]]([f"flaxvae {argv[1]}", *argv[2:]])
-  except (UsageError, ConfigError, DataError) as e:
+  except DeviceTimeout as e:  # the runtime is wedged: a normal exit would wait on it forever
+    print(f"flaxvae {argv[1]}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(e.exit_status)
+  except FlaxvaeError as e:
     print(f"flaxvae {argv[1]}: error: {_one_line(e)}", file=sys.stderr)
-    return USAGE_ERROR
+    return e.exit_status
   return 0
 
 

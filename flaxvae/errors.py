@@ -1,5 +1,53 @@
-"""Errors a user can fix. str() is one line saying what to change; the CLI prints it and exits 2."""
+"""The one error hierarchy. Every error flaxvae raises on purpose is a `FlaxvaeError` whose str()
+is one line saying what happened and what to do; the CLI prints it (no traceback) and exits with
+its `exit_status`.
+
+  FlaxvaeError
+    UsageError       exit 2: the user can fix it before rerunning (nothing was written)
+      ConfigError      a bad config value or combination, a bad flag
+      DataError        missing, damaged or mismatched data
+      CheckpointError  checkpoints that cannot be read or written, or do not fit this run
+      OutputError      metrics or other outputs that cannot be written
+    RunError         exit 1: the run itself failed; the last committed checkpoint is intact
+      Diverged         too many non-finite or over-threshold steps in a row
+      DeviceTimeout    device work that never finished (a stuck collective)
+"""
 
 
-class ConfigError(ValueError):
+class FlaxvaeError(Exception):
+  """Base of every error raised on purpose; str() is one line."""
+  exit_status = 1
+
+
+class UsageError(FlaxvaeError, ValueError):
+  """Something the user can change (a flag, a config value, a file) before rerunning."""
+  exit_status = 2
+
+
+class ConfigError(UsageError):
   """A configuration problem (a bad key value, a batch that cannot be split, ...)."""
+
+
+class DataError(UsageError):
+  """A dataset problem the user can fix; str() is one line saying what to do."""
+
+
+class CheckpointError(UsageError):
+  """Checkpoints cannot be written or read; the one-line message says what to do."""
+
+
+class OutputError(UsageError):
+  """A metrics row or other output could not be written (full disk, permissions)."""
+
+
+class RunError(FlaxvaeError):
+  """The run failed while training or evaluating; its last committed checkpoint is intact."""
+  exit_status = 1
+
+
+class Diverged(RunError, FloatingPointError):
+  """Training stopped: too many skipped (non-finite or over-threshold) steps in a row."""
+
+
+class DeviceTimeout(RunError):
+  """Device work did not finish in time: the runtime is wedged, so the process must exit."""

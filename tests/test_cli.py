@@ -9,11 +9,9 @@ import sys
 import pytest
 
 from flaxvae import cli
-from flaxvae import data as data_lib
+from tests.conftest import FLAXVAE, REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 MLP_CONFIG = str(REPO / "configs" / "fashion_mnist_mlp.py")
-from tests.test_parallel import tiny_images  # noqa: E402
 
 
 def tree_digest(path):
@@ -35,7 +33,10 @@ def workdir_with_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.model.no_such_key=3", "no_such_key"),
+    ("--config.model.no_such_key=3", "unknown config key 'model.no_such_key'"),
+    ("--config.model.hiddn=(3,)", "did you mean model.hidden"),
+    ("--config.data.binarization=dynamic", "renamed: use data.protocol"),
+    ("--config.dtype=float16", "use bfloat16"),
     ("--config.batch_size=0", "batch_size must be positive"),
     ("--config.batch_size=12", "does not divide evenly over 8 devices"),
     ("--config.model.name=resnet", "unknown model.name 'resnet'"),
@@ -61,6 +62,22 @@ def test_missing_flags_and_unknown_command(capsys):
   assert cli.main(["flaxvae", "fly"]) == 2
 
 
+def test_a_stray_positional_argument_is_refused(capsys, tmp_path):
+  status = cli.main(["flaxvae", "train", "train", f"--config={MLP_CONFIG}",
+                     f"--workdir={tmp_path}/run"])
+  err = capsys.readouterr().err.strip()
+  assert status == 2 and "unexpected argument(s) 'train'" in err and "\n" not in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_mistyped_config_path_names_the_configs_there(capsys, tmp_path):
+  status = cli.main(["flaxvae", "train", "--config", str(REPO / "configs" / "fashion_mnist_mpl.py"),
+                     f"--workdir={tmp_path}/run"])
+  err = capsys.readouterr().err.strip()
+  assert status == 2 and "\n" not in err
+  assert "not found: did you mean" in err and "fashion_mnist_mlp.py" in err
+
+
 def test_console_script_exit_status(tmp_path):
   flaxvae = pathlib.Path(sys.executable).parent / "flaxvae"
   result = subprocess.run([str(flaxvae), "train", f"--config={MLP_CONFIG}",
@@ -71,22 +88,23 @@ def test_console_script_exit_status(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_short_training_run_writes_every_output(monkeypatch, tmp_path, capsys):
-  splits = {"train": tiny_images(512), "test": tiny_images(128, seed=1)}
-  monkeypatch.setattr(data_lib, "load_images", lambda data_config, split: splits[split])
+def test_short_training_run_writes_every_output(tmp_path, capsys, tiny_data_dir):
   workdir = tmp_path / "run"
   status = cli.main(["flaxvae", "train", f"--config={MLP_CONFIG}", f"--workdir={workdir}",
+                     "--config.data.name=tiny", f"--config.data.data_dir={tiny_data_dir}",
                      "--config.num_steps=20", "--config.steps_per_dispatch=5",
                      "--config.log_every_steps=10", "--config.eval.every_steps=10",
                      "--config.checkpoint.every_steps=10", "--config.batch_size=32",
                      "--config.model.hidden=(16,)", "--config.eval.num_examples=64",
                      "--config.eval.final_num_importance_samples=10",
-                     "--config.eval.num_importance_samples=5"])
+                     "--config.eval.num_importance_samples=5",
+                     "--config.eval.amortization_examples=8",
+                     "--config.eval.amortization_steps=5"])
   assert status == 0, capsys.readouterr().err
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   train_rows = [r for r in rows if r["split"] == "train"]
   assert [r["step"] for r in train_rows] == [10, 20]
-  for key in ("loss", "rate", "distortion", "examples_per_s", "learning_rate"):
+  for key in ("loss", "rate", "distortion", "examples_per_s", "learning_rate", "rate_by_layer"):
     assert key in train_rows[0]
   assert any(r["split"] == "test" and "elbo" in r for r in rows)
   assert json.loads((workdir / "config.json").read_text())["batch_size"] == 32
@@ -94,3 +112,24 @@ def test_short_training_run_writes_every_output(monkeypatch, tmp_path, capsys):
   assert any(p.suffix == ".png" for p in (workdir / "images").iterdir())
   assert sorted(os.listdir(workdir / "checkpoints"))[:2] == ["10", "20"]
   assert "workdir:" in capsys.readouterr().out
+  # `flaxvae sample`: a temperature grid and a latent-level grid.
+  assert cli.main(["flaxvae", "sample", f"--workdir={workdir}", "--temperature=0.7", "--n=8"]) == 0
+  assert cli.main(["flaxvae", "sample", f"--workdir={workdir}", "--keep_layers=0,1"]) == 0
+  made = sorted(p.name for p in (workdir / "images").iterdir() if p.name.startswith(("samples_t",
+                                                                                    "layers_")))
+  assert made == ["layers_0-1_step20.png", "samples_t0.7_step20.png"], made
+
+
+def test_the_console_shows_no_tpu_message_without_a_tpu(tmp_path, tiny_data_dir):
+  """JAX logs at INFO that it could not open libtpu; flaxvae shows only WARNING and up."""
+  result = subprocess.run([str(FLAXVAE), "train", f"--config={MLP_CONFIG}",
+                           f"--workdir={tmp_path}/run", "--config.data.name=tiny",
+                           f"--config.data.data_dir={tiny_data_dir}", "--config.num_steps=2",
+                           "--config.steps_per_dispatch=1", "--config.batch_size=16",
+                           "--config.model.hidden=(8,)",
+                           "--config.eval.final_num_importance_samples=2",
+                           "--config.eval.amortization_examples=0"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "libtpu" not in result.stderr + result.stdout
+  assert "devices:" in result.stderr  # flaxvae's own INFO lines still show

@@ -1,0 +1,138 @@
+"""The config, checked once at the top before anything is read or written.
+
+`validate(config)` raises one ConfigError naming the first problem and what to do instead.
+`migrate(saved)` turns a config written by an earlier flaxvae into today's keys, so old
+checkpoints load.
+"""
+import importlib.metadata
+import json
+
+import jax.numpy as jnp
+import ml_collections
+
+from flaxvae import defaults, models
+from flaxvae.data import protocols
+from flaxvae.errors import ConfigError
+from flaxvae.objectives import likelihoods
+from flaxvae.runtime import parallel
+from flaxvae.train import optimizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+OBJECTIVES = ("elbo", "iwae")
+FREE_BITS_GROUPS = ("unit", "layer")
+# data.binarization (flaxvae 0.1) became data.protocol.
+BINARIZATION_TO_PROTOCOL = {"none": "grey", "dynamic": "binarized", "static": "static_binarized"}
+
+
+def likelihood_of(config):
+  """The likelihood config.objective names, with the options that family takes."""
+  o = config.objective
+  options = {"gaussian": dict(gaussian_logvar=o.gaussian_logvar),
+             "mixture_logistic": dict(num_mixtures=o.num_mixtures)}.get(o.likelihood, {})
+  try:
+    return likelihoods.get_likelihood(o.likelihood, **options)
+  except ValueError as e:
+    raise ConfigError(f"objective.likelihood: {e}") from None
+
+
+def validate(config):
+  """Fails fast, before anything is read or written, on settings that cannot work."""
+  for key in ("num_steps", "batch_size", "steps_per_dispatch", "scan_unroll", "log_every_steps"):
+    if config[key] <= 0:
+      raise ConfigError(f"{key} must be positive, got {config[key]}")
+  for key in ("checkpoint.every_steps", "eval.every_steps", "max_consecutive_skips"):
+    section, _, name = key.rpartition(".")
+    value = config[section][name] if section else config[name]
+    if value < 0:
+      raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
+  if config.dtype == "float16":
+    raise ConfigError("dtype float16 needs loss scaling, which flaxvae does not do: use bfloat16 "
+                      "(same memory, float32's range) or float32")
+  if config.dtype not in DTYPES:
+    raise ConfigError(f"unknown dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
+  _validate_objective(config.objective)
+  protocols.PROTOCOLS.get(config.data.protocol)
+  likelihood_of(config)
+  models.check_config(config.model)
+  _validate_eval(config.eval)
+  optimizer.create_optimizer(config.optimizer, config.num_steps)
+  if config.parallel.backend not in parallel.BACKENDS:
+    raise ConfigError(f"unknown parallel.backend {config.parallel.backend!r}: use "
+                      f"{' or '.join(parallel.BACKENDS)}")
+  if config.parallel.wait_timeout_s <= 0:
+    raise ConfigError(f"parallel.wait_timeout_s must be positive, got "
+                      f"{config.parallel.wait_timeout_s}")
+
+
+def _validate_objective(o):
+  if o.name not in OBJECTIVES:
+    raise ConfigError(f"unknown objective.name {o.name!r}: use elbo or iwae")
+  if o.num_samples <= 0:
+    raise ConfigError(f"objective.num_samples must be positive, got {o.num_samples}")
+  if o.free_bits < 0:
+    raise ConfigError(f"objective.free_bits must be >= 0, got {o.free_bits}")
+  if o.free_bits_per not in FREE_BITS_GROUPS:
+    raise ConfigError(f"unknown objective.free_bits_per {o.free_bits_per!r}: use unit or layer")
+  if o.name == "iwae":
+    ignored = [f"{k}={o[k]}" for k, default in (("beta", 1.0), ("kl_warmup_steps", 0),
+                                                ("free_bits", 0.0)) if o[k] != default]
+    if ignored:
+      raise ConfigError(f"objective.name=iwae has no KL term, so {', '.join(ignored)} would be "
+                        "ignored: use objective.name=elbo with them (num_samples k gives the "
+                        "k-sample ELBO), or drop them")
+
+
+def _validate_eval(c):
+  for key in ("batch_size", "num_importance_samples", "final_num_importance_samples"):
+    if c[key] <= 0:
+      raise ConfigError(f"eval.{key} must be positive, got {c[key]}")
+  for key in ("num_examples", "final_num_examples", "amortization_examples", "amortization_steps"):
+    if c[key] < 0:
+      raise ConfigError(f"eval.{key} must be >= 0 (0: {'all' if 'num_' in key else 'off'}), "
+                        f"got {c[key]}")
+  if c.amortization_learning_rate <= 0:
+    raise ConfigError(f"eval.amortization_learning_rate must be positive, got "
+                      f"{c.amortization_learning_rate}")
+
+
+def migrate(saved: dict) -> dict:
+  """A saved config (JSON) with keys of earlier flaxvae versions renamed to today's."""
+  saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  saved.setdefault("flaxvae_version", "0.1.0")  # the only version that did not stamp it
+  data = saved.get("data", {})
+  if "binarization" in data:
+    data.setdefault("protocol", BINARIZATION_TO_PROTOCOL.get(data["binarization"], "grey"))
+    del data["binarization"]
+  return saved
+
+
+def with_defaults(saved: dict):
+  """A saved config (JSON, any flaxvae version) as a ConfigDict on top of today's defaults."""
+  saved = migrate(saved)
+  config = defaults.base_config()
+  model_name = saved.get("model", {}).get("name", config.model.name)
+  with config.unlocked():
+    config.model = defaults.model_config(model_name)
+
+    def merge(target, values):
+      for key, value in values.items():
+        if isinstance(value, dict) and isinstance(target.get(key), ml_collections.ConfigDict):
+          merge(target[key], value)
+        else:
+          target[key] = tuple(value) if isinstance(value, list) else value
+    merge(config, saved)
+  return config
+
+
+def to_json(config) -> dict:
+  """The config as plain JSON data, stamped with the flaxvae version (what checkpoints keep)."""
+  resolved = json.loads(config.to_json_best_effort())
+  resolved["flaxvae_version"] = version()
+  return resolved
+
+
+def version():
+  try:
+    return importlib.metadata.version("flaxvae")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"

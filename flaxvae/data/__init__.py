@@ -1,0 +1,92 @@
+"""Data: where datasets come from, how they are read, and how they reach the devices.
+
+  catalog.py        where prepared datasets live, the TFDS catalog, preparing it
+  records.py        reading and writing ArrayRecord datasets without TensorFlow
+  fashion_mnist.py  Debian's IDX files -> a prepared dataset (the offline default)
+  folder.py         a folder of the user's images -> a prepared dataset
+  protocols.py      binarized / static_binarized / 8bit / grey: what the model is scored on
+  order.py          the example order, a pure function of (seed, epoch)
+  feeds.py          the in-memory and streaming paths to the devices
+
+A `Dataset` is what a run reads: `PreparedDataset(config.data)` on disk, or `ArrayDataset` for
+arrays already in memory (notebooks, tests). A new dataset source is one file that prepares
+it in flaxvae's raw schema (records.write_dataset), plus its name in `prepare-data`.
+"""
+import numpy as np
+
+from flaxvae.data import catalog, fashion_mnist, records
+from flaxvae.errors import ConfigError, DataError
+
+PIPELINES = ("auto", "in_memory", "streaming")
+
+
+class PreparedDataset:
+  """A prepared dataset on disk, named by `data.name` (Fashion-MNIST is prepared on first use)."""
+
+  def __init__(self, data_config):
+    self.config, self.name = data_config, data_config.name
+    self._builder_dir = None
+
+  @property
+  def builder_dir(self):
+    if self._builder_dir is None:
+      c, data_dir = self.config, catalog.data_dir_of(self.config)
+      if self.name == "fashion_mnist":
+        self._builder_dir = fashion_mnist.prepare_fashion_mnist(c.source_dir or None, data_dir)
+      elif self.name in catalog.CATALOG:
+        self._builder_dir = catalog.catalog_builder_dir(self.name, data_dir)
+      else:
+        self._builder_dir = catalog.folder_builder_dir(self.name, data_dir)
+    return self._builder_dir
+
+  def open_split(self, split):
+    entry = catalog.CATALOG.get(self.name)
+    return records.Split(self.builder_dir, split, entry.scale if entry and not entry.crop else 1)
+
+  def images(self, split):
+    """uint8 images [N, H, W, C] of `split`, in example order."""
+    return self.open_split(split).read_all()
+
+  def split_bytes(self, split):
+    """Bytes of the split's images; known without reading for Fashion-MNIST and the catalog."""
+    if self.name == "fashion_mnist":
+      shape, sizes = fashion_mnist.IMAGE_SHAPE, fashion_mnist.SPLIT_SIZES
+    elif self.name in catalog.CATALOG:
+      shape, sizes = catalog.CATALOG[self.name].image_shape, catalog.CATALOG[self.name].split_sizes
+    else:
+      return self.open_split(split).nbytes
+    return sizes.get(split, 0) * int(np.prod(shape))
+
+
+class ArrayDataset:
+  """Splits already in memory ({split: uint8 [N, H, W, C]}): notebooks, tests, synthetic data."""
+
+  def __init__(self, splits, name="arrays"):
+    self.splits, self.name = {k: np.asarray(v, np.uint8) for k, v in splits.items()}, name
+
+  def images(self, split):
+    if split not in self.splits:
+      raise DataError(f"unknown split {split!r}: this dataset has {', '.join(sorted(self.splits))}")
+    return self.splits[split]
+
+  def split_bytes(self, split):
+    return self.images(split).nbytes
+
+  def open_split(self, split):
+    raise DataError("arrays in memory have no streaming split: set data.pipeline=in_memory")
+
+
+def open_dataset(data_config):
+  return PreparedDataset(data_config)
+
+
+def choose_pipeline(data_config, dataset, split):
+  """"in_memory" or "streaming" for `split`: data.pipeline, or by size when it is "auto"."""
+  choice = data_config.pipeline
+  if choice not in PIPELINES:
+    raise ConfigError(f"unknown data.pipeline {choice!r}: use {', '.join(PIPELINES)}")
+  if choice != "auto":
+    return choice
+  if isinstance(dataset, ArrayDataset):
+    return "in_memory"
+  return "in_memory" if dataset.split_bytes(split) <= data_config.in_memory_max_bytes else "streaming"

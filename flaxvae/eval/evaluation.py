@@ -1,0 +1,184 @@
+"""The evaluation of a model over a split: one flat row of figures with standard errors.
+
+`periodic_evaluation` (during training) and `final_evaluation` (end of training,
+`flaxvae evaluate`) return one row: each figure in nats with its standard error over examples
+(`<name>_stderr`), as diagnostics.py defines them. Per-layer figures come as lists, top layer
+first (`rate_by_layer`, `active_units_by_layer`). Diagnostics the model cannot give (it lacks
+the capability) are skipped and named under `skipped`, never reported as zero.
+
+Whether log p(x) is a log-likelihood depends on the protocol and the likelihood
+(data/protocols.py): only then are `nll` and `bits_per_dim` reported; otherwise the row says
+`is_probability_model: false` and what the figures are instead.
+"""
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from flaxvae.data import protocols
+from flaxvae.eval import diagnostics
+from flaxvae.eval.evaluator import Evaluator
+from flaxvae.models import contract
+from flaxvae.objectives import bounds
+
+FINAL_FILE = "eval.json"
+
+
+def summarize(values: dict):
+  """Mean and standard error over examples of each figure ([N] or [N, L] arrays)."""
+  out = {}
+  for key, v in values.items():
+    v = np.asarray(v, np.float64)
+    mean = v.mean(axis=0)
+    err = v.std(axis=0, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else np.zeros_like(mean)
+    out[key], out[key + "_stderr"] = (mean.tolist(), err.tolist()) if v.ndim > 1 else (
+        float(mean), float(err))
+  return out
+
+
+def eval_rng(config):
+  """The key evaluation draws from: examples are keyed by id, so any subset scores the same."""
+  return jax.random.key_data(jax.random.key(config.seed + 1))
+
+
+def likelihood_note(protocol, likelihood):
+  """What log p(x) is under this protocol and likelihood, when it is not a log-likelihood."""
+  if likelihood.data_kind == "continuous":
+    return (f"the {likelihood.name} likelihood is a density, not a probability mass of the "
+            "data: log_px and elbo are log-density bounds, not comparable with likelihoods")
+  return (f"the {likelihood.name} likelihood is not a probability model of {protocol.name} "
+          f"data: log_px and elbo are bounds on a pseudo-likelihood (for Bernoulli on grey "
+          "levels: minus the binary cross-entropy the PyTorch example reports), not "
+          "log-likelihoods; use data.protocol="
+          f"{'binarized' if likelihood.data_kind == 'binary' else '8bit'} for one")
+
+
+def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples,
+             amortization_examples=0, amortization_steps=0, amortization_learning_rate=1e-2,
+             progress=False):
+  """Every diagnostic the model supports over the first `num_examples` (None: all)."""
+  start = time.perf_counter()
+  k, protocol, model = num_importance_samples, run.protocol, run.model
+  label = (lambda what: f"{what}:") if progress else (lambda what: None)
+  values = evaluator.per_example(
+      f"importance_{k}", diagnostics.importance_fn(run.graphdef, protocol, k), params, rng,
+      num_examples, progress=label(f"log p(x), K={k}"))
+  q_means = [values.pop(f"q_mean_{i}") for i in range(len(run.model.latent_shapes))]
+  khat = values.pop("khat")
+  skipped = {}
+  if contract.has(model, contract.AGGREGATE_POSTERIOR):
+    q = evaluator.per_example("posterior", diagnostics.posterior_fn(run.graphdef, protocol),
+                              params, rng, num_examples)
+    values.update(evaluator.per_example(
+        "aggregate", diagnostics.aggregate_fn(), (q["mean"], q["logvar"]), rng,
+        rows=np.stack([q["mean"], q["logvar"]], axis=1)))
+  else:
+    skipped["elbo_surgery"] = f"needs the {contract.AGGREGATE_POSTERIOR} capability"
+  num_dims = int(np.prod(run.image_shape))
+  row = summarize(values)
+  nll = -np.asarray(values["log_px"], np.float64)
+  row["elbo_bits_per_dim"] = float(bounds.bits_per_dim(-row["elbo"], num_dims))
+  row["protocol"], row["likelihood"] = protocol.name, run.likelihood.name
+  row["is_probability_model"] = protocols.is_probability_model(protocol, run.likelihood)
+  if row["is_probability_model"]:
+    row.update(summarize({"nll": nll}))
+    row["bits_per_dim"] = float(bounds.bits_per_dim(row["nll"], num_dims))
+    row["bits_per_dim_stderr"] = float(bounds.bits_per_dim(row["nll_stderr"], num_dims))
+  else:
+    del row["elbo_bits_per_dim"]
+    row["note"] = likelihood_note(protocol, run.likelihood)
+  if np.all(np.isfinite(khat)):
+    row["khat_mean"] = float(np.mean(khat))
+    row["khat_above_0_7"] = float(np.mean(khat > diagnostics.UNRELIABLE_KHAT))
+  else:
+    skipped["khat"] = "needs more than 20 importance samples"
+  by_layer = [diagnostics.active_units(m) for m in q_means]
+  row["active_units_by_layer"] = [c for c, _ in by_layer]
+  row["active_units"] = sum(c for c, _ in by_layer)
+  row["active_units_stderr"] = float(math.sqrt(sum(e**2 for _, e in by_layer)))
+  row.update(num_examples=len(nll), num_importance_samples=k)
+  if "mutual_info" in values:
+    row["mutual_info_max"] = math.log(len(nll))
+  amortization_examples = min(amortization_examples, len(nll))  # a subset of the evaluated ones
+  if amortization_examples and amortization_steps:
+    if contract.has(model, contract.LOCAL_POSTERIOR):
+      fn = diagnostics.amortization_fn(run.graphdef, protocol, amortization_steps,
+                                       amortization_learning_rate, num_eval_samples=min(k, 1000))
+      gaps = evaluator.per_example(f"amortization_{amortization_steps}", fn, params, rng,
+                                   amortization_examples,
+                                   progress=label(f"amortization gap, {amortization_steps} steps"))
+      m = len(gaps["elbo_optimized"])
+      row.update(summarize({
+          "amortization_gap": gaps["elbo_optimized"] - gaps["elbo_encoder"],
+          "approximation_gap": values["log_px"][:m] - gaps["elbo_optimized"]}))
+      row["amortization_examples"] = m
+    else:
+      skipped["amortization_gap"] = f"needs the {contract.LOCAL_POSTERIOR} capability"
+  if skipped:
+    row["skipped"] = {name: (f"model {run.config.model.name!r} {why}" if "capability" in why
+                             else why) for name, why in skipped.items()}
+  row["seconds"] = time.perf_counter() - start
+  return row
+
+
+def periodic_evaluation(run, evaluator, params, rng):
+  """The cheaper evaluation run every config.eval.every_steps."""
+  c = run.config.eval
+  return diagnose(run, evaluator, params, rng, c.num_examples or None, c.num_importance_samples)
+
+
+def final_settings(config, num_examples=None, num_importance_samples=None):
+  """(examples (None: all), K) of the final evaluation, or of an ad-hoc one that names them."""
+  c = config.eval
+  if num_examples is None:
+    num_examples = c.final_num_examples
+  return num_examples or None, num_importance_samples or c.final_num_importance_samples
+
+
+def final_evaluation(run, evaluator, params, rng, settings=None):
+  """The full evaluation: config.eval.final_* (whole split, K = 5000) and the amortization gap.
+
+  `settings` (examples or None for all, K), as `final_settings` resolves them, overrides the
+  config's."""
+  c = run.config.eval
+  n, k = settings or final_settings(run.config)
+  return diagnose(run, evaluator, params, rng, n, k, c.amortization_examples,
+                  c.amortization_steps, c.amortization_learning_rate, progress=True)
+
+
+def result_file(config, split, num_examples, num_importance_samples):
+  """eval.json for the config's own final evaluation; eval_<split>_K<k>_N<n>.json otherwise,
+  so an ad-hoc evaluation never replaces the one `report` and `make run` rely on."""
+  final_n, final_k = final_settings(config)
+  if (split == config.data.eval_split and num_importance_samples == final_k
+      and num_examples == final_n):
+    return FINAL_FILE
+  return f"eval_{split}_K{num_importance_samples}_N{num_examples or 'all'}.json"
+
+
+def write_json(workdir, name, row):
+  path = os.path.join(workdir, name)
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(row, f, indent=2, sort_keys=True)
+  return path
+
+
+def format_table(row):
+  """A plain-text table of the figures (mean +- standard error) in `row`."""
+  lines = []
+  for key, value in row.items():
+    if key.endswith("_stderr") or isinstance(value, bool):
+      continue
+    err = row.get(key + "_stderr")
+    if isinstance(value, (int, float)):
+      text = f"{value:12.4f} +- {err:.4f}" if err is not None else f"{value:12.4f}"
+    elif isinstance(value, list):
+      text = "[" + ", ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in value) + "]"
+    else:
+      continue
+    lines.append(f"{key:<26}{text}")
+  return "\n".join(lines)

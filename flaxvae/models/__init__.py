@@ -1,0 +1,46 @@
+"""VAE models on one contract (contract.py), chosen by name from a registry (`config.model.name`).
+
+A new model is one new file here that registers itself with `@MODELS.register("name")` and is
+imported below, plus a config. Model-specific config keys are its constructor's keyword
+arguments (their defaults live there, and only there); `create_model` refuses unknown keys.
+"""
+import inspect
+
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxvae.errors import ConfigError
+from flaxvae.models import conv, ladder, mlp  # noqa: F401  (each registers itself)
+from flaxvae.models.layers import ACTIVATIONS
+from flaxvae.models.registry import MODELS
+
+COMMON = ("image_shape", "likelihood", "rngs", "dtype")
+
+
+def model_options(name):
+  """{key: default} of the model's own config keys (its constructor's keyword arguments)."""
+  signature = inspect.signature(MODELS.get(name).__init__)
+  return {k: p.default for k, p in signature.parameters.items()
+          if p.kind == p.KEYWORD_ONLY and k not in COMMON}
+
+
+def check_config(model_config):
+  """ConfigError for an unknown model or model key, naming the model's keys."""
+  options = model_options(model_config.name)
+  unknown = sorted(set(model_config.keys()) - set(options) - {"name"})
+  if unknown:
+    raise ConfigError(f"model {model_config.name!r} has no key(s) {', '.join(unknown)}: its keys "
+                      f"are {', '.join(sorted(options))}")
+  activation = model_config.get("activation")
+  if activation is not None and activation not in ACTIVATIONS:
+    raise ConfigError(f"unknown model.activation {activation!r}: choose one of "
+                      f"{', '.join(sorted(ACTIVATIONS))}")
+
+
+def create_model(model_config, *, image_shape, likelihood, seed=0, dtype=jnp.float32):
+  """Builds the registered model `model_config.name` for images of `image_shape`."""
+  check_config(model_config)
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()
+            if k != "name"}
+  return MODELS.get(model_config.name)(image_shape=tuple(image_shape), likelihood=likelihood,
+                                       rngs=nnx.Rngs(seed), dtype=dtype, **kwargs)

@@ -1,0 +1,33 @@
+"""Name -> thing registries: models, likelihoods, datasets and evaluators are chosen by name.
+
+    MODELS = Registry("model.name")
+    @MODELS.register("mlp")
+    class MLPVAE: ...
+    MODELS.get(config.model.name)   # ConfigError naming the choices for an unknown name
+"""
+from flaxvae.errors import ConfigError
+
+
+class Registry:
+  """A dict of named entries whose lookup failure is a one-line ConfigError naming the choices."""
+
+  def __init__(self, key):
+    self.key = key  # the config key that names an entry, for the error message
+    self._entries = {}
+
+  def register(self, name):
+    def add(entry):
+      self._entries[name] = entry
+      return entry
+    return add
+
+  def get(self, name):
+    if name not in self._entries:
+      raise ConfigError(f"unknown {self.key} {name!r}: choose one of {', '.join(self.names())}")
+    return self._entries[name]
+
+  def names(self):
+    return sorted(self._entries)
+
+  def __contains__(self, name):
+    return name in self._entries

@@ -1,0 +1,97 @@
+"""A run's pieces, assembled once from a validated config: what the trainer, evaluation, the
+API and the benchmarks all use, so they never assemble them differently.
+
+    run = Run(config)                      # data from config.data, on disk
+    run = Run(config, dataset=ArrayDataset({"train": x, "test": y}))   # arrays in memory
+    run = Run(config, for_training=False)  # inference: any device count, no training split
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxvae import config as config_lib
+from flaxvae import data as data_lib
+from flaxvae import models
+from flaxvae.data import feeds, protocols
+from flaxvae.errors import ConfigError
+from flaxvae.runtime import parallel
+from flaxvae.train import guards, optimizer
+from flaxvae.train import step as step_lib
+
+
+class Run:
+  """Model (graphdef and initial params), likelihood, protocol, devices, data and optimizer."""
+
+  def __init__(self, config, dataset=None, *, for_training=True, image_shape=None):
+    config_lib.validate(config)
+    self.config = config
+    self.dataset = data_lib.open_dataset(config.data) if dataset is None else dataset
+    self.likelihood = config_lib.likelihood_of(config)
+    self.protocol = protocols.PROTOCOLS.get(config.data.protocol)
+    self.step_cfg = step_lib.step_config(config)
+    if for_training:
+      self.runner = parallel.create_runner(config.parallel, config.batch_size)
+      self.pipeline = data_lib.choose_pipeline(config.data, self.dataset, config.data.train_split)
+    else:
+      self.runner = parallel.inference_runner(config.parallel)
+      self.pipeline = None
+    self.train_images = self.train_split = None
+    if self.pipeline == "in_memory":
+      self.train_images = self.dataset.images(config.data.train_split)
+      feeds.check_batch_size(config.batch_size, len(self.train_images), jax.process_count(),
+                             config.data.train_split)
+    elif self.pipeline == "streaming":
+      self.train_split = self.dataset.open_split(config.data.train_split)
+      feeds.check_batch_size(config.batch_size, self.train_split.num_examples,
+                             jax.process_count(), config.data.train_split)
+    self._eval_images = None
+    if image_shape is None:
+      image_shape = (self.train_images.shape[1:] if self.train_images is not None else
+                     self.train_split.image_shape if self.train_split is not None else
+                     self.eval_images.shape[1:])
+    self.image_shape = tuple(image_shape)
+    self.model = models.create_model(config.model, image_shape=self.image_shape,
+                                     likelihood=self.likelihood, seed=config.seed,
+                                     dtype=config_lib.DTYPES[config.dtype])
+    self.graphdef, params = nnx.split(self.model)
+    self.params = nnx.to_pure_dict(params)
+    self.tx, self.schedule = optimizer.create_optimizer(config.optimizer, config.num_steps)
+
+  @property
+  def eval_images(self):
+    """The evaluation split's uint8 images (read on first use)."""
+    if self._eval_images is None:
+      self._eval_images = self.dataset.images(self.config.data.eval_split)
+    return self._eval_images
+
+  def initial_state(self):
+    params, c = self.params, self.config
+    return step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+        ema_params=params if c.ema_decay else (),
+        rng=jax.random.key_data(jax.random.key(c.seed)),
+        skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32),
+        guard=guards.init(c.optimizer.adaptive_skip, c.optimizer.adaptive_skip_window))
+
+  def eval_params(self, state):
+    """The parameters evaluation uses: the EMA when the run keeps one."""
+    return state.ema_params if self.config.ema_decay else state.params
+
+  def model_with(self, params):
+    """The model with `params` (host or device arrays), for sampling and inspection."""
+    return nnx.merge(self.graphdef, jax.tree.map(jnp.asarray, params))
+
+  def train_fn(self, inputs="indices", runner=None):
+    """The jitted train function the trainer dispatches (train/step.py builds it)."""
+    return step_lib.build_train_fn(runner or self.runner, self.graphdef, self.tx, self.step_cfg,
+                                   self.config.scan_unroll, inputs)
+
+  def create_feed(self, data_state=None):
+    """The feed of this run's training data, resumed at `data_state` if given."""
+    if self.pipeline is None:
+      raise ConfigError("this run was assembled for inference: it has no training feed")
+    c = self.config
+    data = self.train_images if self.pipeline == "in_memory" else self.train_split
+    return feeds.create_feed(data, self.runner, seed=c.seed, batch_size=c.batch_size,
+                             read_threads=c.data.read_threads,
+                             prefetch_batches=c.data.prefetch_batches, data_state=data_state)

@@ -1,0 +1,306 @@
+"""Orbax checkpoints of a run: the train state, the data position and the resolved config.
+
+Layout: `workdir/checkpoints/<step>/` is a plain Orbax CheckpointManager step with items
+
+  state   StandardSave pytree `step.TrainState` as a dict: step, params, opt_state,
+          ema_params, rng (raw uint32 key data), skipped, consecutive_skips, guard
+  data    JSON: whatever the input pipeline's `feed.state()` returned (the next batch)
+  config  JSON: the resolved config of the run that wrote it
+
+Saves are asynchronous: `save()` blocks only while device arrays are copied to host,
+then a background thread writes `<step>.orbax-checkpoint-tmp-*` and renames it to
+`<step>` when every item is complete, so a half-written step is never listed. Kept:
+the last `checkpoint.max_to_keep` steps plus the `checkpoint.keep_best` steps with
+the highest eval ELBO (steps saved together with an evaluation). A state with a NaN
+or inf is never saved. On restore, a step that cannot be read (truncated, corrupt)
+is renamed `<step>.unreadable-<time>` and the previous step is used, with a warning.
+
+Opening a checkpoint with orbax-checkpoint alone (no flaxvae, any device count):
+
+    import orbax.checkpoint as ocp, json, pathlib
+    step_dir = pathlib.Path("runs/mlp/checkpoints") / "24000"
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata((step_dir / "state").absolute()).item_metadata.tree
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])   # the layout to restore onto
+    state = checkpointer.restore((step_dir / "state").absolute(), jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree))
+    params = state["params"]          # nested dict of arrays, e.g. params["encoder"]...
+    config = json.loads((step_dir / "config" / "metadata").read_text())
+
+or `ocp.CheckpointManager("runs/mlp/checkpoints").restore(step, args=ocp.args.Composite(
+state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))`.
+
+Preemption exit statuses (see `preemption.py`): 128 + signal number (143 for SIGTERM,
+130 for SIGINT) after the checkpoint of the current step has committed; 137 when a
+second signal forced an immediate exit (only the last committed checkpoint counts).
+"""
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from flaxvae import config as config_lib
+from flaxvae.errors import CheckpointError, ConfigError, Diverged
+
+log = logging.getLogger("flaxvae")
+
+# Keys whose change alters what the run computes: resuming across them needs
+# checkpoint.allow_config_change=True. A key matches itself and everything under it.
+MEANING_KEYS = ("seed", "num_steps", "batch_size", "dtype", "ema_decay", "model", "objective",
+                "optimizer", "data.name", "data.protocol", "data.train_split")
+# Keys that keep the run's meaning but, with scan_unroll > 1, change where dispatches
+# start and so the last bits of the numbers (an unrolled scan fuses across steps).
+DISPATCH_KEYS = ("scan_unroll", "steps_per_dispatch", "log_every_steps", "eval.every_steps",
+                 "checkpoint.every_steps")
+
+
+
+def _flatten(tree, prefix=""):
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def _matches(name, keys):
+  return any(name == k or name.startswith(k + ".") for k in keys)
+
+
+def config_changes(saved, current, keys=MEANING_KEYS):
+  """Sorted 'key: saved -> current' strings for the `keys` that differ."""
+  a, b = _flatten(saved), _flatten(current)
+  names = sorted(n for n in set(a) | set(b) if _matches(n, keys) and a.get(n) != b.get(n))
+  return [f"{n}: {a.get(n, '<absent>')!r} -> {b.get(n, '<absent>')!r}" for n in names]
+
+
+def check_resumable(saved, current, step, directory):
+  """Refuses to resume under a config that changes the run's meaning (unless allowed).
+
+  The saved config is read on top of today's defaults (config.with_defaults), so keys added
+  since it was written compare as their defaults, not as changes.
+  """
+  saved = json.loads(config_lib.with_defaults(saved).to_json_best_effort())
+  changes = config_changes(saved, current)
+  allowed = current.get("checkpoint", {}).get("allow_config_change", False)
+  if changes and not allowed:
+    raise ConfigError(
+        f"the config differs from the one checkpoint step {step} in {directory} was written "
+        f"with, in {'; '.join(changes)}. Use a new --workdir, or pass "
+        "--config.checkpoint.allow_config_change=True if the change is intended")
+  if changes:
+    log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))
+  if current.get("scan_unroll", 1) > 1 or saved.get("scan_unroll", 1) > 1:
+    drift = config_changes(saved, current, DISPATCH_KEYS)
+    if drift:
+      log.warning("with scan_unroll > 1, changing %s moves dispatch boundaries: the resumed run "
+                  "will not be bitwise identical to an uninterrupted one", "; ".join(drift))
+
+
+def _all_finite(state):
+  """True when the trained values (params, optimizer state, EMA) hold no NaN or inf.
+
+  The guard's window of recent norms is NaN-padded by design and is not checked.
+  """
+  fields = state._asdict() if hasattr(state, "_asdict") else state
+  return bool(_finite([fields[k] for k in ("params", "opt_state", "ema_params") if k in fields]))
+
+
+@jax.jit
+def _finite(tree):
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _storage_error(action, directory, error):
+  return CheckpointError(f"could not {action} in {directory}: {error}. Free space or fix "
+                         "permissions (or choose another --workdir); earlier checkpoints are intact")
+
+
+class Checkpointer:
+  """Asynchronous saves, keeping the last `max_to_keep` plus the `keep_best` best-ELBO steps."""
+
+  def __init__(self, workdir, checkpoint_config):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    keep = [policies.LatestN(n=checkpoint_config.max_to_keep)]
+    if checkpoint_config.keep_best:
+      keep.append(policies.BestN(get_metric_fn=lambda m: m["elbo"], reverse=False,
+                                 n=checkpoint_config.keep_best,
+                                 keep_checkpoints_without_metrics=False))
+    self._options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(keep),
+        enable_async_checkpointing=True, create=True)
+    self._manager = None
+    self.last_blocked_s = 0.0  # how long the last save() held up the caller
+    self._closed = False
+
+  @property
+  def manager(self):
+    """The Orbax manager, opened on first use; an absent directory is created only by
+    `start_writing`, so checks that fail leave no trace in the workdir."""
+    if self._manager is None:
+      if not os.path.isdir(self.directory):
+        return None
+      self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+    return self._manager
+
+  def start_writing(self):
+    """Creates the checkpoint directory (once every start-up check has passed)."""
+    if self._manager is None:
+      self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+  def check_writable(self):
+    """Fails at start, not at the first save, when the workdir cannot take checkpoints."""
+    if jax.process_index():
+      return
+    probe = os.path.join(self.directory, f".write-probe-{os.getpid()}")
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      with open(probe, "w") as f:
+        f.write("ok")
+    except OSError as e:
+      raise _storage_error("write checkpoints", self.directory, e.strerror or e) from None
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
+
+  def latest_step(self):
+    return self.manager.latest_step() if self.manager else None
+
+  def all_steps(self):
+    return list(self.manager.all_steps()) if self.manager else []
+
+  def save(self, step, state, data_state, config_json, metrics=None):
+    """Starts an asynchronous save of `state` (global jax arrays); returns once it is copied.
+
+    `metrics` (an eval row with "elbo") makes the step a candidate for keep-best.
+    """
+    if not _all_finite(state):
+      raise Diverged(
+          f"the train state at step {step} holds a NaN or inf, so it was not saved; last good "
+          f"checkpoint: step {self.latest_step()} in {self.directory}")
+    start = time.perf_counter()
+    try:
+      self.manager.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(dict(state._asdict()) if hasattr(state, "_asdict") else state),
+          data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(config_json)),
+          metrics=None if metrics is None else {"elbo": float(metrics["elbo"])}, force=True)
+    except OSError as e:
+      raise _storage_error(f"save step {step}", self.directory, e) from None
+    self.last_blocked_s = time.perf_counter() - start
+
+  def wait(self):
+    """Blocks until the pending save has committed; a failed write raises CheckpointError."""
+    if self._manager is None:
+      return
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # orbax re-raises the writer thread's error, whatever its type
+      raise _storage_error("finish writing a checkpoint", self.directory, _one_line(e)) from None
+
+  def close(self):
+    """Waits for the pending save, then releases the manager (safe to call twice)."""
+    if self._closed:
+      return
+    self._closed = True
+    error = None
+    try:
+      self.wait()
+    except CheckpointError as e:
+      error = e
+    try:
+      if self._manager is not None:
+        self._manager.close()
+    except Exception as e:  # orbax raises a failed write again here: report it once, in one line
+      error = error or _storage_error("finish writing a checkpoint", self.directory, _one_line(e))
+    if error is not None:
+      raise error
+
+  # -- restoring --------------------------------------------------------------
+  def read_config(self, step):
+    return self.manager.restore(int(step), args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+
+  def restore(self, step, abstract_state):
+    """(state, data_state, config_json) of `step`, laid out (and typed) as `abstract_state`."""
+    as_dict = hasattr(abstract_state, "_asdict")
+    restored = self.manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(dict(abstract_state._asdict()) if as_dict
+                                       else abstract_state),
+        data=ocp.args.JsonRestore(),
+        config=ocp.args.JsonRestore()))
+    state = type(abstract_state)(**restored["state"]) if as_dict else restored["state"]
+    return state, restored["data"], restored["config"]
+
+  def restore_latest(self, abstract_state, current_config=None):
+    """(step, state, data_state, config_json) of the newest readable step, or None if none.
+
+    `current_config` (resolved JSON) is checked against each step's saved config first, so a
+    refused change raises ConfigError before any array is read. Unreadable steps are set
+    aside (renamed, never deleted) with a warning naming them and the step used instead.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    bad = []
+    for i, step in enumerate(steps):
+      try:
+        saved = self.read_config(step)
+        if current_config is not None:
+          check_resumable(saved, current_config, step, self.directory)
+        state, data_state, config_json = self.restore(step, abstract_state)
+        if not _all_finite(state):
+          raise ValueError("it holds a NaN or inf")
+      except ConfigError:
+        raise
+      except Exception as e:  # any read failure means this step is unusable
+        fallback = steps[i + 1] if i + 1 < len(steps) else None
+        log.warning("checkpoint step %d in %s is unreadable (%s); %s", step, self.directory,
+                    _one_line(e), f"falling back to step {fallback}" if fallback is not None
+                    else "no earlier checkpoint: starting from scratch")
+        bad.append(step)
+        continue
+      self._set_aside(bad)
+      return step, state, data_state, config_json
+    self._set_aside(bad)
+    return None
+
+  def _set_aside(self, steps):
+    """Renames unreadable steps so new saves (which must be newer than the latest) can proceed."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        if os.path.isdir(src):
+          os.rename(src, f"{src}.unreadable-{stamp}")
+    self.manager.reload()
+
+
+def _one_line(e):
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) < 300 else text[:300] + " ..."
+
+
+def read_state(state_dir):
+  """A checkpoint's `state` item as host arrays, whatever topology wrote it (orbax alone)."""
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(os.path.abspath(state_dir)).item_metadata.tree
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), tree)
+  return checkpointer.restore(os.path.abspath(state_dir), target)
+
+
+def abstract_like(tree, sharding):
+  """ShapeDtypeStructs of `tree` placed with `sharding`: the target of a restore."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

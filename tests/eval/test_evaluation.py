@@ -1,0 +1,120 @@
+"""The evaluation row: diagnostics a model lacks the capability for are skipped (and said so),
+per-layer figures come per layer, and NLL / bits per dim appear only where log p(x) is a
+log-likelihood of the scored data (protocol and likelihood agree)."""
+import math
+
+import numpy as np
+import pytest
+
+from flaxvae.data import protocols
+from flaxvae.eval import evaluation
+from flaxvae.eval.evaluator import Evaluator
+from flaxvae.objectives.likelihoods import get_likelihood
+from flaxvae.run import Run
+from tests.conftest import array_dataset, tiny_config
+
+SHAPE = (8, 8, 1)  # small images: these tests are about the row, not the figures
+DIMS = math.prod(SHAPE)
+
+
+def run_and_evaluator(config):
+  run = Run(config, array_dataset(train=32, test=16, shape=SHAPE))
+  return run, Evaluator(run.runner, run.eval_images, config.eval.batch_size)
+
+
+def final_row(config):
+  run, evaluator = run_and_evaluator(config)
+  return evaluation.final_evaluation(run, evaluator, run.params, evaluation.eval_rng(config))
+
+
+def test_a_model_without_the_capabilities_skips_those_diagnostics_and_says_why():
+  config = tiny_config("ladder_mlp", **{"eval.amortization_examples": 4,
+                                        "eval.amortization_steps": 2})
+  run, evaluator = run_and_evaluator(config)
+  rng = evaluation.eval_rng(config)
+  row = evaluation.final_evaluation(run, evaluator, run.params, rng)
+  assert set(row["skipped"]) - {"khat"} == {"elbo_surgery", "amortization_gap"}
+  assert "aggregate_posterior" in row["skipped"]["elbo_surgery"]
+  assert "local_posterior" in row["skipped"]["amortization_gap"]
+  assert all("'ladder_mlp'" in why for name, why in row["skipped"].items() if name != "khat")
+  for key in ("mutual_info", "marginal_kl", "amortization_gap", "approximation_gap",
+              "amortization_examples"):
+    assert key not in row, key  # skipped, never reported as zero
+  # What it can give, it gives, per layer (top first: latent_dims (4, 2) -> 2 units, then 4).
+  assert len(row["rate_by_layer"]) == 2 == len(row["rate_by_layer_stderr"])
+  assert sum(row["rate_by_layer"]) == pytest.approx(row["rate"], rel=1e-5)
+  assert len(row["active_units_by_layer"]) == 2
+  top, bottom = row["active_units_by_layer"]
+  assert 0 <= top <= 2 and 0 <= bottom <= 4 and row["active_units"] == top + bottom
+  assert row["log_px"] >= row["elbo"] and row["num_examples"] == 16
+  assert evaluation.format_table(row)  # lists and the skipped dict do not break the table
+  # The periodic evaluation has no amortization gap to skip; ELBO surgery it skips too.
+  periodic = evaluation.periodic_evaluation(run, evaluator, run.params, rng)
+  assert set(periodic["skipped"]) - {"khat"} == {"elbo_surgery"}
+  assert len(periodic["rate_by_layer"]) == 2 == len(periodic["active_units_by_layer"])
+
+
+def test_a_model_with_the_capabilities_skips_nothing():
+  config = tiny_config("mlp", **{"eval.amortization_examples": 4, "eval.amortization_steps": 2})
+  row = final_row(config)
+  assert set(row.get("skipped", {})) <= {"khat"}  # k-hat needs K > 20
+  for key in ("mutual_info", "marginal_kl", "amortization_gap", "approximation_gap"):
+    assert key in row and key + "_stderr" in row, key
+  assert row["amortization_examples"] == 4
+  assert len(row["rate_by_layer"]) == 1 == len(row["active_units_by_layer"])
+
+
+def test_grey_levels_under_bernoulli_are_not_a_probability_model():
+  row = final_row(tiny_config("mlp", **{"data.protocol": "grey"}))
+  assert row["protocol"] == "grey" and row["likelihood"] == "bernoulli"
+  assert row["is_probability_model"] is False
+  for key in ("nll", "nll_stderr", "bits_per_dim", "bits_per_dim_stderr", "elbo_bits_per_dim"):
+    assert key not in row, key
+  assert "not a probability model of grey data" in row["note"]
+  assert "data.protocol=binarized" in row["note"]
+  assert "log_px" in row and "elbo" in row  # the bounds are still there, labelled
+
+
+def test_binarized_bernoulli_is_a_probability_model_with_bits_per_dim():
+  row = final_row(tiny_config("mlp", **{"data.protocol": "binarized"}))
+  assert row["protocol"] == "binarized" and row["is_probability_model"] is True
+  assert "note" not in row
+  assert row["nll"] == pytest.approx(-row["log_px"])
+  assert row["bits_per_dim"] == pytest.approx(row["nll"] / (DIMS * math.log(2)))
+  assert row["bits_per_dim_stderr"] == pytest.approx(row["nll_stderr"] / (DIMS * math.log(2)))
+  assert row["elbo_bits_per_dim"] == pytest.approx(-row["elbo"] / (DIMS * math.log(2)))
+  assert row["elbo_bits_per_dim"] >= row["bits_per_dim"]
+
+
+@pytest.mark.parametrize("protocol, likelihood, expected", [
+    ("grey", "bernoulli", False),
+    ("binarized", "bernoulli", True),
+    ("static_binarized", "bernoulli", True),
+    ("8bit", "bernoulli", False),
+    ("8bit", "discretized_logistic", True),
+    ("8bit", "mixture_logistic", True),
+    ("grey", "discretized_logistic", False),
+    ("binarized", "discretized_logistic", False),
+    ("8bit", "gaussian", False),
+    ("binarized", "gaussian", False),
+])
+def test_which_protocol_and_likelihood_make_a_probability_model(protocol, likelihood, expected):
+  assert protocols.is_probability_model(protocols.PROTOCOLS.get(protocol),
+                                        get_likelihood(likelihood)) is expected
+
+
+def test_the_note_says_what_the_figures_are_instead():
+  grey = protocols.PROTOCOLS.get("grey")
+  note = evaluation.likelihood_note(grey, get_likelihood("gaussian"))
+  assert "density" in note
+  note = evaluation.likelihood_note(grey, get_likelihood("discretized_logistic"))
+  assert "data.protocol=8bit" in note
+
+
+def test_summarize_gives_means_and_standard_errors_per_layer():
+  values = {"a": np.array([1.0, 2.0, 3.0]), "b": np.array([[1.0, 0.0], [3.0, 0.0]])}
+  row = evaluation.summarize(values)
+  assert row["a"] == pytest.approx(2.0) and row["a_stderr"] == pytest.approx(1 / math.sqrt(3))
+  assert row["b"] == [2.0, 0.0] and row["b_stderr"] == pytest.approx([1.0, 0.0])
+  one = evaluation.summarize({"a": np.array([5.0])})
+  assert one == {"a": 5.0, "a_stderr": 0.0}

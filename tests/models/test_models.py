@@ -1,0 +1,142 @@
+"""The model contract, checked against direct computation on tiny instances: shapes, per-layer
+terms that add up to the ELBO and the importance weights, an IAF that starts as the Gaussian,
+a two-layer model's ELBO computed by hand, and a checkpoint of flaxvae 0.1 that still loads."""
+import math
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import flaxvae
+from flaxvae import defaults, models
+from flaxvae.eval.diagnostics import SampleNoise
+from flaxvae.models import contract
+from flaxvae.objectives import bounds, likelihoods
+
+SHAPE = (8, 8, 1)
+BERNOULLI = likelihoods.get_likelihood("bernoulli")
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def build(name, seed=0, likelihood=BERNOULLI, **keys):
+  return models.create_model(defaults.model_config(name, **keys), image_shape=SHAPE,
+                             likelihood=likelihood, seed=seed)
+
+
+def binary_images(n=5, seed=0):
+  return (np.random.default_rng(seed).random((n, *SHAPE)) < 0.4).astype(np.float32)
+
+
+def noise(batch, k, seed=1):
+  return SampleNoise(jax.random.split(jax.random.key(seed), batch), jnp.arange(k))
+
+
+MODELS = [("mlp", dict(hidden=(16,), latent_dim=3)),
+          ("mlp", dict(hidden=(16,), latent_dim=3, posterior="iaf", iaf_hidden=8, iaf_context=4)),
+          ("conv", dict(latent_dim=3, channels=(4, 4))),
+          ("ladder_mlp", dict(hidden=((16,), (8,)), latent_dims=(4, 2)))]
+
+
+@pytest.mark.parametrize("name, keys", MODELS)
+def test_terms_shapes_and_the_elbo_adds_up_over_layers(name, keys):
+  model, x, k = build(name, **keys), binary_images(), 3
+  terms = model.terms(x, noise(len(x), k))
+  assert terms.log_px_z.shape == (k, len(x)) and len(terms.layers) == len(model.latent_shapes)
+  for layer, shape in zip(terms.layers, model.latent_shapes):
+    units = math.prod(shape)
+    assert layer.z.shape == (k, len(x), *shape)
+    assert layer.log_q.shape == layer.log_p.shape == (k, len(x))
+    assert layer.kl.shape == layer.q_mean.shape[:2] + (units,) == (k, len(x), units)
+  values = bounds.per_example(terms)
+  by_hand = jnp.mean(terms.log_px_z, 0) - sum(jnp.mean(jnp.sum(l.kl, -1), 0) for l in terms.layers)
+  np.testing.assert_allclose(values["elbo"], by_hand, rtol=1e-5)
+  np.testing.assert_allclose(values["rate"], jnp.sum(values["rate_by_layer"], -1), rtol=1e-5)
+  # The importance weights are log p(x, z) - log q(z | x) at the sampled latents.
+  if contract.has(model, contract.POSTERIOR_DENSITY):
+    zs = tuple(l.z[0] for l in terms.layers)
+    direct = model.log_joint(x, zs) - model.log_posterior(x, zs)
+    np.testing.assert_allclose(bounds.log_weights(terms)[0], direct, rtol=1e-4, atol=1e-3)
+  raw = model.sample(jax.random.key(0), 4, temperature=0.5)
+  assert raw.shape == (4, *SHAPE[:2], BERNOULLI.channels_out(SHAPE[2]))
+  assert model.reconstruct(x, noise(len(x), 1), 0).shape == (len(x), *raw.shape[1:])
+
+
+def test_an_untrained_iaf_posterior_is_the_gaussian():
+  """Zero-initialised last layers make every flow step the identity with log sigma = 0."""
+  iaf = build("mlp", hidden=(16,), latent_dim=3, posterior="iaf", iaf_steps=2, iaf_hidden=8,
+              iaf_context=4)
+  gaussian = build("mlp", hidden=(16,), latent_dim=3)
+  shared = {k: v for k, v in nnx.to_pure_dict(nnx.state(iaf)).items()
+            if k in ("encoder", "to_mean", "to_logvar", "decoder", "to_output")}
+  nnx.update(gaussian, shared)
+  x = binary_images()
+  a, b = iaf.terms(x, noise(len(x), 4)), gaussian.terms(x, noise(len(x), 4))
+  for field in ("z", "log_q", "log_p"):
+    np.testing.assert_allclose(getattr(a.layers[0], field), getattr(b.layers[0], field),
+                               rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(a.log_px_z, b.log_px_z, rtol=1e-6)
+  np.testing.assert_allclose(bounds.log_weights(a), bounds.log_weights(b), rtol=1e-6)
+  assert not iaf.analytic_kl and contract.has(iaf, contract.LOCAL_POSTERIOR)
+  assert not contract.has(iaf, contract.AGGREGATE_POSTERIOR)
+
+
+def _mlp(layers, h, activation=np.tanh, last_linear=True):
+  for i, layer in enumerate(layers):
+    h = h @ np.asarray(layer["kernel"], np.float64) + np.asarray(layer["bias"], np.float64)
+    if not (last_linear and i == len(layers) - 1):
+      h = activation(h)
+  return h
+
+
+def _log_normal(z, mean, logvar):
+  return np.sum(-0.5 * (np.log(2 * np.pi) + logvar + (z - mean) ** 2 / np.exp(logvar)), -1)
+
+
+def test_a_two_layer_elbo_equals_its_terms_computed_by_hand():
+  model = build("ladder_mlp", hidden=((6,), (5,)), latent_dims=(4, 2))
+  p = nnx.to_pure_dict(nnx.state(model))
+  x = binary_images(3)
+  n = noise(3, 1)
+  terms = model.terms(x, n)
+  eps2, eps1 = (np.asarray(n.normal(layer, (d,))[0], np.float64)
+                for layer, d in ((0, 2), (1, 4)))  # layer 0 is the top (z2)
+  head = lambda q, h: (_mlp(q["body"]["layers"].values(), h, last_linear=False),)[0]
+  gauss = lambda q, h: (_mlp([q["to_mean"]], head(q, h)), _mlp([q["to_logvar"]], head(q, h)))
+  flat = x.reshape(3, -1).astype(np.float64)
+  m1, lv1 = gauss(p["inference"][0], flat)
+  z1 = m1 + np.exp(0.5 * lv1) * eps1
+  m2, lv2 = gauss(p["inference"][1], z1)
+  z2 = m2 + np.exp(0.5 * lv2) * eps2
+  pm1, plv1 = gauss(p["generative"][0], z2)
+  logits = _mlp([*p["to_x"]["layers"].values(), p["to_output"]], z1)
+  log_px = np.sum(flat * logits - np.logaddexp(0, logits), -1)
+  log_w = (log_px + _log_normal(z1, pm1, plv1) + _log_normal(z2, 0, 0)
+           - _log_normal(z1, m1, lv1) - _log_normal(z2, m2, lv2))
+  np.testing.assert_allclose(bounds.log_weights(terms)[0], log_w, rtol=1e-5, atol=1e-4)
+  kl_top = 0.5 * np.sum(np.exp(lv2) + m2**2 - 1 - lv2, -1)  # analytic given z1
+  elbo = log_px - kl_top - (_log_normal(z1, m1, lv1) - _log_normal(z1, pm1, plv1))
+  values = bounds.per_example(terms)
+  np.testing.assert_allclose(values["elbo"], elbo, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(values["rate_by_layer"][:, 0], kl_top, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_of_flaxvae_0_1_loads_with_its_numbers(tmp_path):
+  """Written by flaxvae 0.1 (784-16-2 MLP, step 20); the figures were computed with 0.1."""
+  shutil.copytree(FIXTURES / "v0_1_mlp", tmp_path / "run")
+  model = flaxvae.load(str(tmp_path / "run"))
+  assert model.step == 20 and model.config.flaxvae_version == "0.1.0"
+  assert model.config.data.protocol == "grey"  # data.binarization "none", renamed
+  x = (np.arange(5 * 28 * 28).reshape(5, 28, 28, 1) % 256).astype(np.float32) / 255.0
+  mean, logvar = model.encode(x)
+  np.testing.assert_allclose(mean, [[-0.13502434, 0.01550101], [-0.13557357, 0.13647895],
+                                    [-0.11067373, -0.09518293], [-0.05217928, -0.229108],
+                                    [-0.00347012, -0.31665072]], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logvar[:, 0], [-4.641462, -4.5451007, -4.5897098, -4.37917,
+                                            -4.389903], rtol=1e-5)
+  np.testing.assert_allclose(model.log_likelihood(x, mean),
+                             [-543.4937, -543.7315, -543.32965, -544.85925, -547.41425],
+                             rtol=1e-5)
