@@ -101,6 +101,7 @@ class Model:
       return out["iwae"], out["elbo"]
 
     self._bounds = jax.jit(bounds, static_argnums=3)
+    self._ais = {}
     self._encode = jax.jit(lambda p, x: merge(p).encode(x))
     self._decode = jax.jit(lambda p, z: merge(p).decode(z))
     self._log_joint = jax.jit(lambda p, x, zs: merge(p).log_joint(x, zs))
@@ -156,9 +157,25 @@ class Model:
     """The ELBO per example, estimated with `num_samples` posterior draws."""
     return self._bounds(self.params, self._x(x), key, int(num_samples))[1]
 
-  def log_marginal(self, x, key, num_samples=5000):
-    """log p(x) per example: the importance-weighted bound with `num_samples` draws (Burda et al.)."""
-    return self._bounds(self.params, self._x(x), key, int(num_samples))[0]
+  def log_marginal(self, x, key, num_samples=5000, estimator="iwae", ais_steps=None,
+                   ais_leapfrog=None):
+    """log p(x) per example, both stochastic lower bounds: estimator "iwae", the
+    importance-weighted bound with `num_samples` draws (Burda et al.); "ais", annealed
+    importance sampling with `num_samples` chains per example over `ais_steps` steps (default
+    eval.ais_steps), tighter where the posterior is multimodal or heavy-tailed."""
+    x = self._x(x)
+    if estimator == "iwae":
+      return self._bounds(self.params, x, key, int(num_samples))[0]
+    if estimator != "ais":
+      raise ConfigError(f"unknown estimator {estimator!r}: use iwae or ais")
+    c = self.config.eval
+    steps, leapfrog = int(ais_steps or c.ais_steps), int(ais_leapfrog or c.ais_leapfrog)
+    setting = (steps, leapfrog, int(num_samples))
+    if setting not in self._ais:
+      merge = self.run.model_with
+      self._ais[setting] = jax.jit(lambda p, x, keys: diagnostics.ais_log_px(
+          merge(p), x, keys, steps, int(num_samples), leapfrog, c.ais_init)["log_px_ais"])
+    return self._ais[setting](self.params, x, jax.random.split(key, x.shape[0]))
 
 
 def load(workdir, step=None) -> Model:
@@ -195,11 +212,12 @@ def load_dataset(config_or_workdir, split):
   return np.concatenate(parts)
 
 
-def evaluate(workdir, split=None, num_importance_samples=None, max_examples=None, step=None):
+def evaluate(workdir, split=None, num_importance_samples=None, max_examples=None, step=None,
+             log_px_estimator=None, bdmc_examples=None):
   """`flaxvae evaluate`: the final evaluation of a checkpoint -> (row, path of its JSON file).
 
-  The config's own final evaluation goes to eval.json; any other (fewer examples, another K or
-  split) to its own file, so eval.json stays what `report` and `make run` rely on.
+  The config's own final evaluation goes to eval.json; any other (fewer examples, another K,
+  split or estimator) to its own file, so eval.json stays what `report` and `make run` rely on.
   """
   if num_importance_samples is not None and num_importance_samples <= 0:
     raise ConfigError(f"--num_importance_samples must be positive, got {num_importance_samples}")
@@ -207,6 +225,12 @@ def evaluate(workdir, split=None, num_importance_samples=None, max_examples=None
     raise ConfigError(f"--max_examples must be >= 0 (0: the whole split), got {max_examples}")
   model = load(workdir, step)
   run, config = model.run, model.run.config
+  adhoc = {}
+  with config.unlocked():
+    if log_px_estimator and log_px_estimator != config.eval.log_px_estimator:
+      config.eval.log_px_estimator = adhoc["estimator"] = log_px_estimator
+    if bdmc_examples is not None and bdmc_examples != config.eval.bdmc_examples:
+      config.eval.bdmc_examples = adhoc["bdmc"] = bdmc_examples
   split = split or config.data.eval_split
   images = run.eval_images if split == config.data.eval_split else run.dataset.images(split)
   evaluator = Evaluator(run.runner, images, config.eval.batch_size)
@@ -215,4 +239,7 @@ def evaluate(workdir, split=None, num_importance_samples=None, max_examples=None
                                     (n, k))
   row = dict(row, step=model.step, split=split)
   name = evaluation.result_file(config, split, n, k)
+  if adhoc:
+    name = (name if name != evaluation.FINAL_FILE else f"eval_{split}_K{k}_N{n or 'all'}.json")
+    name = name.replace(".json", "".join(f"_{key}{value}" for key, value in adhoc.items()) + ".json")
   return row, evaluation.write_json(workdir, name, row)

@@ -31,7 +31,8 @@ from flaxvae.errors import UsageError
 from flaxvae.run import Run
 from flaxvae.runtime import parallel, xla_flags
 
-CASES = ("default", "dispatch", "scaling")
+CASES = ("default", "dispatch", "scaling", "depth")
+AOT_CHILD = "FLAXVAE_BENCH_AOT_CHILD"  # set in a child compiling for more devices than this one has
 
 
 def matmul_peak(size=1024, seconds=1.0):
@@ -72,7 +73,7 @@ def step_flops(run):
   """
   fn = run.train_fn("one_step", runner=parallel.Runner("shard_map", jax.devices()[:1]))
   images = jax.ShapeDtypeStruct((run.config.batch_size, *run.image_shape), jnp.uint8)
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype),
                        run.initial_state())
   return float(_cost(fn.lower(state, images).compile()).get("flops", 0.0))
 
@@ -204,6 +205,9 @@ def run_cases(config, cases=CASES, *, steps=0, windows=5, device_counts=(1, 2, 4
       # A rolled conv loop is very slow on CPU: time it over fewer steps.
       timing = time_trainer(c, steps=steps, windows=windows if spd == 1 else 3, dataset=dataset)
       record(case_row("dispatch", c, timing, flops, peak, 1))
+  if "depth" in cases:
+    rows.extend(depth_rows(config, emit=lambda line: emit(json.dumps(dict(json.loads(line),
+                                                                           **env)))))
   if "scaling" in cases:
     counts = [d for d in device_counts if d <= jax.device_count() and config.batch_size % d == 0]
     one = None
@@ -309,3 +313,80 @@ def bench_training(config, dispatches=3):
   for path in ("in_memory", "streaming"):
     results[f"{path}_fraction_of_synthetic"] = results[path] / results["synthetic"]
   return results
+
+
+# ----------------------------------------------------------------------------
+# Ahead of time: compile without data or parameters, read XLA's analyses.
+# ----------------------------------------------------------------------------
+def _gib(nbytes):
+  return round(nbytes / 2**30, 3)
+
+
+def aot_row(config, num_devices, image_shape=None):
+  """Compiles one train dispatch for `num_devices` from shapes alone and reports parameters,
+  FLOPs per example (one step on one device), per-device memory and compile time."""
+  image_shape = tuple(image_shape or data_lib.open_dataset(config.data).image_shape)
+  run = Run(config, abstract=True, image_shape=image_shape)
+  runner = parallel.Runner("shard_map", jax.devices()[:num_devices])
+  n, batch = config.steps_per_dispatch, config.batch_size
+  if batch % num_devices:
+    raise UsageError(f"batch_size {batch} does not split over {num_devices} devices")
+  replicated = runner.sharding()
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                       run.initial_state())
+  batches = jax.ShapeDtypeStruct((n, batch, *image_shape), jnp.uint8,
+                                 sharding=runner.sharding(parallel.batch_axis(1), 5))
+  start = time.perf_counter()
+  compiled = run.train_fn("batches", runner).lower(state, batches).compile()
+  compile_s = time.perf_counter() - start
+  memory = _memory(compiled) or {}
+  params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
+  param_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state.params))
+  opt_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state.opt_state))
+  row = dict(case="aot", model=config.model.name, num_devices=num_devices, batch_size=batch,
+             steps_per_dispatch=n, dtype=config.dtype, image_shape=list(image_shape),
+             parameters=params, parameter_gib=_gib(param_bytes), optimizer_gib=_gib(opt_bytes),
+             compile_s=round(compile_s, 1),
+             **{f"per_device_{k.replace('_size_in_bytes', '')}_gib": _gib(v)
+                for k, v in memory.items()})
+  if num_devices == 1:
+    row["flops_per_example"] = round(step_flops(run) / batch)
+  return row
+
+
+def run_aot(config, device_counts, emit=print):
+  """aot_row for each device count this process has; a child process for larger counts."""
+  rows = []
+  for d in device_counts:
+    if d <= jax.device_count():
+      row = dict(aot_row(config, d), **environment())
+      rows.append(row)
+      emit(json.dumps(row))
+  return rows
+
+
+def depth_rows(config, depths=(4, 16, 64), emit=print):
+  """Compile time and XLA's memory estimate against decoder depth, with and without scan over
+  the stacked layers and rematerialisation (models with `scan_blocks` and `remat`: vdvae).
+
+  The depth goes to the decoder's largest group of layers; everything else stays the config's.
+  """
+  rows = []
+  spec = [tuple(int(v) for v in p.split(":")) for p in config.model.dec_layers.split(",")]
+  largest = max(range(len(spec)), key=lambda i: spec[i][1])
+  for depth in depths:
+    for scan in ("unroll", "scan"):
+      for remat in (False, True):
+        c = config.copy_and_resolve_references()
+        with c.unlocked():
+          layers_spec = list(spec)
+          layers_spec[largest] = (spec[largest][0], depth)
+          c.model.dec_layers = ",".join(f"{r}:{n}" for r, n in layers_spec)
+          c.model.scan_blocks, c.model.remat = scan, remat
+          c.steps_per_dispatch = 1
+        row = aot_row(c, 1)
+        row = dict(case="depth", depth=depth, scan_blocks=scan, remat=remat,
+                   **{k: v for k, v in row.items() if k != "case"})
+        rows.append(row)
+        emit(json.dumps(row))
+  return rows

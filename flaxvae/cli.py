@@ -6,7 +6,8 @@
     flaxvae report --workdir runs/mlp
     flaxvae prepare-data fashion_mnist [--source_dir DIR] [--data_dir DIR]
     flaxvae prepare-data folder --source DIR --name NAME [--test_fraction F]
-    flaxvae bench --config configs/fashion_mnist_mlp.py [--cases default,dispatch,scaling]
+    flaxvae bench --config configs/fashion_mnist_mlp.py [--cases default,dispatch,scaling,depth]
+    flaxvae bench --aot --config configs/cifar10_vdvae.py [--devices 1,8]
     flaxvae bench-input --config configs/fashion_mnist_mlp.py
 
 Problems a user can fix (a bad config value, missing data, a batch that does not split over
@@ -228,11 +229,25 @@ def bench_command(argv):
     flags.DEFINE_integer("steps", 0, "train steps per timed window (0: about 2 s)", flag_values=fv)
     flags.DEFINE_integer("windows", 5, "timed windows per case (the median is reported)",
                          flag_values=fv)
-    flags.DEFINE_list("cases", ["default", "dispatch", "scaling"], "which cases", flag_values=fv)
+    flags.DEFINE_list("cases", ["default", "dispatch", "scaling"], "which cases (also: depth, "
+                      "compile time and memory against decoder depth, for vdvae)", flag_values=fv)
+    flags.DEFINE_boolean("aot", False, "compile ahead of time, from shapes alone, for each "
+                         "--devices count and report parameters, FLOPs per example and "
+                         "per-device memory (nothing runs, no data is read)", flag_values=fv)
+    flags.DEFINE_list("devices", ["1", "8"], "--aot: device counts (simulated on CPU)",
+                      flag_values=fv)
   fv, _ = _parse(argv, define)
   if fv.config is None:
     raise UsageError("bench needs --config configs/NAME.py")
   from flaxvae import bench  # noqa: PLC0415
+  if fv.aot:
+    import jax  # noqa: PLC0415
+    counts = [int(d) for d in fv.devices]
+    bench.run_aot(fv.config, [d for d in counts if d <= jax.device_count()])
+    rest = _without_flag(argv[1:], "--devices")
+    for d in (d for d in counts if d > jax.device_count()):
+      bench.in_child_with_devices([*rest, f"--devices={d}"], d, bench.AOT_CHILD)
+    return
   unknown = set(fv.cases) - set(bench.CASES)
   if unknown:
     raise UsageError(f"unknown --cases {sorted(unknown)}: choose from {', '.join(bench.CASES)}")
@@ -244,6 +259,19 @@ def bench_command(argv):
     bench.run_cases(fv.config, here, steps=fv.steps, windows=fv.windows)
   if "scaling" in fv.cases:
     bench.in_child_with_devices(argv[1:], 8, SCALING_CHILD)
+
+
+def _without_flag(args, name):
+  """`args` less `name=value` or `name value`."""
+  out, skip = [], False
+  for i, a in enumerate(args):
+    if skip:
+      skip = False
+    elif a == name:
+      skip = True
+    elif not a.startswith(name + "="):
+      out.append(a)
+  return out
 
 
 @command("evaluate")
@@ -262,13 +290,18 @@ def evaluate_command(argv):
     flags.DEFINE_integer("max_examples", None, "first N examples (default: the whole split)",
                          flag_values=fv)
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+    flags.DEFINE_enum("log_px_estimator", None, ["iwae", "ais"], "log p(x) estimator (default: "
+                      "eval.log_px_estimator); ais also reports IWAE's figures", flag_values=fv)
+    flags.DEFINE_integer("bdmc_examples", None, "BDMC sandwich on N examples simulated from "
+                         "the model (default: eval.bdmc_examples)", flag_values=fv)
   fv, _ = _parse(argv, define)
   if not fv.workdir:
     raise UsageError("evaluate needs --workdir DIR (a trained run)")
   from flaxvae import api  # noqa: PLC0415
   from flaxvae.eval import evaluation  # noqa: PLC0415
   row, path = api.evaluate(fv.workdir, fv.split, fv.num_importance_samples, fv.max_examples,
-                           fv.step)
+                           fv.step, log_px_estimator=fv.log_px_estimator,
+                           bdmc_examples=fv.bdmc_examples)
   print(evaluation.format_table(row))
   print(f"written: {path}")
 

@@ -90,6 +90,16 @@ def _validate_eval(c):
     if c[key] < 0:
       raise ConfigError(f"eval.{key} must be >= 0 (0: {'all' if 'num_' in key else 'off'}), "
                         f"got {c[key]}")
+  for key, choices in (("log_px_estimator", ("iwae", "ais")),
+                       ("ais_init", ("auto", "posterior", "prior")), ("schedule", ("every", "log"))):
+    if c[key] not in choices:
+      raise ConfigError(f"unknown eval.{key} {c[key]!r}: use {' or '.join(choices)}")
+  for key in ("ais_steps", "ais_chains", "ais_leapfrog", "log_points"):
+    if c[key] <= 0:
+      raise ConfigError(f"eval.{key} must be positive, got {c[key]}")
+  for key in ("ais_examples", "bdmc_examples"):
+    if c[key] < 0:
+      raise ConfigError(f"eval.{key} must be >= 0, got {c[key]}")
   if c.amortization_learning_rate <= 0:
     raise ConfigError(f"eval.amortization_learning_rate must be positive, got "
                       f"{c.amortization_learning_rate}")

@@ -72,6 +72,12 @@ def base_config():
   config.optimizer.adaptive_skip_quantile = 0.9
   config.optimizer.adaptive_skip_window = 200  # recent finite gradient norms the quantile is taken over
 
+  config.optimizer.frozen = ()  # top-level parameter groups never updated (e.g. ("decoder", "to_output"))
+
+  config.init = ml_collections.ConfigDict()
+  config.init.params_from = ""  # a trained run's workdir: start from (some of) its parameters
+  config.init.param_groups = ()  # top-level parameter groups taken from it; () takes them all
+
   config.parallel = ml_collections.ConfigDict()
   config.parallel.backend = "shard_map"  # shard_map or pmap
   config.parallel.num_devices = 0  # 0: all devices JAX sees
@@ -94,4 +100,43 @@ def base_config():
   config.eval.amortization_steps = 500  # per-example Adam steps on the local variational parameters
   config.eval.amortization_learning_rate = 1e-2  # cosine-decayed to 0 over the steps
   config.eval.num_image_samples = 64
+  config.eval.log_px_estimator = "iwae"  # final evaluation's log p(x): iwae, or ais (also reports IWAE's)
+  config.eval.ais_steps = 500  # annealing steps (sigmoid schedule); also BDMC's
+  config.eval.ais_chains = 4  # chains per example, their estimates of p(x) averaged
+  config.eval.ais_leapfrog = 5  # leapfrog steps per HMC transition
+  config.eval.ais_examples = 1_000  # AIS on the first N evaluated examples (0: all)
+  config.eval.ais_init = "auto"  # auto (q(z|x) if the model has its density, else p(z)), posterior, prior
+  config.eval.bdmc_examples = 0  # > 0: BDMC sandwich of log p(x) on N examples simulated from the model
+  config.eval.schedule = "every"  # every (eval.every_steps), or log: also log-spaced steps from step 0
+  config.eval.log_points = 12  # log schedule: evaluations at 0 and ~log-spaced steps up to num_steps
   return config
+
+
+def tiny_variant(config, image_shape=None):
+  """The same config shrunk to run two steps in seconds on a CPU (`get_config("tiny")`): the
+  test that every shipped config trains uses it on a small synthetic dataset of its shape.
+
+  Layer counts become 1 per resolution and widths 1/16 (at least 8); the batch, steps and
+  evaluation become tiny. The architecture's structure (resolutions, likelihood, protocol)
+  stays, so the code path is the config's own.
+  """
+  c = config
+  c.batch_size, c.num_steps, c.steps_per_dispatch, c.scan_unroll = 8, 2, 1, 1
+  c.log_every_steps, c.ema_decay = 1, c.ema_decay and 0.5
+  c.checkpoint.every_steps, c.eval.every_steps = 0, 0
+  c.eval.batch_size, c.eval.final_num_examples = 8, 8
+  c.eval.final_num_importance_samples, c.eval.amortization_examples = 2, 0
+  c.eval.num_image_samples = 4
+  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, 1)
+  c.optimizer.decay_start = 0
+  m = c.model
+  if m.name == "vdvae":
+    shrink = lambda spec: ",".join(f"{r}:{min(int(n), 1)}" for r, n in
+                                   (p.split(":") for p in spec.split(",")))
+    m.dec_layers, m.enc_blocks = shrink(m.dec_layers), shrink(m.enc_blocks)
+    widths = str(m.widths)
+    m.widths = (str(max(8, int(widths) // 16)) if widths.isdigit() else
+                ",".join(f"{r}:{max(8, int(w) // 16)}" for r, w in
+                         (p.split(":") for p in widths.split(","))))
+    m.latent_channels = min(m.latent_channels, 4)
+  return c

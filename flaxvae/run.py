@@ -4,6 +4,7 @@ API and the benchmarks all use, so they never assemble them differently.
     run = Run(config)                      # data from config.data, on disk
     run = Run(config, dataset=ArrayDataset({"train": x, "test": y}))   # arrays in memory
     run = Run(config, for_training=False)  # inference: any device count, no training split
+    run = Run(config, abstract=True, image_shape=(32, 32, 3))  # shapes only: AOT compiles
 """
 import jax
 import jax.numpy as jnp
@@ -15,15 +16,20 @@ from flaxvae import models
 from flaxvae.data import feeds, protocols
 from flaxvae.errors import ConfigError
 from flaxvae.runtime import parallel
-from flaxvae.train import guards, optimizer
+from flaxvae.train import checkpoint, guards, optimizer
 from flaxvae.train import step as step_lib
 
 
 class Run:
   """Model (graphdef and initial params), likelihood, protocol, devices, data and optimizer."""
 
-  def __init__(self, config, dataset=None, *, for_training=True, image_shape=None):
+  def __init__(self, config, dataset=None, *, for_training=True, image_shape=None,
+               abstract=False):
     config_lib.validate(config)
+    self.abstract = abstract
+    if abstract:  # nothing is read or allocated: parameters are ShapeDtypeStructs
+      for_training = False
+      dataset = dataset or data_lib.ArrayDataset({})
     self.config = config
     self.dataset = data_lib.open_dataset(config.data) if dataset is None else dataset
     self.likelihood = config_lib.likelihood_of(config)
@@ -50,12 +56,31 @@ class Run:
                      self.train_split.image_shape if self.train_split is not None else
                      self.eval_images.shape[1:])
     self.image_shape = tuple(image_shape)
-    self.model = models.create_model(config.model, image_shape=self.image_shape,
-                                     likelihood=self.likelihood, seed=config.seed,
-                                     dtype=config_lib.DTYPES[config.dtype])
+    create = lambda: models.create_model(config.model, image_shape=self.image_shape,
+                                         likelihood=self.likelihood, seed=config.seed,
+                                         dtype=config_lib.DTYPES[config.dtype])
+    self.model = nnx.eval_shape(create) if abstract else create()
     self.graphdef, params = nnx.split(self.model)
     self.params = nnx.to_pure_dict(params)
+    if config.init.params_from and not abstract:
+      self.params = self._with_trained(self.params, config.init)
     self.tx, self.schedule = optimizer.create_optimizer(config.optimizer, config.num_steps)
+
+  @staticmethod
+  def _with_trained(params, init):
+    """`params` with the groups init.param_groups (all if empty) from a trained run."""
+    trained = checkpoint.trained_params(init.params_from)
+    groups = tuple(init.param_groups) or tuple(params)
+    missing = [g for g in groups if g not in trained or g not in params]
+    if missing:
+      raise ConfigError(f"init.param_groups {missing} are not parameter groups of both this "
+                        f"model ({', '.join(params)}) and {init.params_from}")
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+    for g in groups:
+      if shapes(trained[g]) != shapes(params[g]):
+        raise ConfigError(f"init: parameter group {g!r} of {init.params_from} has other shapes "
+                          "than this model's: use the same model config")
+    return {**params, **{g: jax.tree.map(jnp.asarray, trained[g]) for g in groups}}
 
   @property
   def eval_images(self):
@@ -65,7 +90,13 @@ class Run:
     return self._eval_images
 
   def initial_state(self):
-    params, c = self.params, self.config
+    """The train state at step 0 (ShapeDtypeStructs when the run is abstract)."""
+    if self.abstract:
+      return jax.eval_shape(self._initial_state, self.params)
+    return self._initial_state(self.params)
+
+  def _initial_state(self, params):
+    c = self.config
     return step_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
         ema_params=params if c.ema_decay else (),

@@ -47,6 +47,17 @@ class PreparedDataset:
     """uint8 images [N, H, W, C] of `split`, in example order."""
     return self.open_split(split).read_all()
 
+  @property
+  def image_shape(self):
+    """(H, W, C): known without reading for Fashion-MNIST and the catalog."""
+    if self.name == "fashion_mnist":
+      return fashion_mnist.IMAGE_SHAPE
+    if self.name in catalog.CATALOG:
+      return catalog.CATALOG[self.name].image_shape
+    if self.name in catalog.FOLDER_SHAPES:
+      return catalog.FOLDER_SHAPES[self.name]
+    return tuple(self.open_split(self.config.train_split).image_shape)
+
   def split_bytes(self, split):
     """Bytes of the split's images; known without reading for Fashion-MNIST and the catalog."""
     if self.name == "fashion_mnist":
@@ -63,6 +74,10 @@ class ArrayDataset:
 
   def __init__(self, splits, name="arrays"):
     self.splits, self.name = {k: np.asarray(v, np.uint8) for k, v in splits.items()}, name
+
+  @property
+  def image_shape(self):
+    return next(iter(self.splits.values())).shape[1:]
 
   def images(self, split):
     if split not in self.splits:

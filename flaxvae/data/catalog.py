@@ -45,6 +45,9 @@ CATALOG = {
                                {"train": 1_281_167, "validation": 50_000}),
 }
 CATALOG["downsampled_imagenet"] = CATALOG["imagenet32"]
+# Datasets the user prepares from their own files (`prepare-data folder --name NAME`) whose
+# shape the shipped configs rely on, so they compile ahead of time without the data.
+FOLDER_SHAPES = {"ffhq256": (256, 256, 3)}
 DERIVED_SUFFIX = "_crops"  # celeb_a -> celeb_a_crops: the 64x64 crops flaxvae derives once
 
 

@@ -26,6 +26,7 @@ from flaxvae.objectives import bounds, estimators, gaussian
 
 # Streams folded into an example's key for the diagnostics' own draws.
 IMPORTANCE_STREAM, AGGREGATE_STREAM, AMORTIZATION_STREAM, AMORTIZED_ELBO_STREAM = 2, 3, 4, 5
+AIS_STREAM, BDMC_STREAM = 6, 7
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016)
 TARGET_ROWS = 4096  # decoder rows per device per chunk: big matmuls whose logits stay in cache
 UNRELIABLE_KHAT = 0.7  # Pareto k-hat above this: the importance estimate is not to be trusted
@@ -58,6 +59,41 @@ def chunk_size(num_samples, examples_per_device):
   return max(1, min(num_samples, TARGET_ROWS // max(1, examples_per_device)))
 
 
+def chunk_partials(terms_of, keys, index, num_samples):
+  """Sums over the samples `index` [n] of one chunk, per example: the logsumexp and the sum of
+  the log weights, log p(x|z), each layer's KL and posterior mean, and the weights themselves
+  ([n, batch]; -inf for indices past num_samples)."""
+  terms = terms_of(SampleNoise(keys, index))
+  valid = (index < num_samples)[:, None]
+  log_w = jnp.where(valid, bounds.log_weights(terms), -jnp.inf)
+  zero = lambda v: jnp.where(valid.reshape(valid.shape + (1,) * (v.ndim - 2)), v, 0.0)
+  kls = jnp.stack([bounds.layer_kl(layer) for layer in terms.layers], -1)  # [n, b, L]
+  return dict(lse=jax.nn.logsumexp(log_w, 0), log_w_sum=jnp.sum(zero(log_w), 0),
+              log_px_z=jnp.sum(zero(terms.log_px_z), 0), rate_by_layer=jnp.sum(zero(kls), 0),
+              q_mean=tuple(jnp.sum(zero(l.q_mean.reshape(*l.q_mean.shape[:2], -1)), 0)
+                           for l in terms.layers),
+              log_w=log_w)
+
+
+def finish(partials, num_samples):
+  """The importance figures from the sums over every chunk (see importance_pass)."""
+  return dict(iwae=partials["lse"] - math.log(num_samples),
+              elbo=partials["log_w_sum"] / num_samples,
+              distortion=-partials["log_px_z"] / num_samples,
+              rate_by_layer=partials["rate_by_layer"] / num_samples,
+              q_mean=tuple(m / num_samples for m in partials["q_mean"]))
+
+
+def combine(parts, xp=np):
+  """Chunk partials (a list, in sample order) -> partials over all their samples."""
+  out = {k: sum(p[k] for p in parts) for k in ("log_w_sum", "log_px_z", "rate_by_layer")}
+  out["lse"] = xp.logaddexp.reduce([p["lse"] for p in parts], axis=0) if xp is np else \
+      jax.nn.logsumexp(jnp.stack([p["lse"] for p in parts]), 0)
+  out["q_mean"] = tuple(sum(ms) for ms in zip(*(p["q_mean"] for p in parts)))
+  out["log_w"] = xp.concatenate([p["log_w"] for p in parts], axis=0)
+  return out
+
+
 def importance_pass(terms_of, x, keys, num_samples, chunk=None, keep_log_w=False):
   """log p(x) >= IWAE_K, the K-sample ELBO and per-layer figures, per example, from K draws.
 
@@ -67,40 +103,35 @@ def importance_pass(terms_of, x, keys, num_samples, chunk=None, keep_log_w=False
   Sample k of an example uses key fold_in(key, k). Returns a dict of [batch] arrays (and
   [batch, L] / [batch, units] per layer): iwae = log mean_k w_k and elbo = mean_k log w_k with
   w = p(x, z)/q(z|x), so iwae >= elbo on every example (Jensen), equal when K = 1.
+  (Convolutional models on XLA:CPU, where a rolled loop is slow, dispatch the chunks from the
+  host instead: `importance_chunk_fn` and `combine`, with the same draws and sums.)
   """
   batch = x.shape[0]
   chunk = chunk or chunk_size(num_samples, batch)
   num_chunks = -(-num_samples // chunk)
+  first = jax.eval_shape(lambda: chunk_partials(terms_of, keys, jnp.arange(chunk), num_samples))
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
+  zeros["lse"] = jnp.full((batch,), -jnp.inf, jnp.float32)
+  del zeros["log_w"]
 
   def body(carry, c):
-    index = c * chunk + jnp.arange(chunk)
-    terms = terms_of(SampleNoise(keys, index))
-    valid = (index < num_samples)[:, None]
-    log_w = bounds.log_weights(terms)
-    zero = lambda v: jnp.where(valid.reshape(valid.shape + (1,) * (v.ndim - 2)), v, 0.0)
-    kls = jnp.stack([bounds.layer_kl(layer) for layer in terms.layers], -1)  # [chunk, b, L]
-    sums = dict(log_w=jnp.sum(zero(log_w), 0), log_px_z=jnp.sum(zero(terms.log_px_z), 0),
-                rate_by_layer=jnp.sum(zero(kls), 0),
-                q_mean=tuple(jnp.sum(zero(l.q_mean.reshape(*l.q_mean.shape[:2], -1)), 0)
-                             for l in terms.layers))
-    carry_lse = jnp.logaddexp(carry[0], jax.nn.logsumexp(jnp.where(valid, log_w, -jnp.inf), 0))
-    carry_sums = jax.tree.map(jnp.add, carry[1], sums)
-    return (carry_lse, carry_sums), (log_w if keep_log_w else None)
+    part = chunk_partials(terms_of, keys, c * chunk + jnp.arange(chunk), num_samples)
+    log_w = part.pop("log_w")
+    lse = jnp.logaddexp(carry.pop("lse"), part.pop("lse"))
+    return dict(jax.tree.map(jnp.add, carry, part), lse=lse), (log_w if keep_log_w else None)
 
-  first_terms = jax.eval_shape(lambda: terms_of(SampleNoise(keys, jnp.arange(chunk))))
-  zeros = dict(log_w=jnp.zeros((batch,)), log_px_z=jnp.zeros((batch,)),
-               rate_by_layer=jnp.zeros((batch, len(first_terms.layers))),
-               q_mean=tuple(jnp.zeros((batch, math.prod(l.q_mean.shape[2:])))
-                            for l in first_terms.layers))
-  init = (jnp.full((batch,), -jnp.inf, jnp.float32), zeros)
-  (log_sum_w, sums), all_log_w = jax.lax.scan(body, init, jnp.arange(num_chunks))
-  out = dict(iwae=log_sum_w - math.log(num_samples), elbo=sums["log_w"] / num_samples,
-             distortion=-sums["log_px_z"] / num_samples,
-             rate_by_layer=sums["rate_by_layer"] / num_samples,
-             q_mean=tuple(m / num_samples for m in sums["q_mean"]))
+  sums, all_log_w = jax.lax.scan(body, zeros, jnp.arange(num_chunks))
+  out = finish(sums, num_samples)
   if keep_log_w:
     out["log_w"] = all_log_w.reshape(-1, batch)[:num_samples]
   return out
+
+
+def _terms_of(model, x):
+  if contract.has(model, contract.LOCAL_POSTERIOR):  # encode once, not once per chunk
+    local = model.encode_local(x)
+    return lambda noise: model.terms_given(x, local, noise)
+  return lambda noise: model.terms(x, noise)
 
 
 def importance_fn(graphdef, protocol, num_samples):
@@ -116,19 +147,33 @@ def importance_fn(graphdef, protocol, num_samples):
     model = nnx.merge(graphdef, params)
     x = protocols.eval_targets(images, ids, protocol)
     keys = stream_keys(example_keys(rng, ids), IMPORTANCE_STREAM)
-    if contract.has(model, contract.LOCAL_POSTERIOR):  # encode once, not once per chunk
-      local = model.encode_local(x)
-      terms_of = lambda noise: model.terms_given(x, local, noise)
-    else:
-      terms_of = lambda noise: model.terms(x, noise)
-    out = importance_pass(terms_of, x, keys, num_samples, keep_log_w=True)
-    khat = estimators.psis_khat(out.pop("log_w"))
-    rate_by_layer = out["rate_by_layer"]
-    return dict(log_px=out["iwae"], elbo=out["elbo"], rate=jnp.sum(rate_by_layer, -1),
-                rate_by_layer=rate_by_layer, distortion=out["distortion"],
-                inference_gap=out["iwae"] - out["elbo"], khat=khat,
-                **{f"q_mean_{i}": m for i, m in enumerate(out["q_mean"])})
+    out = importance_pass(_terms_of(model, x), x, keys, num_samples, keep_log_w=True)
+    return importance_row(out, estimators.psis_khat(out.pop("log_w")))
   return fn
+
+
+def importance_chunk_fn(graphdef, protocol, num_samples, chunk):
+  """Per example, the partial sums of one chunk of samples: fn(params, rng, images, ids,
+  chunk_index). Dispatched chunk by chunk from the host, then `combine`d: the same figures as
+  importance_fn without a loop on the device (convolutions in rolled loops are slow on CPU)."""
+  def fn(params, rng, images, ids, chunk_index):
+    model = nnx.merge(graphdef, params)
+    x = protocols.eval_targets(images, ids, protocol)
+    keys = stream_keys(example_keys(rng, ids), IMPORTANCE_STREAM)
+    part = chunk_partials(_terms_of(model, x), keys, chunk_index * chunk + jnp.arange(chunk),
+                          num_samples)
+    part["log_w"] = part["log_w"].T  # [batch, n]: the evaluator splits batches on axis 0
+    return part
+  return fn
+
+
+def importance_row(out, khat):
+  """The per-example figures of importance_fn from importance_pass's output."""
+  rate_by_layer = out["rate_by_layer"]
+  return dict(log_px=out["iwae"], elbo=out["elbo"], rate=rate_by_layer.sum(-1),
+              rate_by_layer=rate_by_layer, distortion=out["distortion"],
+              inference_gap=out["iwae"] - out["elbo"], khat=khat,
+              **{f"q_mean_{i}": m for i, m in enumerate(out["q_mean"])})
 
 
 def log_mixture_density(z, means, logvars, chunk=1024):
@@ -247,4 +292,81 @@ def amortization_fn(graphdef, protocol, num_steps, learning_rate, num_train_samp
     (optimized_q, _), _ = jax.lax.scan(body, (encoder_q, tx.init(encoder_q)), jnp.arange(num_steps))
     return dict(elbo_encoder=elbo(encoder_q, eval_keys, num_eval_samples),
                 elbo_optimized=elbo(optimized_q, eval_keys, num_eval_samples))
+  return fn
+
+
+# ----------------------------------------------------------------------------
+# AIS and BDMC: log p(x) by annealing, for any model of the contract
+# ----------------------------------------------------------------------------
+def _ais_start(model, x, key, num_chains, init):
+  """(first latents [chains, ...], their normalized log density) for AIS on one example x
+  [1, H, W, C]: q(z|x) when the model has a posterior density and init allows, else p(z)."""
+  xc = jnp.broadcast_to(x, (num_chains, *x.shape[1:]))
+  use_q = init == "posterior" or (init == "auto" and contract.has(model,
+                                                                   contract.POSTERIOR_DENSITY))
+  if use_q:
+    terms = model.terms(xc, SampleNoise(jax.random.split(key, num_chains), jnp.arange(1)))
+    return tuple(layer.z[0] for layer in terms.layers), lambda zs: model.log_posterior(xc, zs)
+  return model.prior_sample(key, num_chains), model.log_prior
+
+
+def ais_fn(graphdef, protocol, num_steps, num_chains, num_leapfrog, init="auto"):
+  """Per example: log p(x) by AIS (Neal 2001; Wu et al. 2017's protocol for decoder-based
+  models): `num_chains` chains per example annealed over `num_steps` geometric steps
+  (sigmoid schedule) from q(z|x) (or p(z)) to p(x, z) with HMC transitions whose step size
+  is adapted towards an acceptance rate; the chains' estimates of p(x) are averaged before
+  the log. A stochastic lower bound of log p(x), far tighter than IWAE for the same compute
+  where the posterior is multimodal or heavy-tailed. Keyed per example id."""
+  def fn(params, rng, images, ids):
+    model = nnx.merge(graphdef, params)
+    x = protocols.eval_targets(images, ids, protocol)
+    keys = stream_keys(example_keys(rng, ids), AIS_STREAM)
+    return ais_log_px(model, x, keys, num_steps, num_chains, num_leapfrog, init)
+  return fn
+
+
+def ais_log_px(model, x, keys, num_steps, num_chains, num_leapfrog, init="auto"):
+  """AIS log p(x) of each preprocessed example x [b, ...], example i keyed by keys[i]."""
+  betas = jnp.asarray(estimators.sigmoid_schedule(num_steps), jnp.float32)
+
+  def one(key, x1):
+    x1 = x1[None]
+    start_key, run_key = jax.random.split(key)
+    z0, init_log_prob = _ais_start(model, x1, start_key, num_chains, init)
+    xc = jnp.broadcast_to(x1, (num_chains, *x1.shape[1:]))
+    out = estimators.ais_log_marginal(run_key, z0, init_log_prob,
+                                      lambda zs: model.log_joint(xc, zs), betas, num_chains,
+                                      num_leapfrog=num_leapfrog)
+    return out["log_z"][0], jnp.mean(out["accept_rate"])
+
+  log_px, accept = jax.vmap(one)(keys, x)
+  return dict(log_px_ais=log_px, ais_accept_rate=accept)
+
+
+def bdmc_fn(graphdef, num_steps, num_leapfrog, init="auto"):
+  """Bidirectional Monte Carlo (Grosse et al. 2015) on data simulated from the model: per
+  simulated example (id), z ~ p(z), x ~ p(x|z); forward AIS from q (or p) gives a stochastic
+  lower bound of log p(x), and the reverse chain started at the exact posterior sample z a
+  stochastic upper bound. Their gap bounds the AIS error on data like the model's own."""
+  betas = jnp.asarray(estimators.sigmoid_schedule(num_steps), jnp.float32)
+
+  def fn(params, rng, ids_as_rows, ids):
+    model = nnx.merge(graphdef, params)
+    keys = stream_keys(example_keys(rng, ids), BDMC_STREAM)
+
+    def one(key):
+      k_z, k_x, k_start, k_fwd, k_rev = jax.random.split(key, 5)
+      z = model.prior_sample(k_z, 1)
+      x = model.likelihood.sample(k_x, model.generate(z))
+      z0, init_log_prob = _ais_start(model, x, k_start, 1, init)
+      log_target = lambda zs: model.log_joint(x, zs)
+      forward = estimators.ais(k_fwd, z0, init_log_prob, log_target, betas,
+                               num_leapfrog=num_leapfrog)
+      reverse = estimators.reverse_ais(k_rev, z, init_log_prob, log_target, betas,
+                                       num_leapfrog=num_leapfrog,
+                                       step_size=forward["step_sizes"], adapt=False)
+      return forward["log_z"][0], reverse["log_z"][0]
+
+    lower, upper = jax.vmap(one)(keys)
+    return dict(bdmc_lower=lower, bdmc_upper=upper, bdmc_gap=upper - lower)
   return fn

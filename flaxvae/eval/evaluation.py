@@ -22,7 +22,7 @@ from flaxvae.data import protocols
 from flaxvae.eval import diagnostics
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.models import contract
-from flaxvae.objectives import bounds
+from flaxvae.objectives import bounds, estimators
 
 FINAL_FILE = "eval.json"
 
@@ -56,19 +56,22 @@ def likelihood_note(protocol, likelihood):
           f"{'binarized' if likelihood.data_kind == 'binary' else '8bit'} for one")
 
 
-def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples,
-             amortization_examples=0, amortization_steps=0, amortization_learning_rate=1e-2,
+def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, final=False,
              progress=False):
-  """Every diagnostic the model supports over the first `num_examples` (None: all)."""
+  """Every diagnostic the model supports over the first `num_examples` (None: all).
+
+  `final` adds what config.eval keeps for the final evaluation: log p(x) by the configured
+  estimator (AIS replaces IWAE's figures where it ran; IWAE's stay as *_iwae), BDMC on
+  simulated data, and the amortization gap.
+  """
   start = time.perf_counter()
-  k, protocol, model = num_importance_samples, run.protocol, run.model
+  c, k, protocol, model = run.config.eval, num_importance_samples, run.protocol, run.model
   label = (lambda what: f"{what}:") if progress else (lambda what: None)
-  values = evaluator.per_example(
-      f"importance_{k}", diagnostics.importance_fn(run.graphdef, protocol, k), params, rng,
-      num_examples, progress=label(f"log p(x), K={k}"))
+  values = importance_values(run, evaluator, params, rng, num_examples, k,
+                             label(f"log p(x), K={k}"))
   q_means = [values.pop(f"q_mean_{i}") for i in range(len(run.model.latent_shapes))]
   khat = values.pop("khat")
-  skipped = {}
+  n, skipped = len(values["log_px"]), {}
   if contract.has(model, contract.AGGREGATE_POSTERIOR):
     q = evaluator.per_example("posterior", diagnostics.posterior_fn(run.graphdef, protocol),
                               params, rng, num_examples)
@@ -77,14 +80,30 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples,
         rows=np.stack([q["mean"], q["logvar"]], axis=1)))
   else:
     skipped["elbo_surgery"] = f"needs the {contract.AGGREGATE_POSTERIOR} capability"
+  ais = None
+  if final and c.log_px_estimator == "ais":
+    m = min(c.ais_examples or n, n)
+    ais = evaluator.per_example(
+        f"ais_{c.ais_steps}", diagnostics.ais_fn(run.graphdef, protocol, c.ais_steps,
+                                                 c.ais_chains, c.ais_leapfrog, c.ais_init),
+        params, rng, m, progress=label(f"log p(x) by AIS, {c.ais_steps} steps"))
+    values["log_px_iwae"] = values["log_px"]
+    values["inference_gap_iwae"] = values.pop("inference_gap")
+    values["log_px"] = ais["log_px_ais"]  # over the first m examples: summarized separately
+    values["inference_gap"] = ais["log_px_ais"] - values["elbo"][:m]
+  row = summarize({k_: v for k_, v in values.items() if len(v) == n})
+  row.update(summarize({k_: v for k_, v in values.items() if len(v) != n}))
+  log_px = np.asarray(values["log_px"], np.float64)
+  row["log_px_estimator"] = "ais" if ais is not None else "iwae"
+  if ais is not None:
+    row["ais_examples"], row["ais_steps"] = len(log_px), c.ais_steps
+    row["ais_chains"], row["ais_accept_rate"] = c.ais_chains, float(ais["ais_accept_rate"].mean())
   num_dims = int(np.prod(run.image_shape))
-  row = summarize(values)
-  nll = -np.asarray(values["log_px"], np.float64)
   row["elbo_bits_per_dim"] = float(bounds.bits_per_dim(-row["elbo"], num_dims))
   row["protocol"], row["likelihood"] = protocol.name, run.likelihood.name
   row["is_probability_model"] = protocols.is_probability_model(protocol, run.likelihood)
   if row["is_probability_model"]:
-    row.update(summarize({"nll": nll}))
+    row.update(summarize({"nll": -log_px}))
     row["bits_per_dim"] = float(bounds.bits_per_dim(row["nll"], num_dims))
     row["bits_per_dim_stderr"] = float(bounds.bits_per_dim(row["nll_stderr"], num_dims))
   else:
@@ -96,24 +115,34 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples,
   else:
     skipped["khat"] = "needs more than 20 importance samples"
   by_layer = [diagnostics.active_units(m) for m in q_means]
-  row["active_units_by_layer"] = [c for c, _ in by_layer]
-  row["active_units"] = sum(c for c, _ in by_layer)
+  row["active_units_by_layer"] = [count for count, _ in by_layer]
+  row["active_units"] = sum(count for count, _ in by_layer)
   row["active_units_stderr"] = float(math.sqrt(sum(e**2 for _, e in by_layer)))
-  row.update(num_examples=len(nll), num_importance_samples=k)
+  row.update(num_examples=n, num_importance_samples=k)
   if "mutual_info" in values:
-    row["mutual_info_max"] = math.log(len(nll))
-  amortization_examples = min(amortization_examples, len(nll))  # a subset of the evaluated ones
-  if amortization_examples and amortization_steps:
+    row["mutual_info_max"] = math.log(n)
+  if final and c.bdmc_examples:
+    bdmc = evaluator.per_example(
+        "bdmc", diagnostics.bdmc_fn(run.graphdef, c.ais_steps, c.ais_leapfrog, c.ais_init),
+        params, rng, rows=np.zeros((c.bdmc_examples, 1), np.float32),
+        progress=label(f"BDMC on {c.bdmc_examples} simulated examples"))
+    row.update(summarize(bdmc))
+    row["bdmc_examples"] = c.bdmc_examples
+  amortization_examples = min(c.amortization_examples, len(log_px)) if final else 0
+  if amortization_examples and c.amortization_steps:
     if contract.has(model, contract.LOCAL_POSTERIOR):
-      fn = diagnostics.amortization_fn(run.graphdef, protocol, amortization_steps,
-                                       amortization_learning_rate, num_eval_samples=min(k, 1000))
-      gaps = evaluator.per_example(f"amortization_{amortization_steps}", fn, params, rng,
+      fn = diagnostics.amortization_fn(run.graphdef, protocol, c.amortization_steps,
+                                       c.amortization_learning_rate,
+                                       num_eval_samples=min(k, 1000))
+      gaps = evaluator.per_example(f"amortization_{c.amortization_steps}", fn, params, rng,
                                    amortization_examples,
-                                   progress=label(f"amortization gap, {amortization_steps} steps"))
+                                   progress=label(f"amortization gap, {c.amortization_steps} "
+                                                  "steps"))
       m = len(gaps["elbo_optimized"])
       row.update(summarize({
+          "elbo_optimized": gaps["elbo_optimized"],
           "amortization_gap": gaps["elbo_optimized"] - gaps["elbo_encoder"],
-          "approximation_gap": values["log_px"][:m] - gaps["elbo_optimized"]}))
+          "approximation_gap": log_px[:m] - gaps["elbo_optimized"]}))
       row["amortization_examples"] = m
     else:
       skipped["amortization_gap"] = f"needs the {contract.LOCAL_POSTERIOR} capability"
@@ -122,6 +151,34 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples,
                              else why) for name, why in skipped.items()}
   row["seconds"] = time.perf_counter() - start
   return row
+
+
+def importance_values(run, evaluator, params, rng, num_examples, k, progress):
+  """Per-example importance figures (diagnostics.importance_fn). Convolutional models on
+  XLA:CPU, where convolutions in a rolled loop run 20-40x slower, get their chunks of samples
+  dispatched from the host instead of scanned on the device: the same draws and figures."""
+  model = run.model
+  if not (getattr(model, "CONVOLUTIONAL", False) and jax.default_backend() == "cpu"):
+    return evaluator.per_example(f"importance_{k}",
+                                 diagnostics.importance_fn(run.graphdef, run.protocol, k),
+                                 params, rng, num_examples, progress=progress)
+  per_device = evaluator.batch_size // evaluator.runner.num_devices
+  rows = getattr(model, "EVAL_ROWS", diagnostics.TARGET_ROWS)
+  chunk = diagnostics.chunk_size(k, per_device) if rows is None else max(1, min(k, rows // per_device))
+  num_chunks = -(-k // chunk)
+
+  def reduce(parts):
+    for p in parts:
+      p["log_w"] = p["log_w"].T  # back to [samples, batch]
+    out = diagnostics.combine(parts)
+    khat = np.asarray(jax.jit(estimators.psis_khat)(out["log_w"][:k]))
+    return {key: np.asarray(v) for key, v in diagnostics.importance_row(
+        diagnostics.finish(out, k), khat).items()}
+
+  return evaluator.per_example(
+      f"importance_{k}_chunks", diagnostics.importance_chunk_fn(run.graphdef, run.protocol, k,
+                                                                chunk),
+      params, rng, num_examples, progress=progress, chunks=num_chunks, reduce=reduce)
 
 
 def periodic_evaluation(run, evaluator, params, rng):
@@ -143,10 +200,8 @@ def final_evaluation(run, evaluator, params, rng, settings=None):
 
   `settings` (examples or None for all, K), as `final_settings` resolves them, overrides the
   config's."""
-  c = run.config.eval
   n, k = settings or final_settings(run.config)
-  return diagnose(run, evaluator, params, rng, n, k, c.amortization_examples,
-                  c.amortization_steps, c.amortization_learning_rate, progress=True)
+  return diagnose(run, evaluator, params, rng, n, k, final=True, progress=True)
 
 
 def result_file(config, split, num_examples, num_importance_samples):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxvae.errors import ConfigError
-from flaxvae.models import conv, ladder, mlp  # noqa: F401  (each registers itself)
+from flaxvae.models import conv, ladder, mlp, vdvae  # noqa: F401  (each registers itself)
 from flaxvae.models.layers import ACTIVATIONS
 from flaxvae.models.registry import MODELS
 

@@ -24,6 +24,9 @@ these generically, whatever the number of layers or the posterior family.
 
 Every model also gives:
   log_joint(x, zs)              [b]  log p(x, z) at given latents (tuple, top first, [b, *shape])
+  log_prior(zs)                 [b]  log p(z) at given latents
+  prior_sample(key, n)          latents (tuple, top first, [n, *shape]) drawn from p(z)
+  generate(zs)                  raw likelihood parameters of p(x | z) at given latents
   sample(key, n, temperature)   raw likelihood parameters [n, H, W, channels_out] from the prior,
                                 temperature a float or one per layer (scales prior std devs)
   reconstruct(x, noise, keep_layers)  raw parameters with the top `keep_layers` layers taken from

@@ -66,6 +66,15 @@ class GaussianLatentVAE(nnx.Module):
     (z,) = zs
     return self.log_likelihood(x, z[None])[0] + gaussian.log_standard_normal(z)
 
+  def log_prior(self, zs):
+    return gaussian.log_standard_normal(zs[0])
+
+  def prior_sample(self, key, n):
+    return (jax.random.normal(key, (n, self.latent_dim)),)
+
+  def generate(self, zs):
+    return self.decode(zs[0])
+
   def log_posterior(self, x, zs):
     mean, logvar = self.encode(x)[:2]
     return gaussian.log_normal(zs[0], mean, logvar)

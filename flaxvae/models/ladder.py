@@ -96,13 +96,28 @@ class LadderMLPVAE(nnx.Module):
     log_px_z = self.likelihood.log_prob(self._decode(samples[0][0]), x)
     return contract.Terms(log_px_z, tuple(result))
 
-  def log_joint(self, x, zs):
-    zs = zs[::-1]  # bottom first
-    total = self.likelihood.log_prob(self._decode(zs[0]), x)
+  def log_prior(self, zs):
+    zs, total = zs[::-1], 0.0  # bottom first
     for i, z in enumerate(zs):
       mean, logvar = self._prior(i, zs[i + 1] if i + 1 < len(zs) else None)
       total = total + jnp.sum(gaussian.log_normal_per_unit(z, mean, logvar), -1)
     return total
+
+  def log_joint(self, x, zs):
+    return self.likelihood.log_prob(self.generate(zs), x) + self.log_prior(zs)
+
+  def generate(self, zs):
+    return self._decode(zs[-1])
+
+  def prior_sample(self, key, n):
+    keys = jax.random.split(key, len(self.latent_dims))
+    zs = []
+    for level in range(len(self.latent_dims)):
+      i = len(self.latent_dims) - 1 - level
+      mean, logvar = self._prior(i, zs[-1] if zs else None)
+      zs.append(mean + jnp.exp(0.5 * logvar) * jax.random.normal(keys[level],
+                                                                  (n, self.latent_dims[i])))
+    return tuple(zs)
 
   def log_posterior(self, x, zs):
     zs, h, total = zs[::-1], x.reshape(x.shape[0], -1), 0.0

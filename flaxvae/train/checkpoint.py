@@ -301,6 +301,18 @@ def read_state(state_dir):
   return checkpointer.restore(os.path.abspath(state_dir), target)
 
 
+def trained_params(workdir):
+  """The parameters evaluation uses (the EMA when kept) of a run's latest checkpoint."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(p) for p in os.listdir(directory) if p.isdigit()) if os.path.isdir(
+      directory) else []
+  if not steps:
+    raise CheckpointError(f"init.params_from={workdir}: no checkpoint in {directory}; train "
+                          "that run first")
+  state = read_state(os.path.join(directory, str(steps[-1]), "state"))
+  return state["ema_params"] if state.get("ema_params") else state["params"]
+
+
 def abstract_like(tree, sharding):
   """ShapeDtypeStructs of `tree` placed with `sharding`: the target of a restore."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)

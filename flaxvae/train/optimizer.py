@@ -5,6 +5,7 @@ Schedules: `constant`; `warmup_constant` (linear warm-up, then flat: VDVAE); `wa
 `end_factor` x the peak by `num_steps`: Efficient-VDVAE's schedule; with decay_start 0 it is
 the usual warm-up-cosine).
 """
+import jax
 import optax
 
 from flaxvae.errors import ConfigError
@@ -49,7 +50,11 @@ def learning_rate_schedule(opt_config, num_steps):
 
 
 def create_optimizer(opt_config, num_steps):
-  """The gradient transformation, and the schedule (so the trainer can log the rate)."""
+  """The gradient transformation, and the schedule (so the trainer can log the rate).
+
+  Groups in `optimizer.frozen` (top-level parameter keys) get zero updates: trained as a
+  fixed part of the model (the encoder-only experiment freezes the decoder).
+  """
   make = OPTIMIZERS.get(opt_config.name)
   if not opt_config.learning_rate > 0:
     raise ConfigError(f"optimizer.learning_rate must be positive, got {opt_config.learning_rate}")
@@ -57,4 +62,8 @@ def create_optimizer(opt_config, num_steps):
   tx = make(schedule, opt_config)
   if opt_config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
+  if opt_config.frozen:
+    frozen = set(opt_config.frozen)
+    mask = lambda params: {k: jax.tree.map(lambda _: k in frozen, v) for k, v in params.items()}
+    tx = optax.chain(tx, optax.masked(optax.set_to_zero(), mask))
   return tx, schedule

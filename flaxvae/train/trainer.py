@@ -35,9 +35,19 @@ def event_boundaries(config):
                       config.checkpoint.every_steps) if s > 0]
 
 
-def next_dispatch_size(step, config):
+def scheduled_evaluations(config):
+  """Steps evaluated besides the multiples of eval.every_steps: with eval.schedule "log", step
+  0 and about eval.log_points log-spaced steps up to num_steps, so the report shows how the
+  distances to the prior and to the posterior move early in training."""
+  if config.eval.schedule != "log":
+    return frozenset()
+  points = np.geomspace(1, config.num_steps, config.eval.log_points)
+  return frozenset({0} | {int(round(p)) for p in points if round(p) < config.num_steps})
+
+
+def next_dispatch_size(step, config, evaluations=frozenset()):
   """Steps to run in the next dispatch: steps_per_dispatch, or the largest power of two that
-  does not pass an event or the end.
+  does not pass an event (log, evaluation, checkpoint, a scheduled evaluation) or the end.
 
   So a remainder runs in a few dispatches (400 steps with 500 per dispatch: 256 + 128 + 16),
   and the train function compiles for at most 1 + log2(steps_per_dispatch) sizes.
@@ -45,6 +55,9 @@ def next_dispatch_size(step, config):
   limit = min(config.steps_per_dispatch, config.num_steps - step)
   for every in event_boundaries(config):
     limit = min(limit, every - step % every)
+  for event in evaluations:
+    if event > step:
+      limit = min(limit, event - step)
   return limit if limit == config.steps_per_dispatch else 1 << (limit.bit_length() - 1)
 
 
@@ -125,10 +138,13 @@ def train(config, workdir, dataset=None):
   in_flight = dispatch.InFlight(config.parallel.wait_timeout_s)
   progress = console.Progress(config.num_steps, "step", "steps", plain_every_s=0.0,
                               start_done=step)
+  evaluations = scheduled_evaluations(config)
+  if step == 0 and 0 in evaluations:
+    run_eval(0)
   watcher = preemption.Watcher(checkpointer.manager)
   try:
     while step < config.num_steps:
-      n = next_dispatch_size(step, config)
+      n = next_dispatch_size(step, config, evaluations)
       state, metrics = train_fn(state, *feed.args(n))  # async: the next batches overlap compute
       in_flight.add(metrics)  # at most two dispatches queued: see runtime/dispatch.py
       pending.append((n, metrics))
@@ -148,7 +164,7 @@ def train(config, workdir, dataset=None):
         _check_skips(runner.get(state.consecutive_skips), config, step, checkpointer)
         pending, window_start, window_step = [], time.perf_counter(), step
       eval_row = None
-      if every(step, config.eval.every_steps) and step < config.num_steps:
+      if (every(step, config.eval.every_steps) or step in evaluations) and step < config.num_steps:
         eval_row = run_eval(step)
       stop = watcher.should_stop(step)
       if stop or step == config.num_steps or every(step, config.checkpoint.every_steps):

@@ -1,0 +1,44 @@
+"""A small VDVAE-class hierarchical VAE for dynamically binarized Fashion-MNIST, sized to train
+meaningfully in about 30 minutes on a 2-core CPU (the protocol of Burda et al.: a Bernoulli
+likelihood, the test set binarized once with a fixed seed).
+
+28x28 padded to 32x32; 15 latent layers of 8 channels at resolutions 1, 4, 8, 16, 32 (2, 3, 4,
+4, 2), widths 128 down to 16, bottleneck 0.5, SiLU; Adamax with warm-up and cosine decay, EMA,
+KL warm-up, the adaptive gradient skip.
+
+    flaxvae train --config configs/fashion_mnist_vdvae.py --workdir runs/vdvae
+    flaxvae sample --workdir runs/vdvae --temperature 0.8
+    flaxvae sample --workdir runs/vdvae --keep_layers 0,1,3,7,15
+"""
+from flaxvae import defaults
+
+
+def get_config(arg=None):
+  config = defaults.base_config()
+  config.model = defaults.model_config(
+      "vdvae", dec_layers="1:2,4:3,8:4,16:4,32:2", enc_blocks="32:2,16:2,8:3,4:2,1:2",
+      widths="32:16,16:32,8:64,4:96,1:128", bottleneck=0.5, latent_channels=8, pad_to=32,
+      activation="silu")
+  config.data.protocol = "binarized"
+  config.objective.likelihood = "bernoulli"
+  config.objective.kl_warmup_steps = 2_000
+  config.batch_size = 64
+  config.num_steps = 30_000
+  config.optimizer.name = "adamax"
+  config.optimizer.learning_rate = 2e-3
+  config.optimizer.schedule = "warmup_cosine"
+  config.optimizer.warmup_steps = 200
+  config.optimizer.end_factor = 0.05
+  config.optimizer.adaptive_skip = 10.0
+  config.ema_decay = 0.999
+  # Convolutions in a rolled loop are slow on XLA:CPU: unrolled dispatches of a few steps.
+  config.steps_per_dispatch = 2
+  config.scan_unroll = 2
+  config.log_every_steps = 500
+  config.checkpoint.every_steps = 2_000
+  config.eval.every_steps = 5_000
+  config.eval.batch_size = 500
+  config.eval.num_examples = 1_000
+  config.eval.num_importance_samples = 20
+  config.eval.amortization_examples = 0
+  return defaults.tiny_variant(config) if arg == "tiny" else config
