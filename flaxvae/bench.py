@@ -101,7 +101,7 @@ def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, dataset=None
   images = run.train_images
   n = config.steps_per_dispatch
   train_fn = run.train_fn("indices")
-  state = runner.put(run.initial_state())
+  state = runner.put(run.initial_state(), "state")
   dataset = runner.put(images)
   stream = order.IndexStream(len(images), config.seed)
 
@@ -322,18 +322,20 @@ def _gib(nbytes):
   return round(nbytes / 2**30, 3)
 
 
-def aot_row(config, num_devices, image_shape=None):
+def aot_row(config, num_devices, image_shape=None, mesh=None):
   """Compiles one train dispatch for `num_devices` from shapes alone and reports parameters,
   FLOPs per example (one step on one device), per-device memory and compile time."""
   image_shape = tuple(image_shape or data_lib.open_dataset(config.data).image_shape)
   run = Run(config, abstract=True, image_shape=image_shape)
-  runner = parallel.Runner("shard_map", jax.devices()[:num_devices])
+  mesh = config.parallel.mesh if mesh is None else mesh
+  _, fsdp = parallel.parse_mesh(mesh, num_devices)
+  runner = parallel.Runner("shard_map", jax.devices()[:num_devices], fsdp=fsdp)
   n, batch = config.steps_per_dispatch, config.batch_size
   if batch % num_devices:
     raise UsageError(f"batch_size {batch} does not split over {num_devices} devices")
-  replicated = runner.sharding()
-  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                       run.initial_state())
+  abstract = run.initial_state()
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, runner.state_shardings(abstract))
   batches = jax.ShapeDtypeStruct((n, batch, *image_shape), jnp.uint8,
                                  sharding=runner.sharding(parallel.batch_axis(1), 5))
   start = time.perf_counter()
@@ -343,7 +345,8 @@ def aot_row(config, num_devices, image_shape=None):
   params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
   param_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state.params))
   opt_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state.opt_state))
-  row = dict(case="aot", model=config.model.name, num_devices=num_devices, batch_size=batch,
+  row = dict(case="aot", model=config.model.name, num_devices=num_devices, mesh=mesh or "data",
+             remat=bool(config.model.get("remat", False)), batch_size=batch,
              steps_per_dispatch=n, dtype=config.dtype, image_shape=list(image_shape),
              parameters=params, parameter_gib=_gib(param_bytes), optimizer_gib=_gib(opt_bytes),
              compile_s=round(compile_s, 1),

@@ -59,6 +59,15 @@ def validate(config):
   if config.parallel.backend not in parallel.BACKENDS:
     raise ConfigError(f"unknown parallel.backend {config.parallel.backend!r}: use "
                       f"{' or '.join(parallel.BACKENDS)}")
+  accumulate = config.optimizer.accumulate_steps
+  if accumulate <= 0:
+    raise ConfigError(f"optimizer.accumulate_steps must be positive, got {accumulate}")
+  if accumulate > 1 and config.objective.free_bits:
+    raise ConfigError("objective.free_bits floors the batch mean of the KL, which microbatches "
+                      "would change: use optimizer.accumulate_steps=1 with free bits")
+  if "fsdp" in config.parallel.mesh and config.optimizer.name == "lamb":
+    raise ConfigError("lamb scales each parameter by its own norm, which a slice cannot know: "
+                      "use adam, adamw or adamax with an fsdp mesh")
   if config.parallel.wait_timeout_s <= 0:
     raise ConfigError(f"parallel.wait_timeout_s must be positive, got "
                       f"{config.parallel.wait_timeout_s}")

@@ -66,6 +66,7 @@ def base_config():
   config.optimizer.eps = 1e-8
   config.optimizer.weight_decay = 0.0  # decoupled (adamw, adamax, lamb)
   config.optimizer.grad_clip_norm = 0.0  # 0 disables global-norm clipping
+  config.optimizer.accumulate_steps = 1  # microbatches per step, gradients averaged (same numbers, less memory)
   config.optimizer.skip_nonfinite = True  # a step with a NaN/inf loss or gradient leaves the state unchanged
   config.optimizer.skip_threshold = 0.0  # > 0: skip a step whose gradient norm exceeds this
   config.optimizer.adaptive_skip = 0.0  # > 0: also skip above this multiple of a running quantile of recent norms
@@ -81,6 +82,7 @@ def base_config():
   config.parallel = ml_collections.ConfigDict()
   config.parallel.backend = "shard_map"  # shard_map or pmap
   config.parallel.num_devices = 0  # 0: all devices JAX sees
+  config.parallel.mesh = ""  # "data:2,fsdp:4": parameters, optimizer state and EMA split over fsdp; "": all on data
   config.parallel.wait_timeout_s = 600.0  # the host waits this long on one dispatch before calling the run stuck
 
   config.checkpoint = ml_collections.ConfigDict()

@@ -37,6 +37,11 @@ class Run:
     self.step_cfg = step_lib.step_config(config)
     if for_training:
       self.runner = parallel.create_runner(config.parallel, config.batch_size)
+      per_device = config.batch_size // self.runner.num_devices
+      if per_device % config.optimizer.accumulate_steps:
+        raise ConfigError(f"each device's {per_device} examples do not split into "
+                          f"optimizer.accumulate_steps={config.optimizer.accumulate_steps} "
+                          "microbatches: make batch_size / devices a multiple of it")
       self.pipeline = data_lib.choose_pipeline(config.data, self.dataset, config.data.train_split)
     else:
       self.runner = parallel.inference_runner(config.parallel)
@@ -115,7 +120,7 @@ class Run:
   def train_fn(self, inputs="indices", runner=None):
     """The jitted train function the trainer dispatches (train/step.py builds it)."""
     return step_lib.build_train_fn(runner or self.runner, self.graphdef, self.tx, self.step_cfg,
-                                   self.config.scan_unroll, inputs)
+                                   self.config.scan_unroll, self.initial_state(), inputs)
 
   def create_feed(self, data_state=None):
     """The feed of this run's training data, resumed at `data_state` if given."""

@@ -17,9 +17,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flaxvae.errors import ConfigError
 from flaxvae.runtime import dispatch
 
-AXIS = "data"  # the one named axis of the data-parallel mesh
+AXIS = "data"  # the data-parallel axis: the batch is split over it
+FSDP = "fsdp"  # the parameter axis: parameters and optimizer state are split over it too
 REPLICATED = "replicated"
 BACKENDS = ("shard_map", "pmap")
+FSDP_MIN_SIZE = 2**14  # arrays smaller than this stay whole on every device
 
 
 def batch_axis(axis: int):
@@ -27,16 +29,59 @@ def batch_axis(axis: int):
   return ("batch", axis)
 
 
+def parse_mesh(spec, num_devices):
+  """"data:2,fsdp:4" -> (data, fsdp) sizes for `num_devices`; "" puts every device on data."""
+  if not spec:
+    return num_devices, 1
+  sizes = {}
+  for part in str(spec).split(","):
+    name, _, size = part.partition(":")
+    if name not in (AXIS, FSDP) or not size.isdigit() or int(size) <= 0 or name in sizes:
+      raise ConfigError(f"parallel.mesh {spec!r}: give data:N and/or fsdp:M, e.g. "
+                        "'data:2,fsdp:4'")
+    sizes[name] = int(size)
+  data, fsdp = sizes.get(AXIS, 0), sizes.get(FSDP, 1)
+  data = data or num_devices // fsdp
+  if data * fsdp != num_devices:
+    raise ConfigError(f"parallel.mesh {spec!r} has {data * fsdp} devices but {num_devices} are "
+                      "used: make data x fsdp equal the device count (parallel.num_devices)")
+  return data, fsdp
+
+
+def fsdp_dim(shape, fsdp):
+  """The dimension an array of `shape` is split along over the fsdp axis, or None.
+
+  ZeRO-3 / FSDP: the largest dimension divisible by the axis size; arrays smaller than
+  FSDP_MIN_SIZE elements (biases, scalars, counters) stay whole on every device.
+  """
+  if fsdp <= 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+    return None
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      return dim
+  return None
+
+
 @dataclasses.dataclass
 class Runner:
   backend: str
   devices: Sequence[jax.Device]
   wait_timeout_s: float = 600.0  # a wait on device results longer than this is a stuck run
+  fsdp: int = 1  # devices each parameter is split over (1: replicated)
 
   def __post_init__(self):
     if self.backend not in BACKENDS:
       raise ConfigError(f"unknown parallel.backend {self.backend!r}: use shard_map or pmap")
-    self.mesh = Mesh(np.asarray(self.devices), (AXIS,))
+    if self.fsdp > 1 and self.backend == "pmap":
+      raise ConfigError("the pmap backend is pure data parallelism: it cannot split parameters "
+                        "over an fsdp axis; use parallel.backend=shard_map with parallel.mesh")
+    devices = np.asarray(self.devices)
+    if self.fsdp > 1:
+      self.mesh = Mesh(devices.reshape(-1, self.fsdp), (AXIS, FSDP))
+      self.batch_axes = (AXIS, FSDP)
+    else:
+      self.mesh = Mesh(devices, (AXIS,))
+      self.batch_axes = AXIS
 
   @property
   def num_devices(self):
@@ -46,17 +91,34 @@ class Runner:
   def num_local_devices(self):
     return sum(d.process_index == jax.process_index() for d in self.devices)
 
-  # -- placement ------------------------------------------------------------
+  # -- layouts ----------------------------------------------------------------
   def _spec(self, kind, ndim):
     if kind == REPLICATED:
       return P()
-    axis = kind[1]
-    return P(*([None] * axis), AXIS)
+    if isinstance(kind, P):
+      return kind
+    return P(*([None] * kind[1]), self.batch_axes)
 
+  def state_specs(self, tree):
+    """PartitionSpecs of a state tree: each array split over fsdp along `fsdp_dim`."""
+    def spec(x):
+      dim = fsdp_dim(np.shape(x), self.fsdp)
+      return P() if dim is None else P(*([None] * dim), FSDP)
+    return jax.tree.map(spec, tree)
+
+  def sharding(self, kind=REPLICATED, ndim=0):
+    """The NamedSharding of `kind` on this runner's mesh (for restoring checkpoints)."""
+    return NamedSharding(self.mesh, self._spec(kind, ndim))
+
+  def state_shardings(self, tree):
+    return jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.state_specs(tree))
+
+  # -- placement ------------------------------------------------------------
   def put(self, tree, kind=REPLICATED):
     """Host values (the same on every process) -> device values in this runner's layout.
 
-    For a batch-sharded kind, each process passes its own slice of the global batch.
+    For a batch-sharded kind, each process passes its own slice of the global batch; kind
+    "state" lays each array out as `state_specs` says.
     """
     if self.backend == "pmap":
       # pmap maps a leading device axis: stack one slice (or copy) per local device.
@@ -65,27 +127,41 @@ class Runner:
 
       def stack(x):
         x = np.asarray(x)
-        parts = [x] * n if kind == REPLICATED else np.split(x, n, axis=kind[1])
+        parts = [x] * n if kind in (REPLICATED, "state") else np.split(x, n, axis=kind[1])
         return jax.make_array_from_process_local_data(stacked, np.stack(parts))
       return jax.tree.map(stack, tree)
+    if kind == "state":
+      return jax.tree.map(self._place_whole, tree, self.state_shardings(tree))
 
     def place(x):
       x = np.asarray(x) if not isinstance(x, jax.Array) else x
       sharding = NamedSharding(self.mesh, self._spec(kind, x.ndim))
       if kind == REPLICATED:
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-          return x
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        return self._place_whole(x, sharding)
       return jax.make_array_from_process_local_data(sharding, np.asarray(x))
     return jax.tree.map(place, tree)
 
+  @staticmethod
+  def _place_whole(x, sharding):
+    """A value every process holds whole -> a global array laid out as `sharding`."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
   def get(self, tree):
-    """Replicated device values -> one host copy (numpy), whatever the backend."""
+    """Device values (replicated or split over fsdp) -> one whole host copy (numpy)."""
     dispatch.wait(tree, self.wait_timeout_s)
     if self.backend == "pmap":
       return jax.tree.map(lambda x: np.asarray(x[0]), tree)
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+    def whole(x):
+      if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      if x.is_fully_addressable:
+        return np.asarray(x)
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(whole, tree)
 
   def gather(self, tree):
     """Batch-sharded device values (axis 0) -> full host arrays, from every process."""
@@ -103,10 +179,6 @@ class Runner:
       return jax.tree.map(lambda x: x[0], tree)
     return tree
 
-  def sharding(self, kind=REPLICATED, ndim=0):
-    """The NamedSharding of `kind` on this runner's mesh (for restoring checkpoints)."""
-    return NamedSharding(self.mesh, self._spec(kind, ndim))
-
   # -- wrapping -------------------------------------------------------------
   def wrap(self, fn: Callable, in_kinds, out_kinds, donate_argnums=()):
     """Compiles the per-device `fn` for all devices.
@@ -118,8 +190,15 @@ class Runner:
       # pmap maps the leading (device) axis; batch-sharded arrays were split by `put`.
       return jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate_argnums)
 
+    def spec_of(kind):
+      if kind == REPLICATED or isinstance(kind, P):
+        return self._spec(kind, 0)
+      if isinstance(kind, tuple) and len(kind) == 2 and kind[0] == "batch":
+        return self._spec(kind, kind[1] + 1)
+      return kind  # a pytree of PartitionSpecs (a state laid out by state_specs)
+
     def spec_tree(kinds):
-      return tuple(self._spec(k, 0) if k == REPLICATED else self._spec(k, k[1] + 1) for k in kinds)
+      return tuple(spec_of(k) for k in kinds)
 
     in_specs, out_specs = spec_tree(in_kinds), spec_tree(out_kinds)
     if len(out_kinds) == 1:
@@ -130,7 +209,8 @@ class Runner:
 
 
 def create_runner(parallel_config, batch_size):
-  """The training runner for `config.parallel`, after checking the batch splits over devices."""
+  """The training runner for `config.parallel`, after checking the batch splits over devices
+  and the mesh (`parallel.mesh`, e.g. "data:2,fsdp:4") covers them."""
   devices = jax.devices()
   wanted = parallel_config.num_devices or len(devices)
   if wanted > len(devices):
@@ -144,7 +224,8 @@ def create_runner(parallel_config, batch_size):
                       "or set parallel.num_devices")
   if parallel_config.backend == "pmap" and jax.process_count() > 1 and wanted != len(devices):
     raise ConfigError("parallel.num_devices must be 0 with the pmap backend on several processes")
-  return Runner(parallel_config.backend, devices[:wanted], parallel_config.wait_timeout_s)
+  _, fsdp = parse_mesh(parallel_config.mesh, wanted)
+  return Runner(parallel_config.backend, devices[:wanted], parallel_config.wait_timeout_s, fsdp)
 
 
 def inference_runner(parallel_config):

@@ -314,5 +314,9 @@ def trained_params(workdir):
 
 
 def abstract_like(tree, sharding):
-  """ShapeDtypeStructs of `tree` placed with `sharding`: the target of a restore."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+  """ShapeDtypeStructs of `tree` placed with `sharding` (one, or a tree of them): the target of
+  a restore, which lays the saved arrays out so whatever mesh wrote them."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      sharding)

@@ -53,15 +53,14 @@ def create_optimizer(opt_config, num_steps):
   """The gradient transformation, and the schedule (so the trainer can log the rate).
 
   Groups in `optimizer.frozen` (top-level parameter keys) get zero updates: trained as a
-  fixed part of the model (the encoder-only experiment freezes the decoder).
+  fixed part of the model (the encoder-only experiment freezes the decoder). Gradient
+  clipping happens in the train step, which knows the norm of sharded gradients.
   """
   make = OPTIMIZERS.get(opt_config.name)
   if not opt_config.learning_rate > 0:
     raise ConfigError(f"optimizer.learning_rate must be positive, got {opt_config.learning_rate}")
   schedule = learning_rate_schedule(opt_config, num_steps)
   tx = make(schedule, opt_config)
-  if opt_config.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
   if opt_config.frozen:
     frozen = set(opt_config.frozen)
     mask = lambda params: {k: jax.tree.map(lambda _: k in frozen, v) for k, v in params.items()}

@@ -10,6 +10,14 @@ Randomness does not depend on the device count: at step s each device draws the 
 whole global batch from fold_in(rng, s) and keeps its own rows. The redundant draws are tiny
 next to the step, one RNG call per layer instead of one per example, and the same seed and
 global batch give the same numbers on 1 device or 8, with either backend.
+
+Sharded parameters (FSDP / ZeRO-3, `Layout`): with an fsdp axis each device holds a slice of
+every large parameter, of its optimizer state and of its EMA. The step gathers the whole
+parameters (all-gather over fsdp), computes the gradient of its rows of the batch, and
+reduce-scatters it back to slices (psum_scatter over fsdp, mean over data), so the optimizer
+updates only its own slice. The collectives are explicit, in this one per-device function.
+Gradient accumulation (`accumulate_steps`) splits each device's rows into microbatches whose
+gradients are averaged before the one update: the numbers of the large batch, in less memory.
 """
 import dataclasses
 import functools
@@ -23,7 +31,7 @@ from flax import nnx
 from flaxvae.data import protocols
 from flaxvae.objectives import bounds
 from flaxvae.runtime import parallel
-from flaxvae.runtime.parallel import AXIS
+from flaxvae.runtime.parallel import AXIS, FSDP
 from flaxvae.train import guards
 
 
@@ -53,7 +61,48 @@ class StepConfig:
   skip_threshold: float = 0.0
   adaptive_skip: float = 0.0
   adaptive_skip_quantile: float = 0.9
+  grad_clip_norm: float = 0.0
+  accumulate_steps: int = 1
 
+
+class Layout(NamedTuple):
+  """Where the batch and the parameters live: the batch axes, and the fsdp split.
+
+  param_dims: per parameter, the dimension split over the fsdp axis, or -1 (whole on every
+  device); runtime/parallel.fsdp_dim decides it from the whole shape.
+  """
+  batch_axes: Any = AXIS
+  fsdp: int = 1
+  param_dims: Any = None
+
+  def gather(self, params):
+    """This device's slices -> whole parameters."""
+    if self.fsdp == 1:
+      return params
+    return jax.tree.map(lambda p, d: p if d < 0 else jax.lax.all_gather(p, FSDP, axis=d,
+                                                                        tiled=True),
+                        params, self.param_dims)
+
+  def reduce(self, grads):
+    """Whole per-device gradients -> the mean over every device, sliced as the parameters."""
+    if self.fsdp == 1:
+      return bounds.device_mean(grads, self.batch_axes)
+
+    def one(g, d):
+      if d < 0:
+        return bounds.device_mean(g, self.batch_axes)
+      g = jax.lax.psum_scatter(g, FSDP, scatter_dimension=d, tiled=True) / self.fsdp
+      return bounds.device_mean(g, AXIS)
+    return jax.tree.map(one, grads, self.param_dims)
+
+  def norm(self, grads):
+    """The global L2 norm of gradients held as slices (each slice counted once)."""
+    if self.fsdp == 1:
+      return optax.tree.norm(grads)
+    split = [g for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(self.param_dims)) if d >= 0]
+    whole = [g for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(self.param_dims)) if d < 0]
+    squares = lambda gs: sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g in gs), 0.0)
+    return jnp.sqrt(jax.lax.psum(squares(split), FSDP) + squares(whole))
 
 def step_config(config):
   """StepConfig from the resolved config: objective.* and optimizer.* keys of the same names."""
@@ -68,10 +117,16 @@ def step_config(config):
 class GlobalBatchNoise:
   """Draws noise for the whole global batch from one key and keeps this device's rows."""
 
-  def __init__(self, key, local_batch, num_samples):
+  def __init__(self, key, local_batch, num_samples, axes=AXIS):
     self.key, self.local_batch, self.num_samples = key, local_batch, num_samples
-    self.first = jax.lax.axis_index(AXIS) * local_batch
-    self.global_batch = local_batch * jax.lax.axis_size(AXIS)
+    self.first = jax.lax.axis_index(axes) * local_batch
+    self.global_batch = local_batch * jax.lax.axis_size(axes)
+
+  def rows(self, start, size):
+    """The noise of this device's rows [start, start + size): a microbatch's."""
+    view = object.__new__(GlobalBatchNoise)
+    view.__dict__.update(self.__dict__, first=self.first + start, local_batch=size)
+    return view
 
   def _rows(self, draw, stream, shape, axis):
     full = draw(jax.random.fold_in(self.key, stream), shape)
@@ -85,26 +140,36 @@ class GlobalBatchNoise:
                       (self.num_samples, self.global_batch, *shape), 1)
 
 
-def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images):
+def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState, images):
   """One optimizer update from this device's slice of the global batch."""
   noise = GlobalBatchNoise(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
-                           images.shape[0], cfg.num_samples)
+                           images.shape[0], cfg.num_samples, layout.batch_axes)
   uniform = noise.uniform(images.shape[1:]) if cfg.protocol.dynamic else None
   x = protocols.train_targets(images, uniform, cfg.protocol)
   kl_scale = bounds.kl_weight(state.step, cfg.beta, cfg.kl_warmup_steps)
 
-  def loss_fn(params):
+  def loss_fn(params, x, noise):
     terms = nnx.merge(graphdef, params).terms(x, noise)
     values = bounds.per_example(terms, cfg.objective, kl_scale, cfg.free_bits, cfg.free_bits_per,
-                                axis_name=AXIS)
-    return jnp.mean(values["loss"]), values
+                                axis_name=layout.batch_axes)
+    return jnp.mean(values["loss"]), jax.tree.map(lambda v: jnp.mean(v, axis=0), values)
 
-  (_, values), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = bounds.device_mean(grads, AXIS)
-  metrics = bounds.device_mean({k: jnp.mean(v, axis=0) for k, v in values.items()}, AXIS)
-  grad_norm = optax.tree.norm(grads)
+  whole = layout.gather(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if cfg.accumulate_steps == 1:
+    (_, values), grads = grad_fn(whole, x, noise)
+  else:  # microbatches of this device's rows, averaged: the large batch's gradient
+    size = x.shape[0] // cfg.accumulate_steps
+    parts = [grad_fn(whole, x[m * size:(m + 1) * size], noise.rows(m * size, size))
+             for m in range(cfg.accumulate_steps)]
+    values, grads = jax.tree.map(lambda *a: sum(a) / len(a), *[(v, g) for (_, v), g in parts])
+  grads = layout.reduce(grads)
+  metrics = bounds.device_mean(values, layout.batch_axes)
+  grad_norm = layout.norm(grads)
+  if cfg.grad_clip_norm:  # here, not in optax: the norm of sliced gradients needs the layout
+    grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, cfg.grad_clip_norm / grad_norm), grads)
   ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  if guards.enabled(cfg):  # grad_norm is pmean'd: every device takes the same decision
+  if guards.enabled(cfg):  # grad_norm is reduced: every device takes the same decision
     ok &= grad_norm <= guards.threshold(state.guard, cfg)
 
   def update(_):
@@ -129,8 +194,8 @@ def train_step(graphdef, tx, cfg: StepConfig, state: TrainState, images):
   return new_state, metrics
 
 
-def train_steps(graphdef, tx, cfg: StepConfig, unroll: int, state: TrainState, batches,
-                batch_of=lambda b: b):
+def train_steps(graphdef, tx, cfg: StepConfig, layout: Layout, unroll: int, state: TrainState,
+                batches, batch_of=lambda b: b):
   """`len(batches)` train steps in one lax.scan; returns the mean of each metric.
 
   `batch_of` turns a scanned item into the step's uint8 images (the identity for
@@ -138,7 +203,7 @@ def train_steps(graphdef, tx, cfg: StepConfig, unroll: int, state: TrainState, b
   only reads them when it logs.
   """
   def body(state, item):
-    return train_step(graphdef, tx, cfg, state, batch_of(item))
+    return train_step(graphdef, tx, cfg, layout, state, batch_of(item))
 
   # A rolled loop (even of one trip) runs convolutions many times slower on XLA:CPU, so
   # dispatches no longer than `unroll` are unrolled completely: straight-line code, no loop.
@@ -154,30 +219,40 @@ def train_steps(graphdef, tx, cfg: StepConfig, unroll: int, state: TrainState, b
   return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
-def gather_train_steps(graphdef, tx, cfg, unroll, state, dataset, indices):
+def gather_train_steps(graphdef, tx, cfg, layout, unroll, state, dataset, indices):
   """train_steps over batches gathered on device from a device-resident dataset.
 
   Each step gathers its own batch inside the loop: no [steps, batch, *image] copy.
   """
-  return train_steps(graphdef, tx, cfg, unroll, state, indices, lambda idx: dataset[idx])
+  return train_steps(graphdef, tx, cfg, layout, unroll, state, indices, lambda idx: dataset[idx])
 
 
-def build_train_fn(runner: parallel.Runner, graphdef, tx, cfg: StepConfig, unroll: int,
+def layout_of(runner: parallel.Runner, params):
+  """The Layout of `params` on `runner`'s mesh."""
+  dims = jax.tree.map(lambda p: -1 if (d := parallel.fsdp_dim(p.shape, runner.fsdp)) is None
+                      else d, params)
+  return Layout(runner.batch_axes, runner.fsdp, dims)
+
+
+def build_train_fn(runner: parallel.Runner, graphdef, tx, cfg: StepConfig, unroll: int, state,
                    inputs="indices"):
   """The jitted train function, state donated: the only place it is assembled.
 
   inputs "indices": (state, dataset, indices [n, batch]) gathering on device (in-memory feed);
   "batches": (state, uint8 batches [n, batch, H, W, C]) (streaming feed);
   "one_step": (state, uint8 batch [batch, H, W, C]), one step without a loop (cost analysis).
+  `state` (arrays or shapes) gives the layout of the state on the runner's mesh.
   Returns (state, metrics averaged over the dispatch's steps).
   """
   R, batch = parallel.REPLICATED, parallel.batch_axis
+  layout = layout_of(runner, state.params)
   if inputs == "indices":
-    fn, kinds = functools.partial(gather_train_steps, graphdef, tx, cfg, unroll), (R, batch(1))
+    fn, kinds = functools.partial(gather_train_steps, graphdef, tx, cfg, layout, unroll), (R, batch(1))
   elif inputs == "batches":
-    fn, kinds = functools.partial(train_steps, graphdef, tx, cfg, unroll), (batch(1),)
+    fn, kinds = functools.partial(train_steps, graphdef, tx, cfg, layout, unroll), (batch(1),)
   elif inputs == "one_step":
-    fn, kinds = functools.partial(train_step, graphdef, tx, cfg), (batch(0),)
+    fn, kinds = functools.partial(train_step, graphdef, tx, cfg, layout), (batch(0),)
   else:
     raise ValueError(f"unknown inputs {inputs!r}: use indices, batches or one_step")
-  return runner.wrap(fn, (R, *kinds), (R, R), donate_argnums=(0,))
+  state_kind = runner.state_specs(state) if runner.backend == "shard_map" else R
+  return runner.wrap(fn, (state_kind, *kinds), (state_kind, R), donate_argnums=(0,))

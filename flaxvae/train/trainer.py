@@ -89,7 +89,8 @@ def train(config, workdir, dataset=None):
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
   config_json = dict(config_lib.to_json(config), image_shape=list(run.image_shape))
   state, data_state = run.initial_state(), None
-  target = checkpoint_lib.abstract_like(state, runner.sharding())
+  target = checkpoint_lib.abstract_like(state, runner.state_shardings(state)
+                                        if runner.backend == "shard_map" else runner.sharding())
   restored = checkpointer.restore_latest(target, config_json)
   if restored is not None:
     latest, state, data_state, _ = restored
@@ -100,7 +101,7 @@ def train(config, workdir, dataset=None):
   # --------------------------------------------------------------------------
   # State and outputs: the checks passed, so the run may write.
   # --------------------------------------------------------------------------
-  state = runner.put(state)
+  state = runner.put(state, "state")
   checkpointer.start_writing()
   if outputs.is_writer():
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -166,3 +166,20 @@ def test_partial_multiprocess_flags_are_refused():
   with pytest.raises(ConfigError, match="must be in"):
     distributed.explicit_settings("127.0.0.1:1234", 2, 5)
   assert shutil.which("bash")
+
+
+def test_fsdp_over_two_processes_continues_a_one_process_fsdp_checkpoint(tmp_path, data_dir):
+  """Parameters split over fsdp across processes: 2 processes x 4 devices (data:2,fsdp:4)
+  resume a checkpoint written by 1 process x 8 devices and train as 1 x 8 would."""
+  fsdp = ["--config.parallel.mesh=data:2,fsdp:4", "--config.model.hidden=(64,)"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  result = launch(1, 8, one, data_dir, *fsdp, "--config.num_steps=8")
+  assert result.returncode == 0, result.stderr[-3000:]
+  shutil.copytree(one, two)
+  for workdir, processes, devices in ((two, 2, 4), (one, 1, 8)):
+    result = launch(processes, devices, workdir, data_dir, *fsdp, "--config.num_steps=16",
+                    "--config.checkpoint.allow_config_change=True")
+    assert result.returncode == 0, result.stderr[-3000:]
+  import jax
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               final_params(two), final_params(one))
