@@ -2,13 +2,15 @@
 meaningfully in about 30 minutes on a 2-core CPU (the protocol of Burda et al.: a Bernoulli
 likelihood, the test set binarized once with a fixed seed).
 
-28x28 padded to 32x32; 15 latent layers of 8 channels at resolutions 1, 4, 8, 16, 32 (2, 3, 4,
-4, 2), widths 128 down to 16, bottleneck 0.5, SiLU; Adamax with warm-up and cosine decay, EMA,
-KL warm-up, the adaptive gradient skip.
+28x28 padded to 32x32; 12 latent layers of 8 channels at resolutions 1, 4, 8, 16, 32 (2, 3, 4,
+2, 1), widths 64 down to 16, bottleneck 0.5, ReLU; Adamax with warm-up and cosine decay, EMA,
+KL warm-up, the adaptive gradient skip. Sized for XLA:CPU, where narrow convolutions at high
+resolution are slow (their layout transposes and elementwise passes cost more than their
+arithmetic) and SiLU's exponentials cost a fifth of the step: most layers sit at 8x8 and 4x4.
 
     flaxvae train --config configs/fashion_mnist_vdvae.py --workdir runs/vdvae
     flaxvae sample --workdir runs/vdvae --temperature 0.8
-    flaxvae sample --workdir runs/vdvae --keep_layers 0,1,3,7,15
+    flaxvae sample --workdir runs/vdvae --keep_layers 0,1,2,5,9,12
 """
 from flaxvae import defaults
 
@@ -16,9 +18,9 @@ from flaxvae import defaults
 def get_config(arg=None):
   config = defaults.base_config()
   config.model = defaults.model_config(
-      "vdvae", dec_layers="1:2,4:3,8:4,16:4,32:2", enc_blocks="32:2,16:2,8:3,4:2,1:2",
-      widths="32:16,16:32,8:64,4:96,1:128", bottleneck=0.5, latent_channels=8, pad_to=32,
-      activation="silu")
+      "vdvae", dec_layers="1:2,4:3,8:4,16:2,32:1", enc_blocks="32:1,16:1,8:2,4:2,1:1",
+      widths="32:16,16:32,8:64,4:64,1:64", bottleneck=0.5, latent_channels=8, pad_to=32,
+      activation="relu")
   config.data.protocol = "binarized"
   config.objective.likelihood = "bernoulli"
   config.objective.kl_warmup_steps = 2_000
