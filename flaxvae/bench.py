@@ -28,10 +28,12 @@ import numpy as np
 from flaxvae import data as data_lib
 from flaxvae.data import feeds, order
 from flaxvae.errors import UsageError
+from flaxvae.eval import diagnostics, evaluation
+from flaxvae.eval.evaluator import Evaluator
 from flaxvae.run import Run
 from flaxvae.runtime import parallel, xla_flags
 
-CASES = ("default", "dispatch", "scaling", "depth")
+CASES = ("default", "dispatch", "scaling", "depth", "eval")
 AOT_CHILD = "FLAXVAE_BENCH_AOT_CHILD"  # set in a child compiling for more devices than this one has
 
 
@@ -205,6 +207,10 @@ def run_cases(config, cases=CASES, *, steps=0, windows=5, device_counts=(1, 2, 4
       # A rolled conv loop is very slow on CPU: time it over fewer steps.
       timing = time_trainer(c, steps=steps, windows=windows if spd == 1 else 3, dataset=dataset)
       record(case_row("dispatch", c, timing, flops, peak, 1))
+  if "eval" in cases:
+    row = dict(eval_row(config, dataset), **env)
+    rows.append(row)
+    emit(json.dumps(row))
   if "depth" in cases:
     rows.extend(depth_rows(config, emit=lambda line: emit(json.dumps(dict(json.loads(line),
                                                                            **env)))))
@@ -322,9 +328,34 @@ def _gib(nbytes):
   return round(nbytes / 2**30, 3)
 
 
-def aot_row(config, num_devices, image_shape=None, mesh=None):
+def _compile_abstract(run, runner, batch, image_shape, n):
+  abstract = run.initial_state()
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, runner.state_shardings(abstract))
+  batches = jax.ShapeDtypeStruct((n, batch, *image_shape), jnp.uint8,
+                                 sharding=runner.sharding(parallel.batch_axis(1), 5))
+  start = time.perf_counter()
+  compiled = run.train_fn("batches", runner).lower(state, batches).compile()
+  return compiled, time.perf_counter() - start, state
+
+
+def parse_bytes(text):
+  """'80GB' / '16GiB' / '500MB' -> bytes."""
+  text = str(text).strip().upper().replace("IB", "B")
+  for unit, size in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
+    if text.endswith(unit):
+      try:
+        return int(float(text[:-len(unit)]) * size)
+      except ValueError:
+        break
+  raise UsageError(f"--device_memory {text!r}: give a size like 80GB or 16GiB")
+
+
+def aot_row(config, num_devices, image_shape=None, mesh=None, device_memory=None):
   """Compiles one train dispatch for `num_devices` from shapes alone and reports parameters,
-  FLOPs per example (one step on one device), per-device memory and compile time."""
+  FLOPs per example (one step on one device), per-device memory and compile time; with
+  `device_memory` (bytes) also the largest global batch whose step fits it, from a second
+  compile at twice the batch (activation memory grows linearly with the batch)."""
   image_shape = tuple(image_shape or data_lib.open_dataset(config.data).image_shape)
   run = Run(config, abstract=True, image_shape=image_shape)
   mesh = config.parallel.mesh if mesh is None else mesh
@@ -333,36 +364,40 @@ def aot_row(config, num_devices, image_shape=None, mesh=None):
   n, batch = config.steps_per_dispatch, config.batch_size
   if batch % num_devices:
     raise UsageError(f"batch_size {batch} does not split over {num_devices} devices")
-  abstract = run.initial_state()
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, runner.state_shardings(abstract))
-  batches = jax.ShapeDtypeStruct((n, batch, *image_shape), jnp.uint8,
-                                 sharding=runner.sharding(parallel.batch_axis(1), 5))
-  start = time.perf_counter()
-  compiled = run.train_fn("batches", runner).lower(state, batches).compile()
-  compile_s = time.perf_counter() - start
+  compiled, compile_s, state = _compile_abstract(run, runner, batch, image_shape, n)
   memory = _memory(compiled) or {}
-  params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
-  param_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state.params))
-  opt_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state.opt_state))
+  leaves = lambda tree: jax.tree.leaves(tree)
+  params = sum(int(np.prod(a.shape)) for a in leaves(state.params))
+  shards = lambda tree: sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
+                            for a in leaves(tree))
   row = dict(case="aot", model=config.model.name, num_devices=num_devices, mesh=mesh or "data",
              remat=bool(config.model.get("remat", False)), batch_size=batch,
              steps_per_dispatch=n, dtype=config.dtype, image_shape=list(image_shape),
-             parameters=params, parameter_gib=_gib(param_bytes), optimizer_gib=_gib(opt_bytes),
-             compile_s=round(compile_s, 1),
+             parameters=params, per_device_parameter_gib=_gib(shards(state.params)),
+             per_device_optimizer_gib=_gib(shards(state.opt_state)),
+             per_device_ema_gib=_gib(shards(state.ema_params)), compile_s=round(compile_s, 1),
              **{f"per_device_{k.replace('_size_in_bytes', '')}_gib": _gib(v)
                 for k, v in memory.items()})
   if num_devices == 1:
     row["flops_per_example"] = round(step_flops(run) / batch)
+  if device_memory:
+    used = lambda m: m["argument_size_in_bytes"] + m["temp_size_in_bytes"]
+    doubled, _, _ = _compile_abstract(run, runner, 2 * batch, image_shape, n)
+    per_example = (used(_memory(doubled)) - used(memory)) / batch  # per global example
+    fixed = used(memory) - per_example * batch
+    fits = int((device_memory - fixed) // per_example) if per_example > 0 else 0
+    row.update(device_memory_gib=_gib(device_memory),
+               per_device_activation_gib_per_example=_gib(per_example),
+               largest_batch=max(0, fits // num_devices * num_devices))
   return row
 
 
-def run_aot(config, device_counts, emit=print):
-  """aot_row for each device count this process has; a child process for larger counts."""
+def run_aot(config, device_counts, device_memory=None, emit=print):
+  """aot_row for each device count (this process must have them)."""
   rows = []
   for d in device_counts:
     if d <= jax.device_count():
-      row = dict(aot_row(config, d), **environment())
+      row = dict(aot_row(config, d, device_memory=device_memory), **environment())
       rows.append(row)
       emit(json.dumps(row))
   return rows
@@ -393,3 +428,52 @@ def depth_rows(config, depths=(4, 16, 64), emit=print):
         rows.append(row)
         emit(json.dumps(row))
   return rows
+
+
+# ----------------------------------------------------------------------------
+# Evaluation at the machine's limit: the K-sample importance pass and AIS.
+# ----------------------------------------------------------------------------
+def eval_row(config, dataset=None, num_examples=None, ais_examples=64):
+  """Seconds of the final evaluation's importance pass (K = eval.final_num_importance_samples
+  over eval.final_num_examples or the whole split) against its FLOP limit (XLA's cost of one
+  chunk times the chunks, at the measured matmul peak), and AIS's cost per 1,000 images with
+  the config's eval.ais_* settings. Random parameters: the cost does not depend on training."""
+  c = config.eval
+  run = Run(config, dataset, for_training=False)
+  images = run.eval_images
+  n = min(num_examples or c.final_num_examples or len(images), len(images))
+  k = c.final_num_importance_samples
+  evaluator = Evaluator(run.runner, images, c.batch_size)
+  rng = evaluation.eval_rng(config)
+  per_device = evaluator.batch_size // run.runner.num_devices
+  chunk = diagnostics.chunk_size(k, per_device)
+
+  def one_chunk(params, x, keys):
+    model = run.model_with(params)
+    return diagnostics.chunk_partials(diagnostics._terms_of(model, x), keys,
+                                      jnp.arange(chunk), k)["lse"]
+  x = jax.ShapeDtypeStruct((per_device, *run.image_shape), jnp.float32)
+  keys = jax.ShapeDtypeStruct((per_device, 2), jnp.uint32)
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), run.params)
+  chunk_flops = float(_cost(jax.jit(lambda p, x, kd: one_chunk(p, x, jax.vmap(
+      jax.random.wrap_key_data)(kd))).lower(params, x, keys).compile()).get("flops", 0.0))
+  flops = chunk_flops * (-(-k // chunk)) * (-(-n // per_device))
+  evaluation.importance_values(run, evaluator, run.params, rng, evaluator.batch_size, k, None)
+  start = time.perf_counter()  # compiled above: this is the pass alone
+  evaluation.importance_values(run, evaluator, run.params, rng, n, k, None)
+  seconds = time.perf_counter() - start
+  peak = matmul_peak()  # the host's: simulated devices share it
+  ais_fn = diagnostics.ais_fn(run.graphdef, run.protocol, c.ais_steps, c.ais_chains,
+                              c.ais_leapfrog, c.ais_init)
+  small = Evaluator(run.runner, images, ais_examples)
+  small.per_example("ais", ais_fn, run.params, rng, ais_examples)  # compiles
+  start = time.perf_counter()
+  small.per_example("ais", ais_fn, run.params, rng, ais_examples)
+  ais_seconds = time.perf_counter() - start
+  return dict(case="eval", model=config.model.name, num_examples=n, num_importance_samples=k,
+              seconds=round(seconds, 1), flop_limit_seconds=round(flops / peak, 1),
+              ratio_to_limit=round(seconds / (flops / peak), 3), flops=flops,
+              matmul_peak_flop_per_s=round(peak), ais_steps=c.ais_steps, ais_chains=c.ais_chains,
+              ais_leapfrog=c.ais_leapfrog,
+              ais_seconds_per_1000=round(ais_seconds * 1000 / ais_examples, 1),
+              iwae_seconds_per_1000=round(seconds * 1000 / n, 1))

@@ -236,6 +236,10 @@ def bench_command(argv):
                          "per-device memory (nothing runs, no data is read)", flag_values=fv)
     flags.DEFINE_list("devices", ["1", "8"], "--aot: device counts (simulated on CPU)",
                       flag_values=fv)
+    flags.DEFINE_string("mesh", None, "--aot: the mesh (as parallel.mesh), e.g. data:2,fsdp:4",
+                        flag_values=fv)
+    flags.DEFINE_string("device_memory", None, "--aot: also the largest global batch whose step "
+                        "fits this much memory per device, e.g. 80GB", flag_values=fv)
   fv, _ = _parse(argv, define)
   if fv.config is None:
     raise UsageError("bench needs --config configs/NAME.py")
@@ -243,7 +247,11 @@ def bench_command(argv):
   if fv.aot:
     import jax  # noqa: PLC0415
     counts = [int(d) for d in fv.devices]
-    bench.run_aot(fv.config, [d for d in counts if d <= jax.device_count()])
+    memory = bench.parse_bytes(fv.device_memory) if fv.device_memory else None
+    if fv.mesh is not None:
+      with fv.config.unlocked():
+        fv.config.parallel.mesh = fv.mesh
+    bench.run_aot(fv.config, [d for d in counts if d <= jax.device_count()], memory)
     rest = _without_flag(argv[1:], "--devices")
     for d in (d for d in counts if d > jax.device_count()):
       bench.in_child_with_devices([*rest, f"--devices={d}"], d, bench.AOT_CHILD)
