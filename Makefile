@@ -38,7 +38,7 @@ run: install
 	  "images: $(RUN_DIR)/images/  checkpoints: $(RUN_DIR)/checkpoints/  TensorBoard: $(RUN_DIR)/tensorboard/"
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Peers, `flaxvae train`, `flaxvae bench` (MLP, conv) and the PyTorch conv twin in one
 # invocation -> BENCHMARKS.md. PyTorch lives in its own venv, never in flaxvae's deps.

@@ -7,7 +7,12 @@
    evaluation), steady-state examples/s read from its metrics.jsonl (the median of the
    log windows after the first, which includes compilation);
 3. `flaxvae bench` on the MLP and conv configs (step timings, FLOPs, MFU, dispatch, scaling);
-4. the PyTorch twin of the conv VAE (benchmarks/torch_conv_vae.py) in .venv-torch.
+4. the PyTorch twins of the conv VAE and of the VDVAE configs (benchmarks/torch_*.py) in
+   .venv-torch, alternating with `flaxvae bench` on the same configs;
+5. the evaluation at the machine's limit (`bench --cases eval`: the K=5000 importance pass
+   against its FLOP limit, AIS per 1,000 images), the VDVAE's compile time and memory
+   against depth (`--cases depth`), and `bench --aot` for the large configs on 1, 8 and 64
+   simulated devices, data-parallel, fsdp and fsdp with rematerialisation.
 Ratios are the point: absolute figures move with machine load. On a shared host a
 neighbour can slow one run by 20%, so the compared runs alternate over `--rounds`
 rounds and each implementation is credited with its best round (noise only ever
@@ -54,6 +59,34 @@ def trainer_throughput():
               process_wall_s=wall, workdir=workdir)
 
 
+VDVAE = "configs/fashion_mnist_vdvae.py"
+AOT_CONFIGS = ("cifar10_vdvae", "imagenet32_vdvae", "imagenet64_vdvae", "ffhq256_vdvae")
+
+
+def aot_rows():
+  """`flaxvae bench --aot` rows: every large config on 1 and 8 devices, and ImageNet-64 and
+  FFHQ-256 on 8 and 64 devices data-parallel, with fsdp, and with fsdp and remat. Layers are
+  scanned (as on accelerators, where `scan_blocks` auto picks it): one compiled body keeps
+  the compile in seconds, whatever the depth."""
+  rows = []
+  common = ["--config.model.scan_blocks=scan", "--device_memory=80GB"]
+  for name in AOT_CONFIGS:
+    rows += json_lines([FLAXVAE, "bench", "--aot", "--config", f"configs/{name}.py",
+                        "--devices", "1,8", *common])
+  for name in ("imagenet64_vdvae", "ffhq256_vdvae"):
+    for devices, mesh in ((8, "fsdp:8"), (64, "data:8,fsdp:8")):
+      batch = [] if devices == 8 else ["--config.batch_size=128"]
+      variants = [[f"--devices={devices}", *batch]] + [
+          [f"--devices={devices}", f"--mesh={mesh}", *batch, *remat]
+          for remat in ([], ["--config.model.remat=True"])]
+      if devices == 8:
+        variants = variants[1:]  # the data-parallel 8-device row is above
+      for args in variants:
+        rows += json_lines([FLAXVAE, "bench", "--aot", "--config", f"configs/{name}.py",
+                            *args, *common])
+  return rows
+
+
 def table(header, rows):
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -67,7 +100,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
 
-  rounds = {k: [] for k in ("torch", "flax_jit", "flax_scan", "flaxvae_train", "conv", "torch_conv")}
+  rounds = {k: [] for k in ("torch", "flax_jit", "flax_scan", "flaxvae_train", "conv", "torch_conv",
+                            "vdvae", "torch_vdvae")}
   mlp = None
   for r in range(args.rounds):
     for impl in ("torch", "flax_jit", "flax_scan"):
@@ -79,7 +113,19 @@ def main():
                             "--cases", cases, "--windows", "3"])
     rounds["conv"].append(conv_rows)
     rounds["torch_conv"].append(json_lines([TORCH_PY, "benchmarks/torch_conv_vae.py"])[0])
+    rounds["vdvae"].append(json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases",
+                                       "default", "--windows", "3"])[0])
+    rounds["torch_vdvae"].append(json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config",
+                                             "vdvae", "--windows", "3"])[0])
   mlp = json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_mlp.py"])
+  effvdvae = json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_effvdvae.py",
+                         "--cases", "default", "--steps", "3", "--windows", "3"])[0]
+  torch_effvdvae = json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "effvdvae",
+                               "--steps", "3", "--windows", "3"])[0]
+  evaluation = json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_mlp.py",
+                           "--cases", "eval"])[0]
+  depth = json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases", "depth"])
+  aot = aot_rows()
 
   def best(runs):
     return max(runs, key=lambda x: x["examples_per_s"])
@@ -91,6 +137,7 @@ def main():
   per_round = {k: [round(x["examples_per_s"]) for x in v] for k, v in rounds.items() if k != "conv"}
   per_round["conv"] = [round(next(x for x in rows if x["case"] == "default")["examples_per_s"])
                        for rows in rounds["conv"]]
+  vdvae, torch_vdvae = best(rounds["vdvae"]), best(rounds["torch_vdvae"])
 
   scan, torch_mlp = peers["flax_scan"]["examples_per_s"], peers["torch"]["examples_per_s"]
   t = trainer["examples_per_s"]
@@ -127,13 +174,59 @@ def main():
       "What limits the conv step (a jax.profiler trace of one step on this machine, "
       "2026-11-24, not re-measured by this run): XLA:CPU runs the convolutions in Eigen "
       "(flaxvae routes them away from YNNPACK, which ran this step at 0.64x PyTorch; "
-      "`flaxvae/xla_flags.py`); about a quarter of the step is layout transposes that put "
+      "`flaxvae/runtime/xla_flags.py`); about a quarter of the step is layout transposes that put "
       "activations and gradients in [C, H, W, B] order for the kernel-gradient convolutions, "
       "and about a sixth is elementwise work (bias, ReLU, their masks) that Eigen does not "
-      "fuse into the convolutions. glibc malloc tunables (`flaxvae/malloc.py`) stop each "
+      "fuse into the convolutions. glibc malloc tunables (`flaxvae/runtime/malloc.py`) stop each "
       "dispatch from page-faulting its 65 MB of scratch memory in again. Inside a rolled loop XLA:CPU keeps the loop's layouts, "
       "cannot call Eigen and emits naive convolution loops (the `dispatch` row with unroll 1), "
       "so conv configs unroll their steps per dispatch.", "",
+      "## VDVAE (configs/fashion_mnist_vdvae.py) against its PyTorch twin", "",
+      table(["implementation", "examples/s", "ratio"],
+            [["flaxvae (bench, default case)", vdvae["examples_per_s"],
+              f"{vdvae['examples_per_s'] / torch_vdvae['examples_per_s']:.2f}"],
+             ["torch (benchmarks/torch_vdvae.py, channels_last)", torch_vdvae["examples_per_s"],
+              "1.00"],
+             ["FLOP limit (XLA cost / matmul peak)", vdvae["limit_examples_per_s"],
+              f"{vdvae['limit_examples_per_s'] / torch_vdvae['examples_per_s']:.2f}"]]), "",
+      f"- flaxvae / torch = **{vdvae['examples_per_s'] / torch_vdvae['examples_per_s']:.2f}** "
+      f"(goal >= 1.5); MFU {vdvae['mfu']:.3f} of the measured matmul peak.",
+      f"- Efficient-VDVAE's binarized-MNIST architecture (configs/fashion_mnist_effvdvae.py, "
+      f"{effvdvae['flops_per_example'] / 1e9:.1f} GFLOP per training example, batch 32): "
+      f"flaxvae {effvdvae['step_ms'] / 1000:.2f} s per step "
+      f"({effvdvae['examples_per_s']:.1f} examples/s), its PyTorch twin "
+      f"{32 / torch_effvdvae['examples_per_s']:.2f} s "
+      f"({torch_effvdvae['examples_per_s']:.1f} examples/s): "
+      f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.", "",
+      "## The final evaluation at the machine's limit", "",
+      f"The default config's final importance pass (K = {evaluation['num_importance_samples']} "
+      f"over {evaluation['num_examples']} test images, `bench --cases eval`): "
+      f"{evaluation['seconds']} s against {evaluation['flop_limit_seconds']} s at the "
+      f"measured matmul peak, **{evaluation['ratio_to_limit']:.2f}x** the FLOP-limit time "
+      f"(goal <= 1.3); {evaluation['iwae_seconds_per_1000']} s per 1,000 images. AIS "
+      f"({evaluation['ais_steps']} steps, {evaluation['ais_chains']} chains, "
+      f"{evaluation['ais_leapfrog']} leapfrog steps): {evaluation['ais_seconds_per_1000']} s "
+      "per 1,000 images.", "",
+      "## Depth: compile time and memory (configs/fashion_mnist_vdvae.py, its 8x8 group)", "",
+      table(["layers in the group", "scan", "remat", "compile s", "temp GiB per device",
+             "argument GiB"],
+            [[r["depth"], r["scan_blocks"], r["remat"], r["compile_s"],
+              r.get("per_device_temp_gib"), r.get("per_device_argument_gib")] for r in depth]),
+      "",
+      "## Ahead of time: the large configs (`flaxvae bench --aot`, shapes only)", "",
+      table(["config", "devices", "mesh", "remat", "batch", "parameters", "GFLOP/example",
+             "params GiB/dev", "optimizer GiB/dev", "EMA GiB/dev", "temp GiB/dev",
+             "largest batch in 80 GB/dev", "compile s"],
+            [[r["model"] + " " + "x".join(str(v) for v in r["image_shape"]), r["num_devices"],
+              r["mesh"], r["remat"], r["batch_size"], f"{r['parameters'] / 1e6:.1f}M",
+              round(r["flops_per_example"] / 1e9, 1) if "flops_per_example" in r else "",
+              r["per_device_parameter_gib"], r["per_device_optimizer_gib"],
+              r["per_device_ema_gib"], r.get("per_device_temp_gib"), r.get("largest_batch"),
+              r["compile_s"]] for r in aot]), "",
+      "Per-device memory from XLA's memory analysis of the compiled step on XLA:CPU (the "
+      "accelerator's compiler lays memory out differently; the parameter and optimizer "
+      "columns are exact either way). `largest batch` extrapolates the step's memory "
+      "linearly from two compiles (batch and twice the batch).", "",
       "## Every bench case", "",
       table(["model", "case", "devices", "steps/dispatch", "unroll", "compile s", "step ms",
              "examples/s", "MFLOP/example", "MFU", "all-reduce ms", "overhead vs 1 device"],
@@ -145,7 +238,8 @@ def main():
       "partitioning and collectives, not a speed-up.", "",
       "## Raw results", "", "```json",
       *[json.dumps(x) for x in [*peers.values(), dict(trainer, impl="flaxvae_train"), *mlp,
-                                *conv, torch_conv]], "```", ""]
+                                *conv, torch_conv, vdvae, torch_vdvae, effvdvae, torch_effvdvae,
+                                evaluation, *depth, *aot]], "```", ""]
   with open(args.out, "w") as f:
     f.write("\n".join(md))
   print(f"wrote {args.out}")

@@ -40,7 +40,8 @@ def validate(config):
   for key in ("num_steps", "batch_size", "steps_per_dispatch", "scan_unroll", "log_every_steps"):
     if config[key] <= 0:
       raise ConfigError(f"{key} must be positive, got {config[key]}")
-  for key in ("checkpoint.every_steps", "eval.every_steps", "max_consecutive_skips"):
+  for key in ("checkpoint.every_steps", "eval.every_steps", "max_consecutive_skips",
+              "time_budget_s"):
     section, _, name = key.rpartition(".")
     value = config[section][name] if section else config[name]
     if value < 0:

@@ -28,6 +28,7 @@ def base_config():
   config.log_every_steps = 1000
   config.ema_decay = 0.0  # > 0 keeps an EMA of the parameters, used for evaluation
   config.max_consecutive_skips = 50
+  config.time_budget_s = 0.0  # > 0: stop training at the first log step after this many seconds, then evaluate
 
   config.model = model_config("mlp")
 

@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from flaxvae import config as config_lib
 from flaxvae import console
@@ -151,7 +152,8 @@ def train(config, workdir, dataset=None):
       pending.append((n, metrics))
       sizes_run.add(n)
       step += n
-      if step % config.log_every_steps == 0 or step == config.num_steps:
+      logged = step % config.log_every_steps == 0 or step == config.num_steps
+      if logged:
         check_no_recompilation(train_fn, sizes_run)
         row = _mean_rows([(k, runner.get(m)) for k, m in pending])
         now = time.perf_counter()
@@ -168,7 +170,10 @@ def train(config, workdir, dataset=None):
       if (every(step, config.eval.every_steps) or step in evaluations) and step < config.num_steps:
         eval_row = run_eval(step)
       stop = watcher.should_stop(step)
-      if stop or step == config.num_steps or every(step, config.checkpoint.every_steps):
+      out_of_time = logged and config.time_budget_s and _all_agree(
+          time.perf_counter() - started >= config.time_budget_s)
+      if (stop or out_of_time or step == config.num_steps
+          or every(step, config.checkpoint.every_steps)):
         checkpointer.save(step, runner.unreplicate(state), feed.state(), config_json, eval_row)
         log.info("checkpoint step %d: save() blocked the loop %.1f ms", step,
                  1e3 * checkpointer.last_blocked_s)
@@ -178,6 +183,10 @@ def train(config, workdir, dataset=None):
                     "command to resume", step, signal.Signals(watcher.signum).name,
                     checkpointer.directory)
         raise preemption.Preempted(watcher.signum, step)
+      if out_of_time:
+        log.info("time_budget_s=%s reached at step %d: evaluating that checkpoint",
+                 config.time_budget_s, step)
+        break
   except DeviceTimeout:
     watcher.close()  # the runtime is wedged: waiting for a save would hang too
     progress.close()
@@ -222,6 +231,13 @@ def _already_evaluated(workdir, config, step):
   log.info("step %d is already evaluated in %s/eval.json; `flaxvae evaluate --workdir %s` "
            "evaluates it again", step, workdir, workdir)
   return row
+
+
+def _all_agree(flag):
+  """True when any process says so: every process must stop at the same step."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _mean_rows(pending):

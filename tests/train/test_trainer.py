@@ -129,3 +129,10 @@ def test_a_run_evaluates_on_another_device_count(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "written:" in result.stdout
+
+
+def test_a_time_budget_ends_training_at_a_log_step_and_evaluates_it(tmp_path):
+  c = tiny_config(num_steps=10_000, time_budget_s=1e-9, log_every_steps=3)
+  trainer.train(c, str(tmp_path), array_dataset(64, 16))
+  steps = checkpoint_lib.Checkpointer(str(tmp_path), c.checkpoint).all_steps()
+  assert steps == [3] and json.loads((tmp_path / "eval.json").read_text())["step"] == 3
