@@ -17,7 +17,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import flaxvae

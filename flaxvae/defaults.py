@@ -143,3 +143,47 @@ def tiny_variant(config, image_shape=None):
                          (p.split(":") for p in widths.split(","))))
     m.latent_channels = min(m.latent_channels, 4)
   return c
+
+
+def sibling(config_file, name, arg=None):
+  """get_config(arg) of config `name` in the folder of `config_file` (a config's __file__):
+  a config that is another one with a few changes says so instead of repeating it."""
+  import importlib.util  # noqa: PLC0415  (config files only)
+  import os  # noqa: PLC0415
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(f"flaxvae_config_{name[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def vdvae_recipe(*, data, dec_layers, enc_blocks, width, learning_rate, grad_clip, skip_threshold,
+                 ema_decay, batch_size, dims):
+  """VDVAE's published recipe (openai/vdvae hps.py) for `data`: bottleneck 0.25, 16 latent
+  channels, a 10-component mixture of logistics on 8-bit data, AdamW (b2 0.9, weight decay
+  0.01) after 100 warm-up steps. VDVAE's loss is per dimension and flaxvae's per example, so
+  its clip and skip thresholds are multiplied by `dims`, the dimensions per example."""
+  config = base_config()
+  config.model = model_config("vdvae", dec_layers=dec_layers, enc_blocks=enc_blocks,
+                              widths=str(width), bottleneck=0.25, latent_channels=16, pad_to=0,
+                              activation="gelu")
+  config.data.name = data
+  config.data.protocol = "8bit"
+  config.objective.likelihood = "mixture_logistic"
+  config.objective.num_mixtures = 10
+  config.batch_size = batch_size
+  config.num_steps = 1_000_000
+  o = config.optimizer
+  o.name, o.learning_rate, o.b2, o.weight_decay = "adamw", learning_rate, 0.9, 0.01
+  o.schedule, o.warmup_steps = "warmup_constant", 100
+  o.grad_clip_norm, o.skip_threshold = grad_clip * dims, skip_threshold * dims
+  config.ema_decay = ema_decay
+  config.log_every_steps = 100
+  config.checkpoint.every_steps = 5_000
+  config.eval.every_steps = 25_000
+  config.eval.batch_size = 64
+  config.eval.num_examples = 1_000
+  config.eval.num_importance_samples = 10
+  config.eval.final_num_importance_samples = 100
+  config.eval.amortization_examples = 0
+  return config

@@ -9,6 +9,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import hashlib  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -29,6 +30,16 @@ CACHE_OPTIONS = {"jax_compilation_cache_dir": None,
 
 def random_images(n, seed=0, shape=(28, 28, 1)):
   return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def tree_digest(root):
+  """A hash of every file's name and bytes under `root`: equal before and after means untouched."""
+  digest = hashlib.sha256()
+  for path in sorted(pathlib.Path(root).rglob("*")):
+    digest.update(str(path.relative_to(root)).encode())
+    if path.is_file():
+      digest.update(path.read_bytes())
+  return digest.hexdigest()
 
 
 def array_dataset(train=256, test=64, shape=(28, 28, 1)):

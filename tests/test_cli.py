@@ -1,5 +1,4 @@
 """The `flaxvae` command: a short real run, and one-line errors for bad inputs that touch nothing."""
-import hashlib
 import json
 import os
 import pathlib
@@ -9,19 +8,11 @@ import sys
 import pytest
 
 from flaxvae import cli
-from tests.conftest import FLAXVAE, REPO
+from tests.conftest import FLAXVAE, REPO, tree_digest
 
 MLP_CONFIG = str(REPO / "configs" / "fashion_mnist_mlp.py")
 
 
-def tree_digest(path):
-  """A hash of every file's name and bytes under `path`: equal before and after means untouched."""
-  h = hashlib.sha256()
-  for p in sorted(pathlib.Path(path).rglob("*")):
-    h.update(str(p.relative_to(path)).encode())
-    if p.is_file():
-      h.update(p.read_bytes())
-  return h.hexdigest()
 
 
 @pytest.fixture

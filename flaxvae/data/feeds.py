@@ -12,7 +12,6 @@ of every global batch. So switching paths (or resuming one from the other's chec
 the run's data order. `feed.state()` is the JSON a checkpoint's `data` item holds.
 """
 import threading
-import time
 
 import grain
 import jax

@@ -20,7 +20,6 @@ import numpy as np
 
 from flaxvae.data import protocols
 from flaxvae.eval import diagnostics
-from flaxvae.eval.evaluator import Evaluator
 from flaxvae.models import contract
 from flaxvae.objectives import bounds, estimators
 

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from flaxvae import config as config_lib
 from flaxvae import console
-from flaxvae.errors import CheckpointError, DeviceTimeout, Diverged
+from flaxvae.errors import DeviceTimeout, Diverged
 from flaxvae.eval import evaluation, sampling
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.run import Run

@@ -1,7 +1,6 @@
 """The hierarchical model: scanned and unrolled layers are the same model, rematerialisation
 changes memory and not numbers, sampling with per-layer temperatures, latent-level
 reconstructions, and every shipped VDVAE config trains two steps on data of its shape."""
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """Waiting on the devices: bounded dispatches, waits that time out with one clear line, and
 signal handlers that run while the host waits (the trainer's preemption depends on it)."""
 import os
-import pathlib
 import signal
 import subprocess
 import sys

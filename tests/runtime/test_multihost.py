@@ -1,12 +1,10 @@
 """Several processes on localhost (jax.distributed over gloo) against one process, and the launch scripts."""
 import json
 import os
-import pathlib
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -69,7 +67,6 @@ def train_losses(workdir):
 
 
 def final_params(workdir):
-  import orbax.checkpoint as ocp
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   path = workdir / "checkpoints" / str(steps[-1]) / "state"
   return checkpoint_lib.read_state(path)["params"]

@@ -4,7 +4,6 @@ One tiny run (8x8 images, 64 examples, 12 steps of batch 16) is trained once per
 as the reference; the other tests interrupt, corrupt or move copies of it.
 """
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import pytest
 from flaxvae import config as config_lib
 from flaxvae import data as data_lib
 from flaxvae.data import protocols
-from flaxvae.errors import CheckpointError, ConfigError, DataError, Diverged
+from flaxvae.errors import CheckpointError, ConfigError, Diverged
 from flaxvae.objectives import bounds
 from flaxvae.run import Run
 from flaxvae.train import checkpoint as checkpoint_lib
@@ -259,13 +258,6 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(reference, tmp_p
   assert list((workdir / "checkpoints").glob("12.unreadable-*"))
 
 
-def tree_digest(root):
-  digest = hashlib.sha256()
-  for path in sorted(pathlib.Path(root).rglob("*")):
-    digest.update(str(path.relative_to(root)).encode())
-    if path.is_file():
-      digest.update(path.read_bytes())
-  return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -293,12 +285,12 @@ def read_only(path):
 def test_read_only_workdir_fails_cleanly_leaving_checkpoints(reference, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(reference, workdir)
-  before = tree_digest(workdir)
+  before = conftest.tree_digest(workdir)
   with read_only(workdir):
     with pytest.raises(checkpoint_lib.CheckpointError, match="could not write checkpoints"):
       train(tiny_config(num_steps=18, **{"checkpoint.allow_config_change": True}),
                   str(workdir))
-  assert tree_digest(workdir) == before
+  assert conftest.tree_digest(workdir) == before
 
 
 @contextlib.contextmanager
@@ -357,7 +349,7 @@ def test_keeps_the_last_n_and_the_best_elbo_steps(tmp_path):
 def test_changed_model_shape_is_refused_naming_the_field(reference, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(reference, workdir)
-  before = tree_digest(workdir)
+  before = conftest.tree_digest(workdir)
   with pytest.raises(ConfigError, match=r"model\.latent_dim: 2 -> 3.*allow_config_change=True"):
     train(tiny_config(**{"model.latent_dim": 3}), str(workdir))
-  assert tree_digest(workdir) == before
+  assert conftest.tree_digest(workdir) == before

@@ -6,10 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from flaxvae import config as config_lib
 from flaxvae.errors import ConfigError
 from flaxvae.run import Run
-from flaxvae.runtime import parallel
 from flaxvae.train import checkpoint as checkpoint_lib
 from flaxvae.train.trainer import train
 from tests.conftest import array_dataset, tiny_config

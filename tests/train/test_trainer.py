@@ -1,11 +1,8 @@
 """The trainer's own behaviour: dispatch sizes, checkpoint intervals, nothing written before
 the checks pass, refused combinations, progress lines, and inference on other device counts."""
-import hashlib
 import json
 import os
-import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ from flaxvae.errors import ConfigError, DataError
 from flaxvae.run import Run
 from flaxvae.train import checkpoint as checkpoint_lib
 from flaxvae.train import trainer
-from tests.conftest import FLAXVAE, array_dataset, set_keys, tiny_config
+from tests.conftest import FLAXVAE, array_dataset, set_keys, tiny_config, tree_digest
 
 
 def sizes(num_steps, steps_per_dispatch, log=1000, evaluate=0, save=0):
@@ -52,13 +49,6 @@ def test_remainder_dispatches_train_and_compile_a_bounded_number_of_times(tmp_pa
   assert [r["step"] for r in rows if r["split"] == "train"] == [3, 6, 9, 11]
 
 
-def tree_digest(root):
-  digest = hashlib.sha256()
-  for path in sorted(pathlib.Path(root).rglob("*")):
-    digest.update(str(path.relative_to(root)).encode())
-    if path.is_file():
-      digest.update(path.read_bytes())
-  return digest.hexdigest()
 
 
 def test_a_refused_resume_writes_nothing(tmp_path):
