@@ -114,3 +114,36 @@ def test_every_shipped_config_trains_two_steps_on_data_of_its_shape(name, tmp_pa
   row = train(config, str(tmp_path), dataset)
   assert np.isfinite(row["elbo"]) and len(row["rate_by_layer"]) == len(row["active_units_by_layer"])
   assert row["is_probability_model"]  # each shipped protocol and likelihood is a pmf
+
+
+def test_vdvae_trains_the_same_on_one_and_eight_devices_and_resumes_bitwise(tmp_path,
+                                                                            compilation_cache):
+  import signal
+  from flaxvae.train import checkpoint as checkpoint_lib, preemption
+  def tiny(**changes):
+    c = load_config("fashion_mnist_vdvae", "tiny")
+    with c.unlocked():
+      c.num_steps, c.log_every_steps = 4, 2
+      for key, value in changes.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+  shape = (28, 28, 1)
+  dataset = ArrayDataset({"train": random_images(32, 0, shape), "test": random_images(8, 1, shape)})
+  state = lambda run: checkpoint_lib.read_state(tmp_path / run / "checkpoints" / "4" / "state")
+  train(tiny(**{"parallel.num_devices": 1}), str(tmp_path / "one"), dataset)
+  train(tiny(), str(tmp_path / "eight"), dataset)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               state("eight")["params"], state("one")["params"])
+
+  def stop_after_two(self, step):  # fault injection: a preemption signal at step 2
+    if step >= 2:
+      self.signum = signal.SIGTERM
+    return self.signum is not None
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(preemption.Watcher, "should_stop", stop_after_two)
+    with pytest.raises(preemption.Preempted):
+      train(tiny(), str(tmp_path / "resumed"), dataset)
+  train(tiny(), str(tmp_path / "resumed"), dataset)
+  for a, b in zip(jax.tree.leaves(state("resumed")), jax.tree.leaves(state("eight"))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -59,6 +59,20 @@ def test_objectives_do_not_depend_on_the_device_count(tmp_path, compilation_cach
                final_params(tmp_path / "8"), final_params(tmp_path / "1"))
 
 
+@pytest.mark.parametrize("model, changes", [("ladder_mlp", {}),
+                                           ("mlp", {"model.posterior": "iaf", "model.iaf_steps": 2})])
+def test_hierarchical_and_flow_posterior_models_train_as_on_one_device(tmp_path, compilation_cache,
+                                                                       model, changes):
+  dataset = array_dataset(train=128, test=32)
+  one = train(config(model, 4, **{"parallel.num_devices": 1}, **changes), str(tmp_path / "1"),
+              dataset)
+  eight = train(config(model, 4, **changes), str(tmp_path / "8"), dataset)
+  np.testing.assert_allclose(eight["elbo"], one["elbo"], rtol=1e-4)
+  np.testing.assert_allclose(eight["rate_by_layer"], one["rate_by_layer"], rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               final_params(tmp_path / "8"), final_params(tmp_path / "1"))
+
+
 def test_batch_must_divide_over_devices():
   c = tiny_config(batch_size=12)
   with pytest.raises(ConfigError, match="does not divide evenly over 8 devices"):
