@@ -8,7 +8,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 RUN_DIR ?= runs/fashion_mnist_mlp
 export FLAXVAE_DATA_DIR ?= $(CURDIR)/data/tfds
 
-.PHONY: install venv data run test bench clean
+.PHONY: install venv data run test test-slow bench clean
 
 install: venv data
 
@@ -37,8 +37,13 @@ run: install
 	@echo "metrics: $(RUN_DIR)/metrics.jsonl  evaluation: $(RUN_DIR)/eval.json  plots: $(RUN_DIR)/report/" \
 	  "images: $(RUN_DIR)/images/  checkpoints: $(RUN_DIR)/checkpoints/  TensorBoard: $(RUN_DIR)/tensorboard/"
 
+# `make test` (under 10 minutes) leaves out the tests marked slow: deep VDVAE compiles and
+# multi-process runs; `make test-slow` runs those, and CI runs both.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow tests
 
 # Peers, `flaxvae train`, `flaxvae bench` (MLP, conv) and the PyTorch conv twin in one
 # invocation -> BENCHMARKS.md. PyTorch lives in its own venv, never in flaxvae's deps.

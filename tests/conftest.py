@@ -107,3 +107,9 @@ def tiny_data_dir(tmp_path_factory):
                   "--test_fraction=0.25", f"--data_dir={root / 'tfds'}"],
                  check=True, capture_output=True, timeout=300)
   return root / "tfds"
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: deep-model compiles and multi-process runs (`make test-slow`; CI runs "
+      "them after `make test`)")

@@ -111,6 +111,7 @@ def test_short_training_run_writes_every_output(tmp_path, capsys, tiny_data_dir)
   assert made == ["layers_0-1_step20.png", "samples_t0.7_step20.png"], made
 
 
+@pytest.mark.slow
 def test_the_console_shows_no_tpu_message_without_a_tpu(tmp_path, tiny_data_dir):
   """JAX logs at INFO that it could not open libtpu; flaxvae shows only WARNING and up."""
   result = subprocess.run([str(FLAXVAE), "train", f"--config={MLP_CONFIG}",

@@ -16,6 +16,10 @@ from flaxvae.objectives import bounds, likelihoods
 from flaxvae.train.trainer import train
 from tests.conftest import REPO, random_images
 
+# Deep conv models compile for tens of seconds each on XLA:CPU: `make test-slow` (and CI) runs
+# these, `make test` stays under 10 minutes.
+pytestmark = pytest.mark.slow
+
 SHAPE = (12, 12, 1)
 SMALL = dict(dec_layers="1:2,4:3,16:2", enc_blocks="16:2,4:1,1:1", widths="16:8,4:12,1:16",
              bottleneck=0.5, latent_channels=3, pad_to=16)

@@ -72,6 +72,7 @@ def final_params(workdir):
   return checkpoint_lib.read_state(path)["params"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_their_checkpoint_restores_on_one(tmp_path, data_dir):
   two, one = tmp_path / "two", tmp_path / "one"
   result = launch(2, 2, two, data_dir, "--config.num_steps=16")
@@ -100,6 +101,7 @@ def test_two_processes_at_the_default_log_interval_with_one_step_dispatches(tmp_
   assert train_losses(tmp_path / "run") and (tmp_path / "run" / "checkpoints" / "40").is_dir()
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(tmp_path, data_dir):
   workdir = tmp_path / "run"
   launcher, children = start_two_until_checkpoint(workdir, data_dir)
@@ -118,6 +120,7 @@ def test_a_dead_process_stops_the_other_and_a_relaunch_resumes(tmp_path, data_di
   assert "resumed from step" in result.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_one_committed_step(tmp_path, data_dir):
   """JAX's preemption sync: every process stops after the same dispatch, saved and committed."""
   workdir = tmp_path / "run"
@@ -165,6 +168,7 @@ def test_partial_multiprocess_flags_are_refused():
   assert shutil.which("bash")
 
 
+@pytest.mark.slow
 def test_fsdp_over_two_processes_continues_a_one_process_fsdp_checkpoint(tmp_path, data_dir):
   """Parameters split over fsdp across processes: 2 processes x 4 devices (data:2,fsdp:4)
   resume a checkpoint written by 1 process x 8 devices and train as 1 x 8 would."""

@@ -100,6 +100,7 @@ def test_final_evaluation_shows_progress(tmp_path, capsys):
   assert "log p(x), K=3: 24/24 (100%)" in out and "examples/s" in out
 
 
+@pytest.mark.slow
 def test_a_run_evaluates_on_another_device_count(tmp_path):
   """Trained with batch 16 on 8 devices and pinned there; evaluated on 3 and on 1."""
   data_dir = tmp_path / "tfds"
