@@ -2,6 +2,8 @@
 changes memory and not numbers, sampling with per-layer temperatures, latent-level
 reconstructions, and every shipped VDVAE config trains two steps on data of its shape."""
 
+import signal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,10 @@ from flaxvae import defaults, models
 from flaxvae.data import ArrayDataset
 from flaxvae.eval.diagnostics import SampleNoise
 from flaxvae.objectives import bounds, likelihoods
+from flaxvae.train import checkpoint as checkpoint_lib
+from flaxvae.train import preemption
 from flaxvae.train.trainer import train
-from tests.conftest import REPO, random_images
+from tests.conftest import REPO, random_images, set_keys
 
 # Deep conv models compile for tens of seconds each on XLA:CPU: `make test-slow` (and CI) runs
 # these, `make test` stays under 10 minutes.
@@ -122,16 +126,9 @@ def test_every_shipped_config_trains_two_steps_on_data_of_its_shape(name, tmp_pa
 
 def test_vdvae_trains_the_same_on_one_and_eight_devices_and_resumes_bitwise(tmp_path,
                                                                             compilation_cache):
-  import signal
-  from flaxvae.train import checkpoint as checkpoint_lib, preemption
   def tiny(**changes):
-    c = load_config("fashion_mnist_vdvae", "tiny")
-    with c.unlocked():
-      c.num_steps, c.log_every_steps = 4, 2
-      for key, value in changes.items():
-        section, name = key.split(".")
-        c[section][name] = value
-    return c
+    return set_keys(load_config("fashion_mnist_vdvae", "tiny"), num_steps=4, log_every_steps=2,
+                    **changes)
   shape = (28, 28, 1)
   dataset = ArrayDataset({"train": random_images(32, 0, shape), "test": random_images(8, 1, shape)})
   state = lambda run: checkpoint_lib.read_state(tmp_path / run / "checkpoints" / "4" / "state")

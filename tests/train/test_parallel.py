@@ -46,23 +46,14 @@ def test_eight_devices_and_both_backends_train_as_one(tmp_path, compilation_cach
                  final_params(tmp_path / backend), reference)
 
 
-@pytest.mark.parametrize("objective", [dict(name="iwae", num_samples=3),
-                                       dict(free_bits=0.1, num_samples=2)])
-def test_objectives_do_not_depend_on_the_device_count(tmp_path, compilation_cache, objective):
-  dataset = array_dataset(train=128, test=32)
-  changes = {f"objective.{k}": v for k, v in objective.items()}
-  one = train(config("mlp", 4, **{"parallel.num_devices": 1}, **changes), str(tmp_path / "1"),
-              dataset)
-  eight = train(config("mlp", 4, **changes), str(tmp_path / "8"), dataset)
-  np.testing.assert_allclose(eight["elbo"], one["elbo"], rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
-               final_params(tmp_path / "8"), final_params(tmp_path / "1"))
-
-
-@pytest.mark.parametrize("model, changes", [("ladder_mlp", {}),
-                                           ("mlp", {"model.posterior": "iaf", "model.iaf_steps": 2})])
-def test_hierarchical_and_flow_posterior_models_train_as_on_one_device(tmp_path, compilation_cache,
-                                                                       model, changes):
+@pytest.mark.parametrize("model, changes", [
+    ("mlp", {"objective.name": "iwae", "objective.num_samples": 3}),
+    ("mlp", {"objective.free_bits": 0.1, "objective.num_samples": 2}),
+    ("ladder_mlp", {}),
+    ("mlp", {"model.posterior": "iaf", "model.iaf_steps": 2})])
+def test_objectives_and_models_do_not_depend_on_the_device_count(tmp_path, compilation_cache,
+                                                                 model, changes):
+  """The objectives, a hierarchical model and a flow posterior: 8 devices train as 1."""
   dataset = array_dataset(train=128, test=32)
   one = train(config(model, 4, **{"parallel.num_devices": 1}, **changes), str(tmp_path / "1"),
               dataset)
