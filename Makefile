@@ -45,8 +45,9 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow tests
 
-# Peers, `flaxvae train`, `flaxvae bench` (MLP, conv) and the PyTorch conv twin in one
-# invocation -> BENCHMARKS.md. PyTorch lives in its own venv, never in flaxvae's deps.
+# Peers, `flaxvae train`, `flaxvae bench` and the PyTorch twins -> BENCHMARKS.md; each
+# measurement is cached in runs/bench_cache.jsonl, so a stopped `make bench` resumes, and
+# BENCH_ARGS="--parts mlp,conv" measures a part. PyTorch lives in its own venv.
 TORCH_VENV := .venv-torch
 $(TORCH_VENV)/.installed:
 	@test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
@@ -54,7 +55,7 @@ $(TORCH_VENV)/.installed:
 	@touch $@
 
 bench: install $(TORCH_VENV)/.installed
-	$(PY) benchmarks/report.py --out BENCHMARKS.md
+	$(PY) benchmarks/report.py --out BENCHMARKS.md $(BENCH_ARGS)
 
 clean:
 	rm -rf runs data/tfds

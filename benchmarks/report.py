@@ -1,6 +1,11 @@
 """Runs every benchmark in one invocation and writes BENCHMARKS.md (`make bench` calls this).
 
-    .venv/bin/python benchmarks/report.py [--out BENCHMARKS.md] [--rounds 3]
+    .venv/bin/python benchmarks/report.py [--out BENCHMARKS.md] [--rounds 3] [--parts mlp,conv]
+    make bench BENCH_ARGS="--parts mlp,conv --rounds 2"
+
+Every measurement is cached by its command (and round) in runs/bench_cache.jsonl: a `make
+bench` that is stopped resumes where it was, and the parts can be measured in separate
+sittings and reported together (`--fresh` measures everything again).
 
 1. the shared peer harness (../shared/bench/peer_vae.py): torch, flax_jit, flax_scan;
 2. `flaxvae train` on the default MLP config as `make run` trains it (a small final
@@ -34,11 +39,48 @@ TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
 FLAXVAE = os.path.join(ROOT, ".venv", "bin", "flaxvae")
 
 
-def json_lines(cmd, env=None):
-  print("+", " ".join(cmd), file=sys.stderr, flush=True)
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, **(env or {}))).stdout
-  return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+class Cache:
+  """Measurements kept by (command, round) in a JSON-lines file, so an interrupted or partial
+  `make bench` resumes where it stopped and `--parts` can be measured in separate sittings.
+  Delete the file (or pass --fresh) to measure everything again."""
+
+  def __init__(self, path, fresh=False):
+    self.path, self.rows = path, {}
+    if path and os.path.exists(path) and not fresh:
+      with open(path) as f:
+        for line in f:
+          entry = json.loads(line)
+          self.rows[entry["key"]] = entry
+    elif path and fresh and os.path.exists(path):
+      os.replace(path, path + ".old")
+
+  def get(self, key, measure):
+    if key in self.rows:
+      return self.rows[key]["value"]
+    value = measure()
+    entry = dict(key=key, value=value, measured=time.strftime("%Y-%m-%d %H:%M"))
+    self.rows[key] = entry
+    if self.path:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      with open(self.path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return value
+
+  def dates(self):
+    return sorted({e["measured"] for e in self.rows.values()})
+
+
+CACHE = Cache(None)
+
+
+def json_lines(cmd, env=None, round_index=0):
+  def measure():
+    print("+", " ".join(cmd), file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, **(env or {}))).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+  key = " ".join(os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd)
+  return CACHE.get(f"{key} #round{round_index}", measure)
 
 
 def trainer_throughput():
@@ -93,64 +135,37 @@ def table(header, rows):
   return "\n".join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
-  parser.add_argument("--peer_epochs", type=int, default=3)
-  parser.add_argument("--rounds", type=int, default=3)
-  args = parser.parse_args()
+PARTS = ("mlp", "conv", "vdvae", "eval", "depth", "aot")
 
-  rounds = {k: [] for k in ("torch", "flax_jit", "flax_scan", "flaxvae_train", "conv", "torch_conv",
-                            "vdvae", "torch_vdvae")}
-  mlp = None
-  for r in range(args.rounds):
+
+def best(runs):
+  return max(runs, key=lambda x: x["examples_per_s"])
+
+
+def measure_mlp(rounds):
+  """Peers and the trainer alternate over rounds; then every MLP bench case once."""
+  runs = {k: [] for k in ("torch", "flax_jit", "flax_scan", "flaxvae_train")}
+  for r in range(rounds):
     for impl in ("torch", "flax_jit", "flax_scan"):
       python = TORCH_PY if impl == "torch" else PY
-      rounds[impl].append(json_lines([python, PEER, impl, "--epochs", str(args.peer_epochs)])[0])
-    rounds["flaxvae_train"].append(dict(trainer_throughput(), impl="flaxvae_train"))
-    cases = "default,dispatch" if r == 0 else "default"
-    conv_rows = json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_conv.py",
-                            "--cases", cases, "--windows", "3"])
-    rounds["conv"].append(conv_rows)
-    rounds["torch_conv"].append(json_lines([TORCH_PY, "benchmarks/torch_conv_vae.py"])[0])
-    rounds["vdvae"].append(json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases",
-                                       "default", "--windows", "3"])[0])
-    rounds["torch_vdvae"].append(json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config",
-                                             "vdvae", "--windows", "3"])[0])
+      runs[impl].append(json_lines([python, PEER, impl, "--epochs", str(ARGS.peer_epochs)],
+                                   round_index=r)[0])
+    runs["flaxvae_train"].append(dict(CACHE.get(f"trainer #round{r}", trainer_throughput),
+                                      impl="flaxvae_train"))
   mlp = json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_mlp.py"])
-  effvdvae = json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_effvdvae.py",
-                         "--cases", "default", "--steps", "3", "--windows", "3"])[0]
-  torch_effvdvae = json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "effvdvae",
-                               "--steps", "3", "--windows", "3"])[0]
-  evaluation = json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_mlp.py",
-                           "--cases", "eval"])[0]
-  depth = json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases", "depth"])
-  aot = aot_rows()
+  return runs, mlp
 
-  def best(runs):
-    return max(runs, key=lambda x: x["examples_per_s"])
-  peers = {impl: best(rounds[impl]) for impl in ("torch", "flax_jit", "flax_scan")}
-  trainer = best(rounds["flaxvae_train"])
-  conv_default = best([next(x for x in rows if x["case"] == "default") for rows in rounds["conv"]])
-  conv = [conv_default] + [x for x in rounds["conv"][0] if x["case"] != "default"]
-  torch_conv = best(rounds["torch_conv"])
-  per_round = {k: [round(x["examples_per_s"]) for x in v] for k, v in rounds.items() if k != "conv"}
-  per_round["conv"] = [round(next(x for x in rows if x["case"] == "default")["examples_per_s"])
-                       for rows in rounds["conv"]]
-  vdvae, torch_vdvae = best(rounds["vdvae"]), best(rounds["torch_vdvae"])
 
+def mlp_section(runs, mlp):
+  peers = {impl: best(runs[impl]) for impl in ("torch", "flax_jit", "flax_scan")}
+  trainer = best(runs["flaxvae_train"])
   scan, torch_mlp = peers["flax_scan"]["examples_per_s"], peers["torch"]["examples_per_s"]
   t = trainer["examples_per_s"]
-  mlp_default = next(r for r in mlp if r["case"] == "default")
   compute_s = trainer["steps"] * 128 / scan  # the same steps in the peer's bare scan loop
-  md = [
-      "# Benchmarks", "",
-      f"Written by `make bench` (benchmarks/report.py) on {time.strftime('%Y-%m-%d %H:%M')}, "
-      f"{mlp_default['device_kind']} x{os.cpu_count()} cores, jax {mlp_default['jax']}. "
-      "All figures come from this one invocation; compare ratios, not absolute numbers. "
-      f"Compared runs alternate over {args.rounds} rounds and each is credited with its best "
-      f"round (examples/s per round: {json.dumps(per_round)}).", "",
+  per_round = {k: [round(x["examples_per_s"]) for x in v] for k, v in runs.items()}
+  return [
       "## MLP VAE (784-400-20, batch 128): the trainer against the peers", "",
+      f"Examples/s per round: {json.dumps(per_round)}.", "",
       table(["implementation", "examples/s", "flaxvae train / it"],
             [["`flaxvae train` (metrics.jsonl, windows after the first)", round(t), "1.00"]] +
             [[f"peer {k}", v["examples_per_s"], f"{t / v['examples_per_s']:.2f}"]
@@ -163,8 +178,30 @@ def main():
       f"{compute_s:.1f} s of pure compute (the same steps at the rate of the peer's bare "
       f"`lax.scan` loop): {trainer['train_phase_s'] / compute_s:.2f}x. The whole process, "
       "with a 10-sample "
-      f"final evaluation, took {trainer['process_wall_s']:.1f} s.", "",
+      f"final evaluation, took {trainer['process_wall_s']:.1f} s.", ""], [
+      *peers.values(), trainer, *mlp]
+
+
+def measure_conv(rounds):
+  conv, torch_conv = [], []
+  for r in range(rounds):
+    cases = "default,dispatch" if r == 0 else "default"
+    conv.append(json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_conv.py",
+                            "--cases", cases, "--windows", "3"], round_index=r))
+    torch_conv.append(json_lines([TORCH_PY, "benchmarks/torch_conv_vae.py"], round_index=r)[0])
+  return conv, torch_conv
+
+
+def conv_section(conv_rounds, torch_rounds):
+  conv_default = best([next(x for x in rows if x["case"] == "default") for rows in conv_rounds])
+  conv = [conv_default] + [x for x in conv_rounds[0] if x["case"] != "default"]
+  torch_conv = best(torch_rounds)
+  per_round = {"conv": [round(next(x for x in rows if x["case"] == "default")["examples_per_s"])
+                        for rows in conv_rounds],
+               "torch_conv": [round(x["examples_per_s"]) for x in torch_rounds]}
+  return [
       "## Conv VAE (configs/fashion_mnist_conv.py) against its PyTorch twin", "",
+      f"Examples/s per round: {json.dumps(per_round)}.", "",
       table(["implementation", "examples/s", "ratio"],
             [["flaxvae (bench, default case)", conv_default["examples_per_s"],
               f"{conv_default['examples_per_s'] / torch_conv['examples_per_s']:.2f}"],
@@ -174,13 +211,33 @@ def main():
       "What limits the conv step (a jax.profiler trace of one step on this machine, "
       "2026-11-24, not re-measured by this run): XLA:CPU runs the convolutions in Eigen "
       "(flaxvae routes them away from YNNPACK, which ran this step at 0.64x PyTorch; "
-      "`flaxvae/runtime/xla_flags.py`); about a quarter of the step is layout transposes that put "
-      "activations and gradients in [C, H, W, B] order for the kernel-gradient convolutions, "
-      "and about a sixth is elementwise work (bias, ReLU, their masks) that Eigen does not "
-      "fuse into the convolutions. glibc malloc tunables (`flaxvae/runtime/malloc.py`) stop each "
-      "dispatch from page-faulting its 65 MB of scratch memory in again. Inside a rolled loop XLA:CPU keeps the loop's layouts, "
-      "cannot call Eigen and emits naive convolution loops (the `dispatch` row with unroll 1), "
-      "so conv configs unroll their steps per dispatch.", "",
+      "`flaxvae/runtime/xla_flags.py`); about a quarter of the step is layout transposes that "
+      "put activations and gradients in [C, H, W, B] order for the kernel-gradient "
+      "convolutions, and about a sixth is elementwise work (bias, ReLU, their masks) that Eigen "
+      "does not fuse into the convolutions. glibc malloc tunables (`flaxvae/runtime/malloc.py`) "
+      "stop each dispatch from page-faulting its 65 MB of scratch memory in again. Inside a "
+      "rolled loop XLA:CPU keeps the loop's layouts, cannot call Eigen and emits naive "
+      "convolution loops (the `dispatch` row with unroll 1), so conv configs unroll their "
+      "steps per dispatch.", ""], [*conv, torch_conv]
+
+
+def measure_vdvae(rounds):
+  vdvae, torch_vdvae = [], []
+  for r in range(rounds):
+    vdvae.append(json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases", "default",
+                             "--windows", "3"], round_index=r)[0])
+    torch_vdvae.append(json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "vdvae",
+                                   "--windows", "3"], round_index=r)[0])
+  effvdvae = json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_effvdvae.py",
+                         "--cases", "default", "--steps", "3", "--windows", "3"])[0]
+  torch_effvdvae = json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "effvdvae",
+                               "--steps", "3", "--windows", "3"])[0]
+  return vdvae, torch_vdvae, effvdvae, torch_effvdvae
+
+
+def vdvae_section(vdvae_rounds, torch_rounds, effvdvae, torch_effvdvae):
+  vdvae, torch_vdvae = best(vdvae_rounds), best(torch_rounds)
+  return [
       "## VDVAE (configs/fashion_mnist_vdvae.py) against its PyTorch twin", "",
       table(["implementation", "examples/s", "ratio"],
             [["flaxvae (bench, default case)", vdvae["examples_per_s"],
@@ -197,7 +254,12 @@ def main():
       f"({effvdvae['examples_per_s']:.1f} examples/s), its PyTorch twin "
       f"{32 / torch_effvdvae['examples_per_s']:.2f} s "
       f"({torch_effvdvae['examples_per_s']:.1f} examples/s): "
-      f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.", "",
+      f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.", ""], [
+      vdvae, torch_vdvae, effvdvae, torch_effvdvae]
+
+
+def eval_section(evaluation):
+  return [
       "## The final evaluation at the machine's limit", "",
       f"The default config's final importance pass (K = {evaluation['num_importance_samples']} "
       f"over {evaluation['num_examples']} test images, `bench --cases eval`): "
@@ -206,13 +268,21 @@ def main():
       f"(goal <= 1.3); {evaluation['iwae_seconds_per_1000']} s per 1,000 images. AIS "
       f"({evaluation['ais_steps']} steps, {evaluation['ais_chains']} chains, "
       f"{evaluation['ais_leapfrog']} leapfrog steps): {evaluation['ais_seconds_per_1000']} s "
-      "per 1,000 images.", "",
+      "per 1,000 images.", ""], [evaluation]
+
+
+def depth_section(depth):
+  return [
       "## Depth: compile time and memory (configs/fashion_mnist_vdvae.py, its 8x8 group)", "",
       table(["layers in the group", "scan", "remat", "compile s", "temp GiB per device",
              "argument GiB"],
             [[r["depth"], r["scan_blocks"], r["remat"], r["compile_s"],
               r.get("per_device_temp_gib"), r.get("per_device_argument_gib")] for r in depth]),
-      "",
+      ""], depth
+
+
+def aot_section(aot):
+  return [
       "## Ahead of time: the large configs (`flaxvae bench --aot`, shapes only)", "",
       table(["config", "devices", "mesh", "remat", "batch", "parameters", "GFLOP/example",
              "params GiB/dev", "optimizer GiB/dev", "EMA GiB/dev", "temp GiB/dev",
@@ -226,7 +296,11 @@ def main():
       "Per-device memory from XLA's memory analysis of the compiled step on XLA:CPU (the "
       "accelerator's compiler lays memory out differently; the parameter and optimizer "
       "columns are exact either way). `largest batch` extrapolates the step's memory "
-      "linearly from two compiles (batch and twice the batch).", "",
+      "linearly from two compiles (batch and twice the batch).", ""], aot
+
+
+def cases_section(mlp, conv):
+  return [
       "## Every bench case", "",
       table(["model", "case", "devices", "steps/dispatch", "unroll", "compile s", "step ms",
              "examples/s", "MFLOP/example", "MFU", "all-reduce ms", "overhead vs 1 device"],
@@ -235,14 +309,77 @@ def main():
               round(r["flops_per_example"] / 1e6, 2), r["mfu"], r.get("allreduce_ms", ""),
               r.get("overhead_vs_1_device", "")] for r in mlp + conv]), "",
       "Simulated devices share the same two cores, so the scaling rows measure the cost of "
-      "partitioning and collectives, not a speed-up.", "",
-      "## Raw results", "", "```json",
-      *[json.dumps(x) for x in [*peers.values(), dict(trainer, impl="flaxvae_train"), *mlp,
-                                *conv, torch_conv, vdvae, torch_vdvae, effvdvae, torch_effvdvae,
-                                evaluation, *depth, *aot]], "```", ""]
-  with open(args.out, "w") as f:
+      "partitioning and collectives, not a speed-up.", ""]
+
+
+ARGS = None
+
+
+def main():
+  global ARGS, CACHE
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+  parser.add_argument("--peer_epochs", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--parts", default=",".join(PARTS),
+                      help=f"which parts to measure and report: {','.join(PARTS)}")
+  parser.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench_cache.jsonl"),
+                      help="measurements already made are read from here, new ones appended")
+  parser.add_argument("--fresh", action="store_true", help="measure everything again")
+  ARGS = parser.parse_args()
+  parts = [p for p in ARGS.parts.split(",") if p]
+  unknown = set(parts) - set(PARTS)
+  if unknown:
+    parser.error(f"unknown --parts {sorted(unknown)}: choose from {','.join(PARTS)}")
+  CACHE = Cache(ARGS.cache, ARGS.fresh)
+
+  sections, raw, environment = [], [], None
+  mlp, conv = [], []
+  if "mlp" in parts:
+    runs, mlp = measure_mlp(ARGS.rounds)
+    lines, rows = mlp_section(runs, mlp)
+    sections += lines
+    raw += rows
+  if "conv" in parts:
+    conv_rounds, torch_rounds = measure_conv(ARGS.rounds)
+    lines, rows = conv_section(conv_rounds, torch_rounds)
+    conv = rows[:-1]
+    sections += lines
+    raw += rows
+  if "vdvae" in parts:
+    lines, rows = vdvae_section(*measure_vdvae(ARGS.rounds))
+    sections += lines
+    raw += rows
+  for name, measure, section in (
+      ("eval", lambda: json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_mlp.py",
+                                   "--cases", "eval"])[0], eval_section),
+      ("depth", lambda: json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases", "depth"]),
+       depth_section),
+      ("aot", aot_rows, aot_section)):
+    if name in parts:
+      lines, rows = section(measure())
+      sections += lines
+      raw += rows if isinstance(rows, list) else [rows]
+  if mlp or conv:
+    sections += cases_section(mlp, conv)
+  environment = next((r for r in raw if "device_kind" in r), {})
+  missing = [p for p in PARTS if p not in parts]
+  dates = CACHE.dates()
+  md = [
+      "# Benchmarks", "",
+      f"Written by `make bench` (benchmarks/report.py --parts {','.join(parts)}) on "
+      f"{time.strftime('%Y-%m-%d %H:%M')}, {environment.get('device_kind', 'cpu')} "
+      f"x{os.cpu_count()} cores, jax {environment.get('jax', '?')}; measured "
+      f"{dates[0] if dates else '-'} to {dates[-1] if dates else '-'} (each measurement is "
+      "cached by command in runs/bench_cache.jsonl). Compare ratios, not absolute numbers. "
+      f"Compared runs alternate over {ARGS.rounds} rounds and each is credited with its best "
+      "round (noise only ever slows a run down)."
+      + (f" Not measured in this report: {', '.join(missing)}." if missing else ""), "",
+      *sections,
+      "## Raw results", "", "```json", *[json.dumps(x) for x in raw], "```", ""]
+  with open(ARGS.out, "w") as f:
     f.write("\n".join(md))
-  print(f"wrote {args.out}")
+  print(f"wrote {ARGS.out}")
 
 
 if __name__ == "__main__":

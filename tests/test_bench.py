@@ -14,7 +14,7 @@ from flaxvae.errors import UsageError
 from flaxvae.run import Run
 from flaxvae.runtime import parallel
 from flaxvae.train import trainer
-from tests.conftest import array_dataset, tiny_config
+from tests.conftest import REPO, array_dataset, tiny_config
 
 
 def bench_config(**changes):
@@ -65,3 +65,18 @@ def test_bfloat16_compute_keeps_float32_state_and_close_loss():
     assert metrics["loss"].dtype == jnp.float32
     losses[dtype] = float(metrics["loss"])
   assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+
+
+def test_make_bench_measures_each_command_once_and_resumes_from_its_cache(tmp_path):
+  """benchmarks/report.py's cache: a stopped `make bench` resumes, parts measured apart."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("report", REPO / "benchmarks" / "report.py")
+  report = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(report)
+  path, calls = str(tmp_path / "cache.jsonl"), []
+  measure = lambda: calls.append(1) or {"examples_per_s": 5.0}
+  assert report.Cache(path).get("a #round0", measure) == {"examples_per_s": 5.0}
+  assert report.Cache(path).get("a #round0", measure) == {"examples_per_s": 5.0}
+  assert len(calls) == 1  # the second sitting read it back
+  report.Cache(path, fresh=True).get("a #round0", measure)
+  assert len(calls) == 2 and (tmp_path / "cache.jsonl.old").exists()  # --fresh keeps the old
