@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxvae import config as config_lib
-from flaxvae.data import catalog, fashion_mnist, protocols
+from flaxvae.data import protocols, registry
 from flaxvae.errors import CheckpointError, ConfigError
 from flaxvae.eval import diagnostics, evaluation, sampling
 from flaxvae.eval.evaluator import Evaluator
@@ -64,13 +64,11 @@ def saved_config(workdir, step=None):
 
 
 def _image_shape(saved, config):
-  """The trained image shape: stamped in the checkpoint (0.2+), else known for the catalog."""
+  """The trained image shape: stamped in the checkpoint (0.2+), else a registered dataset's."""
   if saved.get("image_shape"):
     return tuple(saved["image_shape"])
-  if config.data.name == "fashion_mnist":
-    return fashion_mnist.IMAGE_SHAPE
-  if config.data.name in catalog.CATALOG:
-    return catalog.CATALOG[config.data.name].image_shape
+  if config.data.name in registry.DATASETS:
+    return registry.DATASETS.get(config.data.name).image_shape
   return None  # a folder dataset of an old run: read from its evaluation split
 
 

@@ -168,8 +168,8 @@ def train_command(argv):
 def prepare_data_command(argv):
   """Prepares a dataset as TFDS ArrayRecord files once, so training needs no download.
 
-  fashion_mnist (offline, IDX files); mnist, binarized_mnist, cifar10, celeb_a, imagenet32,
-  imagenet64 (TFDS catalog: TensorFlow and internet once, `pip install 'flaxvae[prep]'`);
+  NAME: a registered dataset (data/registry.py): fashion_mnist (offline, IDX files), or the
+  TFDS catalog (TensorFlow and internet once, `pip install 'flaxvae[prep]'`);
   folder --source DIR --name NAME [--test_fraction F] (your images; then data.name=NAME).
   """
   def define(fv):
@@ -184,20 +184,18 @@ def prepare_data_command(argv):
     flags.DEFINE_float("test_fraction", 0.0, "folder: fraction held out as split `test`",
                        flag_values=fv)
   fv, names = _parse(argv, define, positional=1)
-  from flaxvae.data import catalog, fashion_mnist, folder  # noqa: PLC0415
-  known = ["fashion_mnist", *sorted(catalog.CATALOG), "folder"]
+  from flaxvae.data import folder, registry  # noqa: PLC0415
+  known = [*registry.DATASETS.names(), "folder"]
   if len(names) != 1 or names[0] not in known:
     raise UsageError(f"prepare-data takes one dataset name: {', '.join(known)}")
   name = names[0]
-  if name == "fashion_mnist":
-    path = fashion_mnist.prepare_fashion_mnist(fv.source_dir, fv.data_dir)
-  elif name == "folder":
+  if name == "folder":
     if not fv.source or not fv.name:
       raise UsageError("prepare-data folder needs --source DIR and --name NAME")
     path = folder.prepare_folder(fv.source, fv.name, fv.test_fraction, fv.data_dir)
     name = fv.name
   else:
-    path = catalog.prepare_catalog(name, fv.data_dir)
+    path = registry.DATASETS.get(name).prepare(fv.data_dir, fv.source_dir)
   print(f"{name} ready in {path}")
 
 

@@ -53,6 +53,13 @@ def test_missing_flags_and_unknown_command(capsys):
   assert cli.main(["flaxvae", "fly"]) == 2
 
 
+def test_prepare_data_names_come_from_the_dataset_registry(capsys):
+  assert cli.main(["flaxvae", "prepare-data", "no_such_data"]) == 2
+  err = capsys.readouterr().err
+  assert "binarized_mnist, celeb_a, cifar10" in err and "fashion_mnist" in err
+  assert err.strip().endswith("folder")
+
+
 def test_a_stray_positional_argument_is_refused(capsys, tmp_path):
   status = cli.main(["flaxvae", "train", "train", f"--config={MLP_CONFIG}",
                      f"--workdir={tmp_path}/run"])

@@ -1,5 +1,6 @@
 """Data: where datasets come from, how they are read, and how they reach the devices.
 
+  registry.py       DATASETS: each name's shape, split sizes, prepared folder and preparation
   catalog.py        where prepared datasets live, the TFDS catalog, preparing it
   records.py        reading and writing ArrayRecord datasets without TensorFlow
   fashion_mnist.py  Debian's IDX files -> a prepared dataset (the offline default)
@@ -9,12 +10,14 @@
   feeds.py          the in-memory and streaming paths to the devices
 
 A `Dataset` is what a run reads: `PreparedDataset(config.data)` on disk, or `ArrayDataset` for
-arrays already in memory (notebooks, tests). A new dataset source is one file that prepares
-it in flaxvae's raw schema (records.write_dataset), plus its name in `prepare-data`.
+arrays already in memory (notebooks, tests). A new dataset is one file that prepares it in
+flaxvae's raw schema (records.write_dataset) and registers its entry in registry.DATASETS (see
+registry.py), imported below; `prepare-data NAME` and `data.name=NAME` then know it. Any other
+name is a folder of the user's images (`prepare-data folder --name NAME`).
 """
 import numpy as np
 
-from flaxvae.data import catalog, fashion_mnist, records
+from flaxvae.data import catalog, fashion_mnist, records, registry  # noqa: F401  (they register)
 from flaxvae.errors import ConfigError, DataError
 
 PIPELINES = ("auto", "in_memory", "streaming")
@@ -25,23 +28,18 @@ class PreparedDataset:
 
   def __init__(self, data_config):
     self.config, self.name = data_config, data_config.name
+    self.entry = registry.entry_of(self.name)
     self._builder_dir = None
 
   @property
   def builder_dir(self):
     if self._builder_dir is None:
-      c, data_dir = self.config, catalog.data_dir_of(self.config)
-      if self.name == "fashion_mnist":
-        self._builder_dir = fashion_mnist.prepare_fashion_mnist(c.source_dir or None, data_dir)
-      elif self.name in catalog.CATALOG:
-        self._builder_dir = catalog.catalog_builder_dir(self.name, data_dir)
-      else:
-        self._builder_dir = catalog.folder_builder_dir(self.name, data_dir)
+      self._builder_dir = self.entry.builder_dir(catalog.data_dir_of(self.config),
+                                                 self.config.source_dir or None)
     return self._builder_dir
 
   def open_split(self, split):
-    entry = catalog.CATALOG.get(self.name)
-    return records.Split(self.builder_dir, split, entry.scale if entry and not entry.crop else 1)
+    return records.Split(self.builder_dir, split, self.entry.scale)
 
   def images(self, split):
     """uint8 images [N, H, W, C] of `split`, in example order."""
@@ -49,24 +47,16 @@ class PreparedDataset:
 
   @property
   def image_shape(self):
-    """(H, W, C): known without reading for Fashion-MNIST and the catalog."""
-    if self.name == "fashion_mnist":
-      return fashion_mnist.IMAGE_SHAPE
-    if self.name in catalog.CATALOG:
-      return catalog.CATALOG[self.name].image_shape
-    if self.name in catalog.FOLDER_SHAPES:
-      return catalog.FOLDER_SHAPES[self.name]
+    """(H, W, C): known without reading for registered datasets (and FOLDER_SHAPES)."""
+    if self.entry.image_shape:
+      return tuple(self.entry.image_shape)
     return tuple(self.open_split(self.config.train_split).image_shape)
 
   def split_bytes(self, split):
-    """Bytes of the split's images; known without reading for Fashion-MNIST and the catalog."""
-    if self.name == "fashion_mnist":
-      shape, sizes = fashion_mnist.IMAGE_SHAPE, fashion_mnist.SPLIT_SIZES
-    elif self.name in catalog.CATALOG:
-      shape, sizes = catalog.CATALOG[self.name].image_shape, catalog.CATALOG[self.name].split_sizes
-    else:
+    """Bytes of the split's images; known without reading for registered datasets."""
+    if self.entry.split_sizes is None:
       return self.open_split(split).nbytes
-    return sizes.get(split, 0) * int(np.prod(shape))
+    return self.entry.split_sizes.get(split, 0) * int(np.prod(self.entry.image_shape))
 
 
 class ArrayDataset:

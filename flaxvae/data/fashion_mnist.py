@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 
-from flaxvae.data import catalog, records
+from flaxvae.data import catalog, records, registry
 from flaxvae.errors import DataError
 
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
@@ -126,3 +126,16 @@ def prepare_fashion_mnist(source_dir: str | None, data_dir: str | None) -> str:
     if not _is_prepared(builder_dir):  # else another process won the final rename: fine
       raise
   return builder_dir
+
+
+class _Entry:
+  """Fashion-MNIST in registry.DATASETS: prepared on first use, so finding it is preparing it."""
+  image_shape, split_sizes, scale = IMAGE_SHAPE, SPLIT_SIZES, 1
+
+  def builder_dir(self, data_dir, source_dir=None):
+    return prepare_fashion_mnist(source_dir, data_dir)
+
+  prepare = builder_dir
+
+
+registry.DATASETS.register("fashion_mnist")(_Entry())

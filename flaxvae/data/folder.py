@@ -14,7 +14,7 @@ import re
 import numpy as np
 import PIL.Image
 
-from flaxvae.data import catalog, records
+from flaxvae.data import catalog, records, registry
 from flaxvae.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -106,7 +106,7 @@ def prepare_folder(source, name, test_fraction=0.0, data_dir=None):
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name or ""):
     raise DataError(f"--name {name!r} must be lower-case letters, digits and _, starting "
                     "with a letter")
-  if name == "fashion_mnist" or name in catalog.CATALOG:
+  if name in registry.DATASETS:
     raise DataError(f"--name {name} is a catalog dataset: pick another name for your images")
   data_dir = os.path.expanduser(data_dir or catalog.default_data_dir())
   existing = records.latest_version_dir(os.path.join(data_dir, name))

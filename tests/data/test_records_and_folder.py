@@ -12,7 +12,7 @@ import pytest
 
 from flaxvae import data as data_lib
 from flaxvae import defaults
-from flaxvae.data import catalog, feeds, folder, records
+from flaxvae.data import catalog, feeds, folder, records, registry
 from flaxvae.data.order import IndexStream
 from flaxvae.errors import DataError
 from tests.conftest import random_images
@@ -90,6 +90,21 @@ def test_not_prepared_names_the_command(tmp_path):
   assert "flaxvae prepare-data folder --source DIR --name mine" in one_line(e)
 
 
+def test_registered_datasets_are_known_without_data_and_reserved(tmp_path):
+  """Fashion-MNIST and the catalog register themselves: shapes and sizes need no prepared
+  folder, and no folder dataset may take their names."""
+  assert {"fashion_mnist", "mnist", "binarized_mnist", "cifar10", "celeb_a", "imagenet32",
+          "imagenet64", "downsampled_imagenet"} <= set(registry.DATASETS.names())
+  celeb_a = data_lib.PreparedDataset(config_for(str(tmp_path), "celeb_a").data)
+  assert celeb_a.image_shape == (64, 64, 3)
+  assert celeb_a.split_bytes("test") == 19_962 * 64 * 64 * 3
+  ffhq = data_lib.PreparedDataset(config_for(str(tmp_path), "ffhq256").data)
+  assert ffhq.image_shape == (256, 256, 3)  # a folder dataset whose shape the configs rely on
+  for name in ("fashion_mnist", "cifar10"):
+    with pytest.raises(DataError, match=f"--name {name} is a catalog dataset"):
+      folder.prepare_folder(str(tmp_path), name, 0.0, str(tmp_path / "data"))
+
+
 def test_catalog_preparation_without_tensorflow_says_how(tmp_path):
   try:
     import tensorflow  # noqa: F401
@@ -97,7 +112,7 @@ def test_catalog_preparation_without_tensorflow_says_how(tmp_path):
   except ImportError:
     pass
   with pytest.raises(DataError) as e:
-    catalog.prepare_catalog("cifar10", str(tmp_path))
+    registry.DATASETS.get("cifar10").prepare(str(tmp_path))
   assert "pip install 'flaxvae[prep]'" in one_line(e)
 
 
