@@ -29,5 +29,9 @@ class Registry:
   def names(self):
     return sorted(self._entries)
 
+  def items(self):
+    """(name, entry) pairs in the order they were registered: for entries run in turn."""
+    return list(self._entries.items())
+
   def __contains__(self, name):
     return name in self._entries

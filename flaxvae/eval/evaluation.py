@@ -3,8 +3,9 @@
 `periodic_evaluation` (during training) and `final_evaluation` (end of training,
 `flaxvae evaluate`) return one row: each figure in nats with its standard error over examples
 (`<name>_stderr`), as diagnostics.py defines them. Per-layer figures come as lists, top layer
-first (`rate_by_layer`, `active_units_by_layer`). Diagnostics the model cannot give (it lacks
-the capability) are skipped and named under `skipped`, never reported as zero.
+first (`rate_by_layer`, `active_units_by_layer`). After the importance pass come the optional
+diagnostics of evaluators.py, by name; those the model cannot give (it lacks the capability)
+are skipped and named under `skipped`, never reported as zero.
 
 Whether log p(x) is a log-likelihood depends on the protocol and the likelihood
 (data/protocols.py): only then are `nll` and `bits_per_dim` reported; otherwise the row says
@@ -20,7 +21,7 @@ import numpy as np
 
 from flaxvae.data import protocols
 from flaxvae.eval import diagnostics
-from flaxvae.models import contract
+from flaxvae.eval.evaluators import EVALUATORS
 from flaxvae.objectives import bounds, estimators
 
 FINAL_FILE = "eval.json"
@@ -59,44 +60,31 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, 
              progress=False):
   """Every diagnostic the model supports over the first `num_examples` (None: all).
 
+  The importance pass, then the optional diagnostics (evaluators.EVALUATORS) in their order.
   `final` adds what config.eval keeps for the final evaluation: log p(x) by the configured
   estimator (AIS replaces IWAE's figures where it ran; IWAE's stay as *_iwae), BDMC on
   simulated data, and the amortization gap.
   """
   start = time.perf_counter()
-  c, k, protocol, model = run.config.eval, num_importance_samples, run.protocol, run.model
+  k, protocol = num_importance_samples, run.protocol
   label = (lambda what: f"{what}:") if progress else (lambda what: None)
   values = importance_values(run, evaluator, params, rng, num_examples, k,
                              label(f"log p(x), K={k}"))
   q_means = [values.pop(f"q_mean_{i}") for i in range(len(run.model.latent_shapes))]
   khat = values.pop("khat")
-  n, skipped = len(values["log_px"]), {}
-  if contract.has(model, contract.AGGREGATE_POSTERIOR):
-    q = evaluator.per_example("posterior", diagnostics.posterior_fn(run.graphdef, protocol),
-                              params, rng, num_examples)
-    values.update(evaluator.per_example(
-        "aggregate", diagnostics.aggregate_fn(), (q["mean"], q["logvar"]), rng,
-        rows=np.stack([q["mean"], q["logvar"]], axis=1)))
-  else:
-    skipped["elbo_surgery"] = f"needs the {contract.AGGREGATE_POSTERIOR} capability"
-  ais = None
-  if final and c.log_px_estimator == "ais":
-    m = min(c.ais_examples or n, n)
-    ais = evaluator.per_example(
-        f"ais_{c.ais_steps}", diagnostics.ais_fn(run.graphdef, protocol, c.ais_steps,
-                                                 c.ais_chains, c.ais_leapfrog, c.ais_init),
-        params, rng, m, progress=label(f"log p(x) by AIS, {c.ais_steps} steps"))
-    values["log_px_iwae"] = values["log_px"]
-    values["inference_gap_iwae"] = values.pop("inference_gap")
-    values["log_px"] = ais["log_px_ais"]  # over the first m examples: summarized separately
-    values["inference_gap"] = ais["log_px_ais"] - values["elbo"][:m]
+  n, skipped, fields = len(values["log_px"]), {}, {}
+  for name, evaluate in EVALUATORS.items():
+    found = evaluate(run=run, evaluator=evaluator, params=params, rng=rng, values=values,
+                     num_examples=num_examples, num_importance_samples=k, final=final,
+                     label=label)
+    if isinstance(found, str):
+      skipped[name] = found
+      continue
+    for key, value in found.items():
+      (values if isinstance(value, np.ndarray) else fields)[key] = value
   row = summarize({k_: v for k_, v in values.items() if len(v) == n})
-  row.update(summarize({k_: v for k_, v in values.items() if len(v) != n}))
+  row["log_px_estimator"] = "iwae"
   log_px = np.asarray(values["log_px"], np.float64)
-  row["log_px_estimator"] = "ais" if ais is not None else "iwae"
-  if ais is not None:
-    row["ais_examples"], row["ais_steps"] = len(log_px), c.ais_steps
-    row["ais_chains"], row["ais_accept_rate"] = c.ais_chains, float(ais["ais_accept_rate"].mean())
   num_dims = int(np.prod(run.image_shape))
   row["elbo_bits_per_dim"] = float(bounds.bits_per_dim(-row["elbo"], num_dims))
   row["protocol"], row["likelihood"] = protocol.name, run.likelihood.name
@@ -118,33 +106,8 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, 
   row["active_units"] = sum(count for count, _ in by_layer)
   row["active_units_stderr"] = float(math.sqrt(sum(e**2 for _, e in by_layer)))
   row.update(num_examples=n, num_importance_samples=k)
-  if "mutual_info" in values:
-    row["mutual_info_max"] = math.log(n)
-  if final and c.bdmc_examples:
-    bdmc = evaluator.per_example(
-        "bdmc", diagnostics.bdmc_fn(run.graphdef, c.ais_steps, c.ais_leapfrog, c.ais_init),
-        params, rng, rows=np.zeros((c.bdmc_examples, 1), np.float32),
-        progress=label(f"BDMC on {c.bdmc_examples} simulated examples"))
-    row.update(summarize(bdmc))
-    row["bdmc_examples"] = c.bdmc_examples
-  amortization_examples = min(c.amortization_examples, len(log_px)) if final else 0
-  if amortization_examples and c.amortization_steps:
-    if contract.has(model, contract.LOCAL_POSTERIOR):
-      fn = diagnostics.amortization_fn(run.graphdef, protocol, c.amortization_steps,
-                                       c.amortization_learning_rate,
-                                       num_eval_samples=min(k, 1000))
-      gaps = evaluator.per_example(f"amortization_{c.amortization_steps}", fn, params, rng,
-                                   amortization_examples,
-                                   progress=label(f"amortization gap, {c.amortization_steps} "
-                                                  "steps"))
-      m = len(gaps["elbo_optimized"])
-      row.update(summarize({
-          "elbo_optimized": gaps["elbo_optimized"],
-          "amortization_gap": gaps["elbo_optimized"] - gaps["elbo_encoder"],
-          "approximation_gap": log_px[:m] - gaps["elbo_optimized"]}))
-      row["amortization_examples"] = m
-    else:
-      skipped["amortization_gap"] = f"needs the {contract.LOCAL_POSTERIOR} capability"
+  row.update(summarize({k_: v for k_, v in values.items() if len(v) != n}))  # over fewer examples
+  row.update(fields)
   if skipped:
     row["skipped"] = {name: (f"model {run.config.model.name!r} {why}" if "capability" in why
                              else why) for name, why in skipped.items()}

@@ -9,6 +9,7 @@ import pytest
 from flaxvae.data import protocols
 from flaxvae.eval import evaluation
 from flaxvae.eval.evaluator import Evaluator
+from flaxvae.eval.evaluators import EVALUATORS
 from flaxvae.objectives.likelihoods import get_likelihood
 from flaxvae.run import Run
 from tests.conftest import array_dataset, tiny_config
@@ -118,3 +119,9 @@ def test_summarize_gives_means_and_standard_errors_per_layer():
   assert row["b"] == [2.0, 0.0] and row["b_stderr"] == pytest.approx([1.0, 0.0])
   one = evaluation.summarize({"a": np.array([5.0])})
   assert one == {"a": 5.0, "a_stderr": 0.0}
+
+
+def test_the_optional_diagnostics_run_in_their_registered_order():
+  """AIS comes before the amortization gap, which compares against its log p(x)."""
+  assert [name for name, _ in EVALUATORS.items()] == ["elbo_surgery", "ais", "bdmc",
+                                                      "amortization_gap"]
