@@ -90,7 +90,7 @@ def check_resumable(saved, current, step, directory):
   """
   saved = json.loads(config_lib.with_defaults(saved).to_json_best_effort())
   changes = config_changes(saved, current)
-  allowed = current.get("checkpoint", {}).get("allow_config_change", False)
+  allowed = current["checkpoint"]["allow_config_change"]  # both configs hold every default
   if changes and not allowed:
     raise ConfigError(
         f"the config differs from the one checkpoint step {step} in {directory} was written "
@@ -98,7 +98,7 @@ def check_resumable(saved, current, step, directory):
         "--config.checkpoint.allow_config_change=True if the change is intended")
   if changes:
     log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))
-  if current.get("scan_unroll", 1) > 1 or saved.get("scan_unroll", 1) > 1:
+  if current["scan_unroll"] > 1 or saved["scan_unroll"] > 1:
     drift = config_changes(saved, current, DISPATCH_KEYS)
     if drift:
       log.warning("with scan_unroll > 1, changing %s moves dispatch boundaries: the resumed run "
