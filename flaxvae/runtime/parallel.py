@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from flaxvae.errors import ConfigError
 from flaxvae.runtime import dispatch
@@ -48,6 +48,11 @@ def parse_mesh(spec, num_devices):
   return data, fsdp
 
 
+def full_rank(spec, ndim):
+  """`spec` padded with None (unsplit) to `ndim` entries."""
+  return P(*spec, *([None] * (ndim - len(spec))))
+
+
 def fsdp_dim(shape, fsdp):
   """The dimension an array of `shape` is split along over the fsdp axis, or None.
 
@@ -75,13 +80,17 @@ class Runner:
     if self.fsdp > 1 and self.backend == "pmap":
       raise ConfigError("the pmap backend is pure data parallelism: it cannot split parameters "
                         "over an fsdp axis; use parallel.backend=shard_map with parallel.mesh")
-    devices = np.asarray(self.devices)
+    # shard_map: explicit axes, so every array placed here carries its sharding in its type
+    # and a layout the step did not ask for is an error at trace time, not a silent copy.
+    # pmap maps a leading device axis of its own: its mesh only places the stacked copies.
     if self.fsdp > 1:
-      self.mesh = Mesh(devices.reshape(-1, self.fsdp), (AXIS, FSDP))
-      self.batch_axes = (AXIS, FSDP)
+      shape, self.batch_axes = (self.num_devices // self.fsdp, self.fsdp), (AXIS, FSDP)
     else:
-      self.mesh = Mesh(devices, (AXIS,))
-      self.batch_axes = AXIS
+      shape, self.batch_axes = (self.num_devices,), AXIS
+    names = (AXIS, FSDP)[:len(shape)]
+    kind = AxisType.Explicit if self.backend == "shard_map" else AxisType.Auto
+    self.mesh = jax.make_mesh(shape, names, axis_types=(kind,) * len(shape),
+                              devices=list(self.devices))
 
   @property
   def num_devices(self):
@@ -93,17 +102,22 @@ class Runner:
 
   # -- layouts ----------------------------------------------------------------
   def _spec(self, kind, ndim):
+    """The PartitionSpec of `kind` for an array of rank `ndim`, one entry per dimension.
+
+    Full rank matters on an explicit mesh: jit gives its outputs full-rank specs, and an
+    input placed as P() where the output came back as P(None, None) compiles the step again.
+    """
     if kind == REPLICATED:
-      return P()
+      return full_rank(P(), ndim)
     if isinstance(kind, P):
-      return kind
-    return P(*([None] * kind[1]), self.batch_axes)
+      return full_rank(kind, ndim)
+    return full_rank(P(*([None] * kind[1]), self.batch_axes), ndim)
 
   def state_specs(self, tree):
     """PartitionSpecs of a state tree: each array split over fsdp along `fsdp_dim`."""
     def spec(x):
       dim = fsdp_dim(np.shape(x), self.fsdp)
-      return P() if dim is None else P(*([None] * dim), FSDP)
+      return full_rank(P() if dim is None else P(*([None] * dim), FSDP), np.ndim(x))
     return jax.tree.map(spec, tree)
 
   def sharding(self, kind=REPLICATED, ndim=0):
@@ -123,11 +137,11 @@ class Runner:
     if self.backend == "pmap":
       # pmap maps a leading device axis: stack one slice (or copy) per local device.
       n = self.num_local_devices
-      stacked = NamedSharding(self.mesh, P(AXIS))
 
       def stack(x):
         x = np.asarray(x)
         parts = [x] * n if kind in (REPLICATED, "state") else np.split(x, n, axis=kind[1])
+        stacked = NamedSharding(self.mesh, full_rank(P(AXIS), x.ndim + 1))
         return jax.make_array_from_process_local_data(stacked, np.stack(parts))
       return jax.tree.map(stack, tree)
     if kind == "state":
@@ -143,9 +157,16 @@ class Runner:
 
   @staticmethod
   def _place_whole(x, sharding):
-    """A value every process holds whole -> a global array laid out as `sharding`."""
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-      return x
+    """A value every process holds whole -> a global array laid out as `sharding`.
+
+    An array already on this mesh (a replicated one being split over fsdp) moves with
+    `jax.sharding.reshard`, device to device; anything else goes through the host.
+    """
+    if isinstance(x, jax.Array):
+      if x.sharding == sharding:
+        return x
+      if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == sharding.mesh:
+        return jax.sharding.reshard(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 

@@ -48,9 +48,9 @@ def test_params_are_split_over_fsdp_and_train_as_on_one_device(tmp_path, compila
   # The fsdp run really holds slices: a 784x64 kernel is split 4 ways, biases stay whole.
   run = Run(config(**{"parallel.mesh": "data:2,fsdp:4"}), dataset)
   specs = run.runner.state_specs(run.initial_state())
-  assert tuple(specs.params["encoder"][0]["kernel"]) == ("fsdp",)  # rows of 784, split 4 ways
-  assert tuple(specs.params["encoder"][0]["bias"]) == ()
-  assert tuple(specs.opt_state[0].mu["encoder"][0]["kernel"]) == ("fsdp",)
+  assert tuple(specs.params["encoder"][0]["kernel"]) == ("fsdp", None)  # 784 rows, split 4 ways
+  assert tuple(specs.params["encoder"][0]["bias"]) == (None,)
+  assert tuple(specs.opt_state[0].mu["encoder"][0]["kernel"]) == ("fsdp", None)
 
 
 def test_accumulating_four_microbatches_equals_one_four_times_larger_batch(tmp_path,
