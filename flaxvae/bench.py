@@ -73,10 +73,15 @@ def step_flops(run):
 
   Cost analysis counts a loop body once, so it is taken on a single unrolled step.
   """
-  fn = run.train_fn("one_step", runner=parallel.Runner("shard_map", jax.devices()[:1]))
-  images = jax.ShapeDtypeStruct((run.config.batch_size, *run.image_shape), jnp.uint8)
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype),
-                       run.initial_state())
+  runner = parallel.Runner("shard_map", jax.devices()[:1])
+  fn = run.train_fn("one_step", runner=runner)
+  images = jax.ShapeDtypeStruct((run.config.batch_size, *run.image_shape), jnp.uint8,
+                                sharding=runner.sharding(parallel.batch_axis(0), 4))
+  initial = run.initial_state()
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
+                                                         if not hasattr(x, "dtype") else x.dtype,
+                                                         sharding=s),
+                       initial, runner.state_shardings(initial))
   return float(_cost(fn.lower(state, images).compile()).get("flops", 0.0))
 
 

@@ -57,8 +57,10 @@ def test_bfloat16_compute_keeps_float32_state_and_close_loss():
   dataset, losses = array_dataset(32, 16), {}
   for dtype in ("float32", "bfloat16"):
     run = Run(bench_config(dtype=dtype), dataset)
-    step = run.train_fn("one_step", runner=parallel.Runner("shard_map", jax.devices()[:1]))
-    state, metrics = step(run.initial_state(), jnp.asarray(run.train_images[:16]))
+    runner = parallel.Runner("shard_map", jax.devices()[:1])
+    step = run.train_fn("one_step", runner=runner)
+    state, metrics = step(runner.put(run.initial_state(), "state"),
+                          runner.put(run.train_images[:16], parallel.batch_axis(0)))
     for leaf in jax.tree.leaves((state.params, state.opt_state)):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         assert leaf.dtype == jnp.float32
