@@ -17,6 +17,7 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from flaxvae import data as data_lib  # noqa: E402
 from flaxvae import defaults  # noqa: E402
@@ -46,6 +47,12 @@ def array_dataset(train=256, test=64, shape=(28, 28, 1)):
   """Random uint8 images as a dataset in memory: what `train(config, workdir, dataset)` takes."""
   return data_lib.ArrayDataset({"train": random_images(train, 0, shape),
                                 "test": random_images(test, 1, shape)}, name="random")
+
+
+def load_config(name, arg=None):
+  """configs/NAME.py's get_config(arg), parsed as `--config configs/NAME.py:arg` would be."""
+  return config_flags.config_flags._ConfigFileParser("config").parse(
+      str(REPO / "configs" / f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 def set_keys(config, **changes):

@@ -14,7 +14,7 @@ from flaxvae.errors import UsageError
 from flaxvae.run import Run
 from flaxvae.runtime import parallel
 from flaxvae.train import trainer
-from tests.conftest import REPO, array_dataset, tiny_config
+from tests.conftest import REPO, array_dataset, load_config, tiny_config
 
 
 def bench_config(**changes):
@@ -82,3 +82,40 @@ def test_make_bench_measures_each_command_once_and_resumes_from_its_cache(tmp_pa
   assert len(calls) == 1  # the second sitting read it back
   report.Cache(path, fresh=True).get("a #round0", measure)
   assert len(calls) == 2 and (tmp_path / "cache.jsonl.old").exists()  # --fresh keeps the old
+
+
+def test_aot_reports_memory_split_over_fsdp_and_the_largest_batch():
+  """`bench --aot`: from shapes alone, per-device parameter and optimizer bytes fall as
+  1/fsdp (a 784x256 kernel splits 8 ways), and the batch that fits a memory is a multiple of
+  the device count."""
+  config = bench_config(**{"model.hidden": (256,), "steps_per_dispatch": 1})
+  whole, split = (bench.aot_row(config, 8, image_shape=(28, 28, 1), mesh=mesh,
+                                device_memory=2**30) for mesh in ("", "fsdp:8"))
+  assert whole["parameters"] == split["parameters"] > 2 * 784 * 256
+  assert split["mesh"] == "fsdp:8" and whole["mesh"] == "data"
+  for key in ("per_device_parameter_gib", "per_device_optimizer_gib"):
+    assert split[key] < whole[key] / 6  # 1/8, less the small arrays kept whole
+  for row in (whole, split):
+    assert row["largest_batch"] > 0 and row["largest_batch"] % 8 == 0
+    assert row["per_device_temp_gib"] >= 0 and row["compile_s"] >= 0
+
+
+def test_eval_case_times_the_importance_pass_against_its_flop_limit():
+  config = bench_config(**{"eval.final_num_importance_samples": 8, "eval.ais_steps": 2,
+                           "eval.ais_chains": 1, "eval.ais_leapfrog": 1})
+  row = bench.eval_row(config, array_dataset(32, 16), num_examples=16, ais_examples=8)
+  assert row["case"] == "eval" and row["num_examples"] == 16
+  assert row["num_importance_samples"] == 8 and row["flops"] > 0
+  for key in ("seconds", "flop_limit_seconds", "ais_seconds_per_1000", "iwae_seconds_per_1000"):
+    assert row[key] >= 0  # rounded to 0.1 s: a tiny model's pass may round to 0
+
+
+@pytest.mark.slow
+def test_depth_case_compiles_each_depth_with_and_without_scan_and_remat():
+  config = load_config("fashion_mnist_vdvae", "tiny")
+  rows = bench.depth_rows(config, depths=(1, 2), emit=lambda line: None)
+  assert [(r["depth"], r["scan_blocks"], r["remat"]) for r in rows] == [
+      (d, s, m) for d in (1, 2) for s in ("unroll", "scan") for m in (False, True)]
+  assert all(r["compile_s"] > 0 and r["parameters"] > 0 for r in rows)
+  by = {(r["depth"], r["scan_blocks"], r["remat"]): r["parameters"] for r in rows}
+  assert by[(2, "scan", False)] == by[(2, "unroll", True)] > by[(1, "scan", False)]

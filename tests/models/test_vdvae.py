@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from ml_collections import config_flags
 
 from flaxvae import defaults, models
 from flaxvae.data import ArrayDataset
@@ -15,7 +14,7 @@ from flaxvae.eval.diagnostics import SampleNoise
 from flaxvae.objectives import bounds, likelihoods
 from flaxvae.train import checkpoint as checkpoint_lib
 from flaxvae.train.trainer import train
-from tests.conftest import REPO, random_images, set_keys
+from tests.conftest import load_config, random_images, set_keys
 
 # Deep conv models compile for tens of seconds each on XLA:CPU: `make test-slow` (and CI) runs
 # these, `make test` stays under 10 minutes.
@@ -103,11 +102,6 @@ CONFIGS = ["fashion_mnist_vdvae", "fashion_mnist_vdvae_8bit", "fashion_mnist_eff
            "cifar10_vdvae", "imagenet32_vdvae", "imagenet64_vdvae", "ffhq256_vdvae"]
 SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3), "imagenet32": (32, 32, 3),
           "imagenet64": (64, 64, 3), "ffhq256": (256, 256, 3)}
-
-
-def load_config(name, arg):
-  return config_flags.config_flags._ConfigFileParser("config").parse(
-      str(REPO / "configs" / f"{name}.py") + f":{arg}")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
