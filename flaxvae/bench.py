@@ -428,8 +428,7 @@ def depth_rows(config, depths=(4, 16, 64), emit=print):
           c.model.scan_blocks, c.model.remat = scan, remat
           c.steps_per_dispatch = 1
         row = aot_row(c, 1)
-        row = dict(case="depth", depth=depth, scan_blocks=scan, remat=remat,
-                   **{k: v for k, v in row.items() if k != "case"})
+        row = dict(row, case="depth", depth=depth, scan_blocks=scan, remat=remat)
         rows.append(row)
         emit(json.dumps(row))
   return rows
