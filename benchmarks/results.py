@@ -35,8 +35,8 @@ for layers, arg in (("1", ":1"), ("2", "")):
 # Cremer et al.: the gaps of a Gaussian and an IAF posterior, and of a larger encoder.
 CREMER_EVAL = ["--config.data.protocol=static_binarized", "--config.eval.schedule=every",
                "--config.eval.every_steps=0", "--config.eval.final_num_examples=1000",
-               "--config.eval.log_px_estimator=ais", "--config.eval.ais_examples=500",
-               "--config.eval.amortization_examples=500"]
+               "--config.eval.log_px_estimator=ais", "--config.eval.ais_examples=100",
+               "--config.eval.amortization_examples=100", "--config.num_steps=4000"]
 CREMER = {
     "gaussian": ["train", "--config", "configs/fashion_mnist_mlp.py", *CREMER_EVAL],
     "iaf": ["train", "--config", "configs/fashion_mnist_mlp.py", "--config.model.posterior=iaf",
