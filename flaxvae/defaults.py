@@ -84,7 +84,7 @@ def base_config():
   config.parallel.backend = "shard_map"  # shard_map or pmap
   config.parallel.num_devices = 0  # 0: all devices JAX sees
   config.parallel.mesh = ""  # "data:2,fsdp:4": parameters, optimizer state and EMA split over fsdp; "": all on data
-  config.parallel.wait_timeout_s = 600.0  # the host waits this long on one dispatch before calling the run stuck
+  config.parallel.wait_timeout_s = 600.0  # the host waits this long on one dispatch before calling the run stuck (several devices)
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 5_000  # 0: only at the end and on preemption

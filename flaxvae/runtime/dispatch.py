@@ -62,7 +62,8 @@ def _pending(tree):
 
 
 def wait(tree, timeout_s, what="device work"):
-  """Blocks until every array in `tree` is computed; DeviceTimeout after `timeout_s` seconds."""
+  """Blocks until every array in `tree` is computed; DeviceTimeout after `timeout_s` seconds
+  (None: no limit; signal handlers still run while it waits)."""
   pending = _pending(tree)
   if not pending:
     return tree

@@ -71,12 +71,16 @@ def fsdp_dim(shape, fsdp):
 class Runner:
   backend: str
   devices: Sequence[jax.Device]
-  wait_timeout_s: float = 600.0  # a wait on device results longer than this is a stuck run
+  # A wait on device results longer than this is a stuck run. None (no limit) on one device
+  # in one process: nothing there waits on a peer, and an AIS pass may run for many minutes.
+  wait_timeout_s: float | None = 600.0
   fsdp: int = 1  # devices each parameter is split over (1: replicated)
 
   def __post_init__(self):
     if self.backend not in BACKENDS:
       raise ConfigError(f"unknown parallel.backend {self.backend!r}: use shard_map or pmap")
+    if len(self.devices) == 1 and jax.process_count() == 1:
+      self.wait_timeout_s = None
     if self.fsdp > 1 and self.backend == "pmap":
       raise ConfigError("the pmap backend is pure data parallelism: it cannot split parameters "
                         "over an fsdp axis; use parallel.backend=shard_map with parallel.mesh")

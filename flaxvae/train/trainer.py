@@ -137,7 +137,7 @@ def train(config, workdir, dataset=None):
   step = first_step = int(runner.get(state.step))
   pending, window_start, window_step = [], time.perf_counter(), step
   sizes_run = set()
-  in_flight = dispatch.InFlight(config.parallel.wait_timeout_s)
+  in_flight = dispatch.InFlight(runner.wait_timeout_s)
   progress = console.Progress(config.num_steps, "step", "steps", plain_every_s=0.0,
                               start_done=step)
   evaluations = scheduled_evaluations(config)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from flaxvae.errors import DeviceTimeout
-from flaxvae.runtime import dispatch
+from flaxvae.runtime import dispatch, parallel
 from tests.conftest import REPO
 
 
@@ -151,3 +151,10 @@ def test_a_second_signal_exits_at_once_while_the_host_waits_on_a_stuck_device(tm
   assert proc.returncode == 137, err[-2000:]
   assert time.monotonic() - start < 10
   assert "second signal: exiting now" in err
+
+
+def test_one_device_waits_without_a_limit_and_several_with_one():
+  """A collective can only be stuck with peers: on one device in one process a long
+  evaluation (AIS for minutes) is legitimate, so the wait has no limit."""
+  assert parallel.Runner("shard_map", jax.devices()[:1], wait_timeout_s=5).wait_timeout_s is None
+  assert parallel.Runner("shard_map", jax.devices()[:2], wait_timeout_s=5).wait_timeout_s == 5
