@@ -1,0 +1,39 @@
+"""What the bound on dispatches in flight costs on one device: the default config's trainer,
+8,000 steps, with the bound (runtime/dispatch.py's limit of 2) and without it.
+
+    for m in bounded unbounded bounded unbounded bounded unbounded; do
+      .venv/bin/python benchmarks/inflight_cost.py $m; done
+
+Prints one JSON line per run: the trainer's median examples/s over its log windows (the first,
+with compilation, left out) and the same train function timed by `flaxvae bench` in-process.
+Unbounded is safe only on one device (several devices deadlocked: issue 11).
+"""
+import os, sys, json, statistics, tempfile
+os.environ.setdefault("FLAXVAE_DATA_DIR", "/work/main/data/tfds")
+import jax
+mode = sys.argv[1]
+if mode == "unbounded":  # the trainer as before the fix: no bound on dispatches in flight
+  from flaxvae.runtime import dispatch
+  dispatch.InFlight.__init__.__defaults__ = (10**9, "a train dispatch")
+from flaxvae.train.trainer import train
+from flaxvae import bench
+from ml_collections import config_flags
+c = config_flags.config_flags._ConfigFileParser("config").parse("/work/main/configs/fashion_mnist_mlp.py")
+def set_keys(config, **changes):
+  with config.unlocked():
+    for key, value in changes.items():
+      node = config
+      *path, leaf = key.split(".")
+      for part in path:
+        node = node[part]
+      node[leaf] = value
+set_keys(c, **{"num_steps": 8000, "eval.schedule": "every", "eval.every_steps": 0,
+               "eval.final_num_examples": 100, "eval.final_num_importance_samples": 10,
+               "eval.amortization_examples": 0, "log_every_steps": 1000,
+               "checkpoint.every_steps": 0})
+w = tempfile.mkdtemp()
+train(c, w)
+rows = [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
+rates = [r["examples_per_s"] for r in rows if r["split"] == "train"][1:]
+row = bench.time_trainer(c, windows=3)
+print(json.dumps(dict(mode=mode, trainer=round(statistics.median(rates)), windows=[round(r) for r in rates], bench_default=round(row["examples_per_s"]))))
