@@ -9,7 +9,8 @@ with compilation, left out) and the same train function timed by `flaxvae bench`
 Unbounded is safe only on one device (several devices deadlocked: issue 11).
 """
 import os, sys, json, statistics, tempfile
-os.environ.setdefault("FLAXVAE_DATA_DIR", "/work/main/data/tfds")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("FLAXVAE_DATA_DIR", os.path.join(ROOT, "data", "tfds"))
 import jax
 mode = sys.argv[1]
 if mode == "unbounded":  # the trainer as before the fix: no bound on dispatches in flight
@@ -18,7 +19,7 @@ if mode == "unbounded":  # the trainer as before the fix: no bound on dispatches
 from flaxvae.train.trainer import train
 from flaxvae import bench
 from ml_collections import config_flags
-c = config_flags.config_flags._ConfigFileParser("config").parse("/work/main/configs/fashion_mnist_mlp.py")
+c = config_flags.config_flags._ConfigFileParser("config").parse(os.path.join(ROOT, "configs", "fashion_mnist_mlp.py"))
 def set_keys(config, **changes):
   with config.unlocked():
     for key, value in changes.items():
