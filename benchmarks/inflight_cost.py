@@ -11,7 +11,6 @@ Unbounded is safe only on one device (several devices deadlocked: issue 11).
 import os, sys, json, statistics, tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("FLAXVAE_DATA_DIR", os.path.join(ROOT, "data", "tfds"))
-import jax
 mode = sys.argv[1]
 if mode == "unbounded":  # the trainer as before the fix: no bound on dispatches in flight
   from flaxvae.runtime import dispatch
@@ -20,18 +19,11 @@ from flaxvae.train.trainer import train
 from flaxvae import bench
 from ml_collections import config_flags
 c = config_flags.config_flags._ConfigFileParser("config").parse(os.path.join(ROOT, "configs", "fashion_mnist_mlp.py"))
-def set_keys(config, **changes):
-  with config.unlocked():
-    for key, value in changes.items():
-      node = config
-      *path, leaf = key.split(".")
-      for part in path:
-        node = node[part]
-      node[leaf] = value
-set_keys(c, **{"num_steps": 8000, "eval.schedule": "every", "eval.every_steps": 0,
-               "eval.final_num_examples": 100, "eval.final_num_importance_samples": 10,
-               "eval.amortization_examples": 0, "log_every_steps": 1000,
-               "checkpoint.every_steps": 0})
+with c.unlocked():
+  c.num_steps, c.log_every_steps = 8000, 1000
+  c.checkpoint.every_steps = 0
+  c.eval.schedule, c.eval.every_steps, c.eval.amortization_examples = "every", 0, 0
+  c.eval.final_num_examples, c.eval.final_num_importance_samples = 100, 10
 w = tempfile.mkdtemp()
 train(c, w)
 rows = [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]

@@ -32,6 +32,7 @@ from flaxvae.eval import diagnostics, evaluation
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.run import Run
 from flaxvae.runtime import parallel, xla_flags
+from flaxvae.train import checkpoint as checkpoint_lib
 
 CASES = ("default", "dispatch", "scaling", "depth", "eval")
 AOT_CHILD = "FLAXVAE_BENCH_AOT_CHILD"  # set in a child compiling for more devices than this one has
@@ -78,10 +79,7 @@ def step_flops(run):
   images = jax.ShapeDtypeStruct((run.config.batch_size, *run.image_shape), jnp.uint8,
                                 sharding=runner.sharding(parallel.batch_axis(0), 4))
   initial = run.initial_state()
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
-                                                         if not hasattr(x, "dtype") else x.dtype,
-                                                         sharding=s),
-                       initial, runner.state_shardings(initial))
+  state = checkpoint_lib.abstract_like(initial, runner.state_shardings(initial))
   return float(_cost(fn.lower(state, images).compile()).get("flops", 0.0))
 
 
@@ -335,8 +333,7 @@ def _gib(nbytes):
 
 def _compile_abstract(run, runner, batch, image_shape, n):
   abstract = run.initial_state()
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, runner.state_shardings(abstract))
+  state = checkpoint_lib.abstract_like(abstract, runner.state_shardings(abstract))
   batches = jax.ShapeDtypeStruct((n, batch, *image_shape), jnp.uint8,
                                  sharding=runner.sharding(parallel.batch_axis(1), 5))
   start = time.perf_counter()
