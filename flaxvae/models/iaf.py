@@ -17,18 +17,29 @@ from flaxvae.models import layers
 
 
 class MaskedDense(nnx.Module):
-  """A dense layer whose kernel is multiplied by a fixed 0/1 mask (the MADE connectivity)."""
+  """A dense layer whose kernel is multiplied by a fixed 0/1 mask (the MADE connectivity).
 
-  def __init__(self, mask, rngs, dtype, zero_init=False):
-    fan_in, fan_out = mask.shape
+  The mask is rebuilt from static sizes at trace time (a constant of the compiled step), never
+  held as a Variable: the trainer optimises every array of the model's state, and a mask the
+  optimizer can move breaks the autoregressive structure, so sum(log sigma) is no longer the
+  log-determinant and log q(z|x) no longer a density (a training run then drove the "KL" to
+  -65 nats).
+  """
+
+  def __init__(self, latent_dim, hidden, reverse, part, rngs, dtype, zero_init=False):
+    self.latent_dim, self.hidden, self.reverse, self.part = latent_dim, hidden, reverse, part
+    fan_in, fan_out = self.mask().shape
     init = nnx.initializers.zeros if zero_init else nnx.initializers.lecun_normal()
     self.kernel = nnx.Param(init(rngs.params(), (fan_in, fan_out), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((fan_out,), jnp.float32))
-    self.mask = nnx.Variable(jnp.asarray(mask, jnp.float32))  # not trained: a constant
     self.dtype = dtype
 
+  def mask(self):
+    """This layer's 0/1 mask: part 0 is input -> hidden, part 1 hidden -> output."""
+    return made_masks(self.latent_dim, self.hidden, self.reverse)[self.part]
+
   def __call__(self, h):
-    kernel = (self.kernel[...] * self.mask[...]).astype(self.dtype)
+    kernel = (self.kernel[...] * jnp.asarray(self.mask(), jnp.float32)).astype(self.dtype)
     return h.astype(self.dtype) @ kernel + self.bias[...].astype(self.dtype)
 
 
@@ -46,11 +57,10 @@ def made_masks(latent_dim, hidden, reverse):
 
 class IAFStep(nnx.Module):
   def __init__(self, latent_dim, context_dim, hidden, reverse, rngs, dtype):
-    to_hidden, to_output = made_masks(latent_dim, hidden, reverse)
-    self.from_z = MaskedDense(to_hidden, rngs, dtype)
+    self.from_z = MaskedDense(latent_dim, hidden, reverse, 0, rngs, dtype)
     self.from_context = layers.dense(context_dim, hidden, rngs, dtype, use_bias=False)
-    self.to_shift = MaskedDense(to_output, rngs, dtype, zero_init=True)
-    self.to_scale = MaskedDense(to_output, rngs, dtype, zero_init=True)
+    self.to_shift = MaskedDense(latent_dim, hidden, reverse, 1, rngs, dtype, zero_init=True)
+    self.to_scale = MaskedDense(latent_dim, hidden, reverse, 1, rngs, dtype, zero_init=True)
 
   def __call__(self, z, context):
     h = jax.nn.elu(self.from_z(z) + self.from_context(context))

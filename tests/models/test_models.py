@@ -74,6 +74,32 @@ def test_terms_shapes_and_the_elbo_adds_up_over_layers(name, keys):
   assert recon.shape == (len(x), *raw.shape[1:])
 
 
+@pytest.mark.parametrize("name, keys", MODELS)
+def test_every_array_a_model_holds_is_a_trained_parameter(name, keys):
+  """The trainer optimises the whole state nnx.split gives it: a constant held as a Variable
+  (the IAF's MADE masks were) would be moved by the optimizer."""
+  assert not jax.tree.leaves(nnx.state(build(name, **keys), nnx.Not(nnx.Param)))
+
+
+def test_a_trained_iaf_stays_a_density_its_log_det_is_the_sum_of_log_sigmas():
+  """Every array of the model's state moved (as training moves it), the flow is still
+  autoregressive: log |det dz_T/dz_0| equals the sum of log sigma that log q(z|x) uses."""
+  iaf = build("mlp", hidden=(16,), latent_dim=5, posterior="iaf", iaf_steps=2, iaf_hidden=8,
+              iaf_context=4)
+  graphdef, state = nnx.split(iaf)
+  leaves, tree = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  moved = jax.tree.unflatten(tree, [a + 0.5 * jax.random.normal(k, a.shape, a.dtype)
+                                    for a, k in zip(leaves, keys)])
+  flow = nnx.merge(graphdef, moved).flow
+  z0, context = jax.random.normal(jax.random.key(4), (5,)), jax.random.normal(
+      jax.random.key(5), (4,))
+  jacobian = jax.jacfwd(lambda z: flow(z[None], context[None])[0][0])(z0)
+  log_sigma = flow(z0[None], context[None])[1][0]
+  np.testing.assert_allclose(np.linalg.slogdet(np.asarray(jacobian, np.float64))[1],
+                             float(jnp.sum(log_sigma)), rtol=1e-4, atol=1e-4)
+
+
 def test_an_untrained_iaf_posterior_is_the_gaussian():
   """Zero-initialised last layers make every flow step the identity with log sigma = 0."""
   iaf = build("mlp", hidden=(16,), latent_dim=3, posterior="iaf", iaf_steps=2, iaf_hidden=8,
