@@ -297,6 +297,12 @@ def depth_section(depth):
 
 
 def aot_section(aot):
+  # FLOPs per example depend on the config and remat, not the mesh: rows measured before
+  # aot rows carried them borrow them from a row of the same model that has them.
+  flops = {(r["model"], tuple(r["image_shape"]), r["remat"]): r["flops_per_example"]
+           for r in aot if "flops_per_example" in r}
+  aot = [dict(r, flops_per_example=flops[key]) if "flops_per_example" not in r and (
+      key := (r["model"], tuple(r["image_shape"]), r["remat"])) in flops else r for r in aot]
   return [
       "## Ahead of time: the large configs (`flaxvae bench --aot`, shapes only)", "",
       table(["config", "devices", "mesh", "remat", "batch", "parameters", "GFLOP/example",
@@ -311,7 +317,9 @@ def aot_section(aot):
       "Per-device memory from XLA's memory analysis of the compiled step on XLA:CPU (the "
       "accelerator's compiler lays memory out differently; the parameter and optimizer "
       "columns are exact either way). `largest batch` extrapolates the step's memory "
-      "linearly from two compiles (batch and twice the batch).", ""], aot
+      "linearly from two compiles (batch and twice the batch). GFLOP/example: one training "
+      "step (forward, backward, update) from XLA's cost analysis of the lowered one-device "
+      "program with the layers unrolled.", ""], aot
 
 
 def cases_section(mlp, conv):

@@ -92,6 +92,9 @@ def test_aot_reports_memory_split_over_fsdp_and_the_largest_batch():
   whole, split = (bench.aot_row(config, 8, image_shape=(28, 28, 1), mesh=mesh,
                                 device_memory=2**30) for mesh in ("", "fsdp:8"))
   assert whole["parameters"] == split["parameters"] > 2 * 784 * 256
+  # FLOPs of one step per example, whatever the mesh: at least the first layer's forward,
+  # its two backward matmuls and the decoder's mirror of them.
+  assert whole["flops_per_example"] == split["flops_per_example"] > 4 * 2 * 784 * 256
   assert split["mesh"] == "fsdp:8" and whole["mesh"] == "data"
   for key in ("per_device_parameter_gib", "per_device_optimizer_gib"):
     assert split[key] < whole[key] / 6  # 1/8, less the small arrays kept whole
