@@ -81,11 +81,14 @@ class Run:
       raise ConfigError(f"init.param_groups {missing} are not parameter groups of both this "
                         f"model ({', '.join(params)}) and {init.params_from}")
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+    taken = {}
     for g in groups:
-      if shapes(trained[g]) != shapes(params[g]):
+      group = _keyed_like(trained[g], params[g])
+      if group is None or shapes(group) != shapes(params[g]):
         raise ConfigError(f"init: parameter group {g!r} of {init.params_from} has other shapes "
                           "than this model's: use the same model config")
-    return {**params, **{g: jax.tree.map(jnp.asarray, trained[g]) for g in groups}}
+      taken[g] = jax.tree.map(jnp.asarray, group)
+    return {**params, **taken}
 
   @property
   def eval_images(self):
@@ -131,3 +134,19 @@ class Run:
     return feeds.create_feed(data, self.runner, seed=c.seed, batch_size=c.batch_size,
                              read_threads=c.data.read_threads,
                              prefetch_batches=c.data.prefetch_batches, data_state=data_state)
+
+
+def _keyed_like(saved, like):
+  """`saved` (a checkpoint's nested dict) with the keys of `like` (the model's pure dict), or
+  None where they differ: a checkpoint spells a list layer's index "0" where the model has 0."""
+  if not isinstance(like, dict):
+    return None if isinstance(saved, dict) else saved
+  if not isinstance(saved, dict) or len(saved) != len(like):
+    return None
+  out = {}
+  for key, value in like.items():
+    match = saved.get(key, saved.get(str(key)))
+    out[key] = None if match is None else _keyed_like(match, value)
+    if out[key] is None:
+      return None
+  return out

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 
+import jax
 import numpy as np
 import pytest
 
@@ -127,3 +128,26 @@ def test_a_time_budget_ends_training_at_a_log_step_and_evaluates_it(tmp_path):
   trainer.train(c, str(tmp_path), array_dataset(64, 16))
   steps = checkpoint_lib.Checkpointer(str(tmp_path), c.checkpoint).all_steps()
   assert steps == [3] and json.loads((tmp_path / "eval.json").read_text())["step"] == 3
+
+
+def test_a_frozen_trained_decoder_with_a_fresh_encoder_trains_the_encoder_alone(tmp_path):
+  """The seed-question experiment (configs/fashion_mnist_encoder_only.py) through train(): the
+  decoder comes from a trained run (whose checkpoint spells list indices as strings) and stays
+  bitwise as it was; the encoder starts fresh and trains."""
+  source, target = str(tmp_path / "source"), str(tmp_path / "encoder_only")
+  trainer.train(tiny_config(), source)
+  decoder = ("decoder", "to_output")
+  config = tiny_config(**{"init.params_from": source, "init.param_groups": decoder,
+                          "optimizer.frozen": decoder})
+  trainer.train(config, target)
+  trained, fresh = (checkpoint_lib.trained_params(w) for w in (source, target))
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(*map(jax.tree.leaves, (a, b))))
+  assert all(same(fresh[group], trained[group]) for group in decoder)
+  assert not same(fresh["encoder"], trained["encoder"])
+
+
+def test_the_encoder_only_config_builds_the_default_model():
+  """Its decoder must fit the default run's checkpoint: the two configs' models are one."""
+  from tests.conftest import load_config
+  assert (load_config("fashion_mnist_encoder_only").model.to_dict()
+          == load_config("fashion_mnist_mlp").model.to_dict())
