@@ -68,6 +68,14 @@ def _plot(ax, rows, key, label, color, final, count_key="num_examples"):
     ax.fill_between(steps, values - 2 * errors, values + 2 * errors, color=color, alpha=0.2)
 
 
+def _step_axis(ax, rows):
+  """A log step axis (linear through 0) when the evaluations span decades, as a log-spaced
+  schedule's do: on a linear axis its early evaluations, where q moves most, overlap at 0."""
+  steps = [r["step"] for r in rows if r.get("step", 0) > 0]
+  if steps and max(steps) >= 100 * min(steps):
+    ax.set_xscale("symlog", linthresh=1)
+
+
 def make_report(workdir):
   """Writes one PNG per panel into workdir/report/; returns their paths."""
   periodic, final = evaluation_rows(workdir)
@@ -83,6 +91,8 @@ def make_report(workdir):
     if name == "kl_to_prior_and_posterior":
       for key, color in (("amortization_gap", "C2"), ("approximation_gap", "C3")):
         _plot(ax, final, key, key.replace("_", " "), color, True, "amortization_examples")
+      ax.set_yscale("symlog", linthresh=1)  # gaps from 1,000 nats at step 0 down to a few
+    _step_axis(ax, periodic + final)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("training step")
     ax.grid(alpha=0.3)
@@ -113,6 +123,7 @@ def _layer_panel(out_dir, name, title, key, periodic, final):
             if isinstance(r.get(key), list) and len(r[key]) > layer]
     if ends:
       ax.plot(*zip(*ends), "D", color=color)
+  _step_axis(ax, periodic + final)
   ax.set_title(title + ("" if depth <= 12 else f" ({depth} layers)"), fontsize=10)
   ax.set_xlabel("training step")
   ax.grid(alpha=0.3)
