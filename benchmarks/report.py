@@ -312,7 +312,7 @@ def aot_section(aot):
               r["mesh"], r["remat"], r["batch_size"], f"{r['parameters'] / 1e6:.1f}M",
               round(r["flops_per_example"] / 1e9, 1) if "flops_per_example" in r else "",
               r["per_device_parameter_gib"], r["per_device_optimizer_gib"],
-              r["per_device_ema_gib"], r.get("per_device_temp_gib"), r.get("largest_batch"),
+              r["per_device_ema_gib"], r.get("per_device_temp_gib"), r.get("largest_batch") or "",
               r["compile_s"]] for r in aot]), "",
       "Per-device memory from XLA's memory analysis of the compiled step on XLA:CPU (the "
       "accelerator's compiler lays memory out differently; the parameter and optimizer "
