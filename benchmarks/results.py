@@ -16,6 +16,9 @@ import shlex
 import subprocess
 import sys
 
+from flaxvae.eval import report
+from flaxvae.train import outputs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.environ.get("RESULTS_DIR", os.path.join(ROOT, "runs", "results"))
 FLAXVAE = [sys.executable, "-m", "flaxvae.cli"]
@@ -254,19 +257,12 @@ def checks_section():
   return "\n".join(lines)
 
 
-def evaluation_rows(table, row):
-  """The periodic and final evaluation rows of a run's metrics.jsonl, in step order."""
-  path = os.path.join(workdir(table, row), "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  rows = [json.loads(line) for line in open(path)]
-  return [r for r in rows if r["split"] != "train" and "inference_gap" in r]
-
-
 def encoder_only_lines():
-  rows = evaluation_rows("checks", "encoder_only")
-  if not rows:
+  run_dir = workdir("checks", "encoder_only")
+  if not outputs.read_metrics(run_dir):
     return []
+  periodic, final = report.evaluation_rows(run_dir)  # what `flaxvae report` plots
+  rows = [r for r in periodic + final if "inference_gap" in r]
   cells = lambda key: " | ".join(f"{r[key]:.2f}" for r in rows)
   return [
       "### The seed question: a frozen decoder, a fresh encoder trained alone", "",

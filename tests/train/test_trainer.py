@@ -12,7 +12,8 @@ from flaxvae.errors import ConfigError, DataError
 from flaxvae.run import Run
 from flaxvae.train import checkpoint as checkpoint_lib
 from flaxvae.train import trainer
-from tests.conftest import FLAXVAE, array_dataset, set_keys, tiny_config, tree_digest
+from tests.conftest import (FLAXVAE, array_dataset, load_config, set_keys, tiny_config,
+                            tree_digest)
 
 
 def sizes(num_steps, steps_per_dispatch, log=1000, evaluate=0, save=0):
@@ -148,6 +149,5 @@ def test_a_frozen_trained_decoder_with_a_fresh_encoder_trains_the_encoder_alone(
 
 def test_the_encoder_only_config_builds_the_default_model():
   """Its decoder must fit the default run's checkpoint: the two configs' models are one."""
-  from tests.conftest import load_config
   assert (load_config("fashion_mnist_encoder_only").model.to_dict()
           == load_config("fashion_mnist_mlp").model.to_dict())
