@@ -9,6 +9,11 @@
 Every row is one `flaxvae train` command (printed in RESULTS.md beside its figures), run into
 runs/results/<table>/<row>; a row whose eval.json exists is not run again. The budgets are
 shortened against the papers so everything fits a 2-core CPU; RESULTS.md says how.
+
+runs/ is scratch (not in git, gone with the machine), so what the tables and figures need of each
+finished row is kept in benchmarks/records/<table>/<row>.json, in git: `run` and `write` refresh
+a record from its run dir when the run dir is there, and `write` reads the record when it is not.
+A fresh checkout therefore writes the same RESULTS.md, and a row run on another day joins it.
 """
 import json
 import os
@@ -21,6 +26,7 @@ from flaxvae.train import outputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.environ.get("RESULTS_DIR", os.path.join(ROOT, "runs", "results"))
+RECORDS = os.path.join(ROOT, "benchmarks", "records")
 FLAXVAE = [sys.executable, "-m", "flaxvae.cli"]
 
 # Burda et al.: 1 and 2 stochastic layers, VAE and IWAE objectives, k in {1, 5, 50}.
@@ -112,6 +118,13 @@ def command(table, row):
   return ["flaxvae", *args[:1], "--workdir", f"runs/results/{table}/{row}", *args[1:]]
 
 
+def shown_command(table, row):
+  """The command beside a row's figures: the one its record was run with (a row run before a
+  budget changed keeps its own), else the one `run` would run."""
+  rec = record(table, row)
+  return rec["command"] if rec else shlex.join(command(table, row))
+
+
 # Where the rows in RESULTS.md ran (2026-12-02): the session had time for one sitting of three
 # rows, so they ran at once on the 2 cores, the VDVAE sharing its core with the MLP.
 QUALITY_PLACEMENT = (
@@ -147,6 +160,8 @@ def run(table, rows=None):
       with open(path + ".tmp", "w") as f:
         f.write(lines)
       os.replace(path + ".tmp", path)  # a stopped pass leaves no half-written answer
+  for row in TABLES[table]:
+    record(table, row)
 
 
 def run_pinned(todo, cores):
@@ -168,12 +183,47 @@ def run_pinned(todo, cores):
     raise SystemExit("failed (rerun `results.py run` to retry only these): " + "; ".join(failed))
 
 
-def read(table, row):
-  path = os.path.join(workdir(table, row), "eval.json")
+def snapshot(table, row):
+  """What RESULTS.md needs of a finished run dir: eval.json, the evaluations in metrics.jsonl
+  (periodic ones with the wall minutes they ran at) and the quadrature answers; None if the row
+  has not finished here."""
+  out = workdir(table, row)
+  path = os.path.join(out, "eval.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    snap = {"command": shlex.join(command(table, row)), "eval": json.load(f)}
+  periodic, final = report.evaluation_rows(out)
+  minutes = wall_minutes(out, [r["step"] for r in periodic])
+  snap["periodic"] = [dict(r, wall_minutes=m) for r, m in zip(periodic, minutes)]
+  snap["final"] = final
+  quadrature = os.path.join(out, "quadrature.jsonl")
+  if os.path.exists(quadrature):
+    with open(quadrature) as f:
+      snap["quadrature"] = [json.loads(line) for line in f if line.startswith("{")]
+  return snap
+
+
+def record(table, row):
+  """The row's record: refreshed from its run dir when that is here, else the one in git."""
+  path = os.path.join(RECORDS, table, row + ".json")
+  snap = snapshot(table, row)
+  if snap is not None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(snap, f, indent=1)
+      f.write("\n")
+    os.replace(path + ".tmp", path)
+    return snap
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def read(table, row):
+  rec = record(table, row)
+  return None if rec is None else rec["eval"]
 
 
 def fmt(row, key, digits=2):
@@ -197,7 +247,7 @@ def burda_table():
             f"{'n/a' if nll_iwae is None else f'{nll_iwae:.2f}'} | {fmt(row, 'nll')} | "
             f"{fmt(row, 'elbo')} | "
             f"{'n/a' if row is None else row['active_units_by_layer']} | "
-            f"`{shlex.join(command('burda', name))}` |")
+            f"`{shown_command('burda', name)}` |")
   return "\n".join(lines)
 
 
@@ -207,13 +257,14 @@ def cremer_table():
            "|---|---|---|---|---|---|---|---|"]
   for name in CREMER:
     row = read("cremer", name)
-    elbo_amortized = None if row is None else row["log_px"] - row["inference_gap"]
+    elbo_amortized = None if row is None else row.get("elbo_amortized",
+                                                      row["log_px"] - row["inference_gap"])
     lines.append(
         f"| {name.replace('_', ' ')} | {fmt(row, 'log_px')} | "
         f"{'n/a' if elbo_amortized is None else f'{elbo_amortized:.2f}'} | "
         f"{fmt(row, 'elbo_optimized')} | {fmt(row, 'approximation_gap')} | "
         f"{fmt(row, 'amortization_gap')} | {fmt(row, 'inference_gap')} | "
-        f"`{shlex.join(command('cremer', name))}` |")
+        f"`{shown_command('cremer', name)}` |")
   return "\n".join(lines)
 
 
@@ -229,7 +280,7 @@ def quality_table():
         f"{'n/a' if row is None else row['step']} | {fmt(row, 'nll')} | "
         f"{fmt(row, 'bits_per_dim', 4)} | {fmt(row, 'elbo')} | "
         f"{'n/a' if row is None else row['active_units_by_layer']} | "
-        f"`{shlex.join(command('quality', name))}` |")
+        f"`{shown_command('quality', name)}` |")
   return "\n".join(lines)
 
 
@@ -249,12 +300,11 @@ def quality_figure(path):
   for ax, eight_bit, key, unit in ((axes[0], False, "nll", "NLL, nats"),
                                    (axes[1], True, "bits_per_dim", "bits/dim")):
     for name in QUALITY:
-      out = workdir("quality", name)
-      if ("8bit" in name) != eight_bit or not os.path.exists(os.path.join(out, "metrics.jsonl")):
+      rec = record("quality", name)
+      if ("8bit" in name) != eight_bit or rec is None:
         continue
-      periodic, _ = report.evaluation_rows(out)
-      minutes = wall_minutes(out, [r["step"] for r in periodic])
-      points = [(m, r[key]) for r, m in zip(periodic, minutes) if m is not None and key in r]
+      points = [(r["wall_minutes"], r[key]) for r in rec.get("periodic", [])
+                if r.get("wall_minutes") is not None and key in r]
       if points:
         ax.plot(*zip(*points), "-o", ms=3, label=name.split("_")[0])
     ax.set(xlabel="wall time, minutes", ylabel=unit,
@@ -266,6 +316,17 @@ def quality_figure(path):
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def quality_figure_note():
+  """Which finished rows the figure cannot draw: rows recovered from an old RESULTS.md keep
+  their final figures but not their evaluations over time."""
+  missing = [name for name in QUALITY
+             if (rec := record("quality", name)) and not rec.get("periodic")]
+  if not missing:
+    return "Every finished row is drawn."
+  return (f"Not drawn: {', '.join(missing)}, whose run dirs were lost before records kept the "
+          "evaluations over time (their final figures above are from the old RESULTS.md).")
 
 
 def dominant_gap(row):
@@ -299,13 +360,12 @@ def burda_findings():
 
 def checks_section():
   lines = []
-  path = os.path.join(workdir("checks", "quadrature_2d"), "quadrature.jsonl")
-  if os.path.exists(path):
-    rows = [json.loads(line) for line in open(path) if line.startswith("{")]
+  rows = (record("checks", "quadrature_2d") or {}).get("quadrature")
+  if rows:
     summary, images = rows[-1], rows[:-1]
     lines += [
         "### log p(x) of a 2-D-latent model against quadrature", "",
-        f"`{shlex.join(command('checks', 'quadrature_2d'))}`, then "
+        f"`{shown_command('checks', 'quadrature_2d')}`, then "
         f"`.venv/bin/python {shlex.join(QUADRATURE)}`: log p(x) on a {summary['grid']} grid "
         f"(midpoint rule, float64) against IWAE (K={summary['iwae_samples']}) and AIS "
         f"({summary['ais_chains']} chains, {summary['ais_steps']} steps), on the first "
@@ -320,7 +380,7 @@ def checks_section():
   if row is not None:
     lines += [
         "### AIS, IWAE and the BDMC sandwich on the default 20-D model", "",
-        f"`{shlex.join(command('checks', 'estimators_20d'))}`", "",
+        f"`{shown_command('checks', 'estimators_20d')}`", "",
         "| estimator | log p(x) | images |", "|---|---|---|",
         f"| IWAE, K={row['num_importance_samples']} | {fmt(row, 'log_px_iwae')} | "
         f"{row['num_examples']} test images |",
@@ -338,15 +398,15 @@ def checks_section():
 
 
 def encoder_only_lines():
-  run_dir = workdir("checks", "encoder_only")
-  if not outputs.read_metrics(run_dir):
+  rec = record("checks", "encoder_only")
+  if rec is None:
     return []
-  periodic, final = report.evaluation_rows(run_dir)  # what `flaxvae report` plots
-  rows = [r for r in periodic + final if "inference_gap" in r]
+  # what `flaxvae report` plots
+  rows = [r for r in rec["periodic"] + rec["final"] if "inference_gap" in r]
   cells = lambda key: " | ".join(f"{r[key]:.2f}" for r in rows)
   return [
       "### The seed question: a frozen decoder, a fresh encoder trained alone", "",
-      f"`{shlex.join(command('checks', 'encoder_only'))}` (the decoder of estimators_20d "
+      f"`{shown_command('checks', 'encoder_only')}` (the decoder of estimators_20d "
       f"above; evaluations on {rows[0]['num_examples'] if 'num_examples' in rows[0] else 'the'}"
       " test images at log-spaced steps). With p(x) fixed, the ELBO can only rise by "
       "closing KL(q(z|x) || p(z|x)).", "",
@@ -361,7 +421,8 @@ def encoder_only_lines():
 def results_markdown():
   return "\n".join([
       "# Results", "",
-      "Written by `.venv/bin/python benchmarks/results.py write` from the runs' eval.json; each "
+      "Written by `.venv/bin/python benchmarks/results.py write` from the rows' records "
+      "(benchmarks/records, each a finished run's eval.json and evaluations); each "
       "row was run by `benchmarks/results.py run TABLE` (its `flaxvae train` command is beside "
       "its figures) on a 2-core CPU. Rows not run yet read n/a.", "",
       "## Burda et al. (2016), Table 1 in structure, on Fashion-MNIST", "",
@@ -392,6 +453,7 @@ def results_markdown():
       "K=5000 on all 10,000.", "",
       quality_table(), "",
       "![NLL against wall time](docs/figures/quality_nll_vs_wall.png)", "",
+      quality_figure_note(), "",
       "## Estimators against known answers", "",
       checks_section() or "Not run yet: `benchmarks/results.py run checks`.", ""])
 

@@ -4,6 +4,7 @@ compute keeps f32 state.
 No timing assertions here: throughput goals live in `make bench` (BENCHMARKS.md).
 """
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -122,3 +123,29 @@ def test_depth_case_compiles_each_depth_with_and_without_scan_and_remat():
   assert all(r["compile_s"] > 0 and r["parameters"] > 0 for r in rows)
   by = {(r["depth"], r["scan_blocks"], r["remat"]): r["parameters"] for r in rows}
   assert by[(2, "scan", False)] == by[(2, "unroll", True)] > by[(1, "scan", False)]
+
+
+def test_results_rows_survive_their_run_dirs(tmp_path, monkeypatch):
+  """benchmarks/results.py: a finished row's figures go into its record in git, so RESULTS.md
+  is written the same on a fresh checkout, where runs/ is gone."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("results", REPO / "benchmarks" / "results.py")
+  results = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(results)
+  monkeypatch.setattr(results, "RUNS", str(tmp_path / "runs"))
+  monkeypatch.setattr(results, "RECORDS", str(tmp_path / "records"))
+  run_dir = tmp_path / "runs" / "quality" / "conv_8bit"
+  run_dir.mkdir(parents=True)
+  final = {"step": 40, "log_px": -900.0, "nll": 900.0, "bits_per_dim": 1.6, "elbo": -910.0,
+           "active_units_by_layer": [7]}
+  (run_dir / "eval.json").write_text(json.dumps(final))
+  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+      {"split": "train", "step": 20, "wall_s": 60.0},
+      {"split": "test", "step": 20, "log_px": -950.0, "bits_per_dim": 1.7})))
+  written = results.quality_table()
+  assert "| conv | 8bit | 40 | 900.00 | 1.6000 |" in written
+  shutil.rmtree(tmp_path / "runs")
+  assert results.quality_table() == written  # read back from the record
+  curve = results.record("quality", "conv_8bit")["periodic"]
+  assert curve == [{"split": "test", "step": 20, "log_px": -950.0, "bits_per_dim": 1.7,
+                    "wall_minutes": 1.0}]
