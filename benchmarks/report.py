@@ -5,7 +5,10 @@
 
 Every measurement is cached by its command (and round) in runs/bench_cache.jsonl: a `make
 bench` that is stopped resumes where it was, and the parts can be measured in separate
-sittings and reported together (`--fresh` measures everything again).
+sittings and reported together (`--fresh` measures everything again). runs/ is scratch, gone
+on a fresh machine, so BENCHMARKS.md is the record: a part not measured by this invocation
+keeps its section and raw rows from the existing --out file (each section says when it was
+measured), and `--parts depth` on a fresh checkout adds the depth table to the others.
 
 1. the shared peer harness (../shared/bench/peer_vae.py): torch, flax_jit, flax_scan;
 2. `flaxvae train` on the default MLP config as `make run` trains it (a small final
@@ -45,7 +48,7 @@ class Cache:
   Delete the file (or pass --fresh) to measure everything again."""
 
   def __init__(self, path, fresh=False):
-    self.path, self.rows = path, {}
+    self.path, self.rows, self.used = path, {}, []
     if path and os.path.exists(path) and not fresh:
       with open(path) as f:
         for line in f:
@@ -55,6 +58,7 @@ class Cache:
       os.replace(path, path + ".old")
 
   def get(self, key, measure):
+    self.used.append(key)
     if key in self.rows:
       return self.rows[key]["value"]
     value = measure()
@@ -66,8 +70,8 @@ class Cache:
         f.write(json.dumps(entry) + "\n")
     return value
 
-  def dates(self):
-    return sorted({e["measured"] for e in self.rows.values()})
+  def dates(self, keys=None):
+    return sorted({self.rows[k]["measured"] for k in (self.rows if keys is None else keys)})
 
 
 CACHE = Cache(None)
@@ -139,6 +143,36 @@ def table(header, rows):
 
 
 PARTS = ("mlp", "conv", "vdvae", "eval", "depth", "aot")
+# Each part's section heading starts so (how an earlier report's sections are found again);
+# "cases" is the table of every bench case, drawn from the mlp and conv parts.
+HEADINGS = {"mlp": "## MLP VAE", "conv": "## Conv VAE", "vdvae": "## VDVAE",
+            "eval": "## The final evaluation", "depth": "## Depth:", "aot": "## Ahead of time",
+            "cases": "## Every bench case"}
+RAW_HEADING = "## Raw results"
+
+
+def earlier_report(path):
+  """{part: (section lines, raw rows)} of the report at `path` (empty if there is none)."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = f.read().splitlines()
+  sections, raw, section, in_raw, raw_part = {}, {}, None, False, None
+  for line in lines:
+    if line.startswith("## "):
+      section = next((p for p, h in HEADINGS.items() if line.startswith(h)), None)
+      in_raw = line.startswith(RAW_HEADING)
+      if section:
+        sections[section] = []
+    elif line.startswith("### ") and in_raw:
+      raw_part = line[4:].strip()
+      raw[raw_part] = []
+    if section:
+      sections[section].append(line)
+    elif in_raw and raw_part and line.startswith("{"):
+      raw[raw_part].append(json.loads(line))
+  return {p: (sections[p], raw.get(p, [])) for p in sections}
+
 
 
 def best(runs):
@@ -357,23 +391,23 @@ def main():
     parser.error(f"unknown --parts {sorted(unknown)}: choose from {','.join(PARTS)}")
   CACHE = Cache(ARGS.cache, ARGS.fresh)
 
-  sections, raw, environment = [], [], None
+  measured = {}  # part -> (section lines, raw rows, dates of its measurements)
+
+  def measure_part(name, measure):
+    CACHE.used = []
+    lines, rows = measure()
+    measured[name] = (lines, rows if isinstance(rows, list) else [rows],
+                      CACHE.dates(CACHE.used))
+
   mlp, conv = [], []
   if "mlp" in parts:
-    runs, mlp = measure_mlp(ARGS.rounds)
-    lines, rows = mlp_section(runs, mlp)
-    sections += lines
-    raw += rows
+    measure_part("mlp", lambda: mlp_section(*measure_mlp(ARGS.rounds)))
+    mlp = measured["mlp"][1][5:]  # after the peers and the two trainer rows
   if "conv" in parts:
-    conv_rounds, torch_rounds = measure_conv(ARGS.rounds)
-    lines, rows = conv_section(conv_rounds, torch_rounds)
-    conv = rows[:-1]
-    sections += lines
-    raw += rows
+    measure_part("conv", lambda: conv_section(*measure_conv(ARGS.rounds)))
+    conv = measured["conv"][1][:-1]  # without the torch twin
   if "vdvae" in parts:
-    lines, rows = vdvae_section(*measure_vdvae(ARGS.rounds))
-    sections += lines
-    raw += rows
+    measure_part("vdvae", lambda: vdvae_section(*measure_vdvae(ARGS.rounds)))
   for name, measure, section in (
       ("eval", lambda: json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_mlp.py",
                                    "--cases", "eval"])[0], eval_section),
@@ -381,26 +415,43 @@ def main():
        depth_section),
       ("aot", aot_rows, aot_section)):
     if name in parts:
-      lines, rows = section(measure())
-      sections += lines
-      raw += rows if isinstance(rows, list) else [rows]
-  if mlp or conv:
-    sections += cases_section(mlp, conv)
-  environment = next((r for r in raw if "device_kind" in r), {})
-  missing = [p for p in PARTS if p not in parts]
-  dates = CACHE.dates()
+      measure_part(name, lambda: section(measure()))
+  if "mlp" in parts and "conv" in parts:
+    measured["cases"] = (cases_section(mlp, conv), [], sorted(
+        set(measured["mlp"][2]) | set(measured["conv"][2])))
+
+  earlier = earlier_report(ARGS.out)
+  sections, raw, kept, missing = [], [], [], []
+  environment = {}
+  for part in (*PARTS, "cases"):
+    if part in measured:
+      lines, rows, dates = measured[part]
+      when = f"{dates[0]} to {dates[-1]}" if dates else time.strftime("%Y-%m-%d %H:%M")
+      sections += [lines[0], "", f"_Measured {when}, by this report._", *lines[1:]]
+    elif part in earlier:
+      lines, rows = earlier[part]
+      sections += [lines[0], *[l.replace(", by this report._", ", by an earlier report._")
+                               for l in lines[1:]]]
+      kept.append(part)
+    else:
+      missing.append(part) if part != "cases" else None
+      continue
+    if rows:
+      raw += [f"### {part}", "", "```json", *[json.dumps(x) for x in rows], "```", ""]
+      environment = environment or next((r for r in rows if "device_kind" in r), {})
   md = [
       "# Benchmarks", "",
       f"Written by `make bench` (benchmarks/report.py --parts {','.join(parts)}) on "
       f"{time.strftime('%Y-%m-%d %H:%M')}, {environment.get('device_kind', 'cpu')} "
-      f"x{os.cpu_count()} cores, jax {environment.get('jax', '?')}; measured "
-      f"{dates[0] if dates else '-'} to {dates[-1] if dates else '-'} (each measurement is "
-      "cached by command in runs/bench_cache.jsonl). Compare ratios, not absolute numbers. "
-      f"Compared runs alternate over {ARGS.rounds} rounds and each is credited with its best "
-      "round (noise only ever slows a run down)."
-      + (f" Not measured in this report: {', '.join(missing)}." if missing else ""), "",
-      *sections,
-      "## Raw results", "", "```json", *[json.dumps(x) for x in raw], "```", ""]
+      f"x{os.cpu_count()} cores, jax {environment.get('jax', '?')}. Each section says when it "
+      "was measured (measurements are cached by command in runs/bench_cache.jsonl; a part this "
+      "report did not measure keeps its section from the earlier BENCHMARKS.md). Compare "
+      "ratios within a section, not absolute numbers across sections: the CPU model changes "
+      f"between sessions. Compared runs alternate over rounds ({ARGS.rounds} in this report) "
+      "and each is credited with its best round (noise only ever slows a run down)."
+      + (f" Kept from an earlier report: {', '.join(kept)}." if kept else "")
+      + (f" Not measured yet: {', '.join(missing)}." if missing else ""), "",
+      *sections, RAW_HEADING, "", *raw]
   with open(ARGS.out, "w") as f:
     f.write("\n".join(md))
   print(f"wrote {ARGS.out}")

@@ -149,3 +149,31 @@ def test_results_rows_survive_their_run_dirs(tmp_path, monkeypatch):
   curve = results.record("quality", "conv_8bit")["periodic"]
   assert curve == [{"split": "test", "step": 20, "log_px": -950.0, "bits_per_dim": 1.7,
                     "wall_minutes": 1.0}]
+
+
+def test_make_bench_keeps_the_sections_it_did_not_measure(tmp_path, monkeypatch):
+  """BENCHMARKS.md is the record (runs/, where the cache lives, is gone on a fresh machine):
+  `--parts depth` replaces the depth section and keeps every other part with its raw rows."""
+  import importlib.util
+  import sys
+  spec = importlib.util.spec_from_file_location("report", REPO / "benchmarks" / "report.py")
+  report = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(report)
+  out = tmp_path / "BENCHMARKS.md"
+  out.write_text("\n".join([
+      "# Benchmarks", "", "old header", "", "## VDVAE (x) against its PyTorch twin", "",
+      "_Measured 2026-12-02 10:00, by this report._", "", "| a | b |", "",
+      "## Depth: old", "", "old depth table", "", "## Raw results", "", "### vdvae", "",
+      "```json", '{"model": "vdvae", "examples_per_s": 5}', "```", "", "### depth", "",
+      "```json", '{"depth": 1}', "```", ""]))
+  depth_rows = [{"depth": 4, "scan_blocks": "scan", "remat": True, "compile_s": 1.0}]
+  monkeypatch.setattr(report, "json_lines", lambda cmd, **kw: depth_rows)
+  monkeypatch.setattr(sys, "argv", ["report.py", "--out", str(out), "--parts", "depth",
+                                    "--cache", str(tmp_path / "cache.jsonl")])
+  report.main()
+  text = out.read_text()
+  assert "| a | b |" in text and "_Measured 2026-12-02 10:00, by an earlier report._" in text
+  assert "old depth table" not in text and "| 4 | scan | True | 1.0 |" in text
+  assert report.earlier_report(str(out))["vdvae"][1] == [{"model": "vdvae", "examples_per_s": 5}]
+  assert report.earlier_report(str(out))["depth"][1] == depth_rows
+  assert "Kept from an earlier report: vdvae." in text
