@@ -26,7 +26,9 @@ def base_config():
   config.scan_unroll = 1  # lax.scan unroll factor; conv models want it equal to steps_per_dispatch on CPU
   config.dtype = "float32"  # compute dtype (float32, bfloat16); parameters, optimizer state and loss sums stay float32
   config.log_every_steps = 1000
-  config.ema_decay = 0.0  # > 0 keeps an EMA of the parameters, used for evaluation
+  # > 0 keeps an EMA of the parameters, used for evaluation; its decay warms up from 0.1
+  # (train/step.py ema_decay_at), so an early evaluation is not mostly the initialisation
+  config.ema_decay = 0.0
   config.max_consecutive_skips = 50
   config.time_budget_s = 0.0  # > 0: stop training at the first log step after this many seconds, then evaluate
 

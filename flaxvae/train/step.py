@@ -140,6 +140,15 @@ class GlobalBatchNoise:
                       (self.num_samples, self.global_batch, *shape), 1)
 
 
+def ema_decay_at(step, decay):
+  """The EMA's decay at `step`: min(decay, (1 + step) / (10 + step)), the warm-up of TF's
+  ExponentialMovingAverage with num_updates. A fixed 0.999 from the initial parameters keeps
+  37% of them after 1,000 steps, so an early or short run would evaluate mostly its
+  initialisation (a 30-minute VDVAE run: ELBO -568 with the EMA against -261 without)."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState, images):
   """One optimizer update from this device's slice of the global batch."""
   noise = GlobalBatchNoise(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
@@ -177,7 +186,8 @@ def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState,
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if cfg.ema_decay:
-      ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1 - cfg.ema_decay) * p, ema, params)
+      decay = ema_decay_at(state.step, cfg.ema_decay)
+      ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     return params, opt_state, ema
 
   if cfg.skip_nonfinite or guards.enabled(cfg):

@@ -151,3 +151,24 @@ def test_the_encoder_only_config_builds_the_default_model():
   """Its decoder must fit the default run's checkpoint: the two configs' models are one."""
   assert (load_config("fashion_mnist_encoder_only").model.to_dict()
           == load_config("fashion_mnist_mlp").model.to_dict())
+
+
+def test_the_parameter_ema_warms_up_so_early_evaluations_are_not_the_initialisation():
+  """ema_decay_at: 0.1 at the first update, the configured decay only once (1+t)/(10+t)
+  reaches it; the EMA after one step of train() is within 10% of the step's own parameters."""
+  from flaxvae.train import step as step_lib
+  assert float(step_lib.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
+  assert float(step_lib.ema_decay_at(1000, 0.999)) == pytest.approx(1001 / 1010)
+  assert float(step_lib.ema_decay_at(10**6, 0.999)) == pytest.approx(0.999)
+  config = tiny_config(num_steps=1, steps_per_dispatch=1, ema_decay=0.999,
+                       **{"eval.every_steps": 0, "checkpoint.every_steps": 0})
+  from flaxvae.runtime import parallel
+  run = Run(config, array_dataset(64, 16))
+  runner = parallel.Runner("shard_map", jax.devices()[:1])
+  state = run.initial_state()
+  before = [np.asarray(p) for p in jax.tree.leaves(state.params)]
+  after = run.train_fn("one_step", runner=runner)(
+      runner.put(state, "state"),
+      runner.put(run.train_images[:config.batch_size], parallel.batch_axis(0)))[0]
+  for p0, p1, e in zip(before, jax.tree.leaves(after.params), jax.tree.leaves(after.ema_params)):
+    np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-6)
