@@ -7,7 +7,8 @@
     .venv/bin/python benchmarks/results.py write         # RESULTS.md from the runs' eval.json
 
 Every row is one `flaxvae train` command (printed in RESULTS.md beside its figures), run into
-runs/results/<table>/<row>; a row whose eval.json exists is not run again. The budgets are
+runs/results/<table>/<row>; a row that has a record (below) or an eval.json is not run again
+(delete benchmarks/records/<table>/<row>.json and the run dir to run it again). The budgets are
 shortened against the papers so everything fits a 2-core CPU; RESULTS.md says how.
 
 runs/ is scratch (not in git, gone with the machine), so what the tables and figures need of each
@@ -141,7 +142,7 @@ def run(table, rows=None):
     if rows and row not in rows:
       continue
     out = workdir(table, row)
-    if os.path.exists(os.path.join(out, "eval.json")):
+    if read(table, row) is not None:
       print(f"{table}/{row}: done", flush=True)
       continue
     todo.append([*FLAXVAE, args[0], "--workdir", out, *args[1:]])
