@@ -126,13 +126,13 @@ def shown_command(table, row):
   return rec["command"] if rec else shlex.join(command(table, row))
 
 
-# Where the rows in RESULTS.md ran (2026-12-02): the session had time for one sitting of three
-# rows, so they ran at once on the 2 cores, the VDVAE sharing its core with the MLP.
+# Where the rows in RESULTS.md ran: not all in one sitting, so say which core each row had.
 QUALITY_PLACEMENT = (
-    "The binarized rows were run at once on this 2-core machine (2026-12-02): conv alone on "
-    "core 1, the MLP and the VDVAE sharing core 0 (the MLP started 2.5 minutes earlier). So "
-    "the VDVAE had about half the CPU the conv VAE had: a handicap for the hierarchical model. "
-    "`results.py run quality` as written gives every row a core of its own instead.")
+    "Where each row ran on this 2-core machine: the binarized MLP and conv rows on 2026-12-02 "
+    "(conv alone on core 1; the MLP on core 0, which it shared with a VDVAE run since "
+    "replaced, so the MLP row had less than a core); both VDVAE rows on 2026-12-03, side by "
+    "side, one core each; conv 8bit on 2026-12-03 on core 0 while core 1 ran Burda rows. "
+    "`results.py run quality` gives every row a core of its own (taskset).")
 PINNED_TABLES = ("quality",)  # rows compared at equal wall time: one core each, side by side
 
 
@@ -310,7 +310,6 @@ def quality_figure(path):
         ax.plot(*zip(*points), "-o", ms=3, label=name.split("_")[0])
     ax.set(xlabel="wall time, minutes", ylabel=unit,
            title=("binarized" if not eight_bit else "8bit") + " Fashion-MNIST, 200 test images")
-    ax.set_yscale("log")
     if ax.lines:
       ax.legend()
   fig.tight_layout()
