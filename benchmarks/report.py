@@ -393,21 +393,24 @@ def main():
 
   measured = {}  # part -> (section lines, raw rows, dates of its measurements)
 
-  def measure_part(name, measure):
+  def measure_part(name, measure, section):
+    """Measures a part, keeps its section, raw rows and the dates of the measurements it
+    read; returns what was measured."""
     CACHE.used = []
-    lines, rows = measure()
+    data = measure()
+    lines, rows = section(data)
     measured[name] = (lines, rows if isinstance(rows, list) else [rows],
                       CACHE.dates(CACHE.used))
+    return data
 
   mlp, conv = [], []
   if "mlp" in parts:
-    measure_part("mlp", lambda: mlp_section(*measure_mlp(ARGS.rounds)))
-    mlp = measured["mlp"][1][5:]  # after the peers and the two trainer rows
+    _, mlp = measure_part("mlp", lambda: measure_mlp(ARGS.rounds), lambda d: mlp_section(*d))
   if "conv" in parts:
-    measure_part("conv", lambda: conv_section(*measure_conv(ARGS.rounds)))
+    measure_part("conv", lambda: measure_conv(ARGS.rounds), lambda d: conv_section(*d))
     conv = measured["conv"][1][:-1]  # without the torch twin
   if "vdvae" in parts:
-    measure_part("vdvae", lambda: vdvae_section(*measure_vdvae(ARGS.rounds)))
+    measure_part("vdvae", lambda: measure_vdvae(ARGS.rounds), lambda d: vdvae_section(*d))
   for name, measure, section in (
       ("eval", lambda: json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_mlp.py",
                                    "--cases", "eval"])[0], eval_section),
@@ -415,7 +418,7 @@ def main():
        depth_section),
       ("aot", aot_rows, aot_section)):
     if name in parts:
-      measure_part(name, lambda: section(measure()))
+      measure_part(name, measure, section)
   if "mlp" in parts and "conv" in parts:
     measured["cases"] = (cases_section(mlp, conv), [], sorted(
         set(measured["mlp"][2]) | set(measured["conv"][2])))
@@ -434,7 +437,8 @@ def main():
                                for l in lines[1:]]]
       kept.append(part)
     else:
-      missing.append(part) if part != "cases" else None
+      if part != "cases":  # derived from mlp and conv, which are listed themselves
+        missing.append(part)
       continue
     if rows:
       raw += [f"### {part}", "", "```json", *[json.dumps(x) for x in rows], "```", ""]
