@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from flaxvae.models import layers
+from flaxvae.objectives import elementwise
 
 
 class MaskedDense(nnx.Module):
@@ -65,7 +66,7 @@ class IAFStep(nnx.Module):
   def __call__(self, z, context):
     h = jax.nn.elu(self.from_z(z) + self.from_context(context))
     shift = self.to_shift(h).astype(jnp.float32)
-    log_sigma = jax.nn.log_sigmoid(self.to_scale(h).astype(jnp.float32)) + jnp.log(2.0)
+    log_sigma = elementwise.log_sigmoid(self.to_scale(h).astype(jnp.float32)) + jnp.log(2.0)
     return jnp.exp(log_sigma) * z + shift, log_sigma
 
 

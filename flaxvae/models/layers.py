@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxvae.objectives import elementwise
+
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu,
-               "tanh": jnp.tanh, "elu": jax.nn.elu, "softplus": jax.nn.softplus}
+               "tanh": jnp.tanh, "elu": jax.nn.elu, "softplus": elementwise.softplus}
 
 
 def f32(*arrays):

@@ -35,6 +35,7 @@ from flax import nnx
 from flaxvae.errors import ConfigError
 from flaxvae.models import contract, layers
 from flaxvae.models.registry import MODELS
+from flaxvae.objectives import elementwise
 
 STD_BETA = math.log(2.0)  # softplus_beta(0) = 1
 MIN_STD_INPUT = -20.0  # below this the softplus std underflows float32
@@ -65,7 +66,7 @@ def parse_widths(spec, resolutions):
 def std_of(raw):
   """softplus_beta(raw) and its log, floored so neither underflows."""
   raw = jnp.maximum(raw.astype(jnp.float32), MIN_STD_INPUT)
-  std = jax.nn.softplus(STD_BETA * raw) / STD_BETA
+  std = elementwise.softplus(STD_BETA * raw) / STD_BETA
   return std, jnp.log(std)
 
 

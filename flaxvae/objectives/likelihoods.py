@@ -80,6 +80,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flaxvae.objectives import elementwise
+
 NUM_LEVELS = 256
 LOG_SCALE_MIN = -7.0  # PixelCNN++'s clamp on logistic log-scales
 LOG_2PI = math.log(2 * math.pi)
@@ -177,14 +179,14 @@ def _discretized_logistic_log_mass(x, mean, log_scale, half_bin, low, high, bin_
   centred = x - mean
   plus = inv_scale * (centred + half_bin)
   minus = inv_scale * (centred - half_bin)
-  log_cdf_plus = jax.nn.log_sigmoid(plus)  # log F(upper edge): the lowest bin
-  log_sf_minus = -jax.nn.softplus(minus)  # log(1 - F(lower edge)): the highest bin
+  log_cdf_plus = elementwise.log_sigmoid(plus)  # log F(upper edge): the lowest bin
+  log_sf_minus = -elementwise.softplus(minus)  # log(1 - F(lower edge)): the highest bin
   if bin_mass == "exact":
     interior = log_cdf_plus + log_sf_minus + _log1mexp(math.log(2.0 * half_bin) - log_scale)
   else:  # PixelCNN++
     cdf_delta = jax.nn.sigmoid(plus) - jax.nn.sigmoid(minus)
     mid = inv_scale * centred
-    log_pdf_mid = mid - log_scale - 2.0 * jax.nn.softplus(mid) + math.log(2.0 * half_bin)
+    log_pdf_mid = mid - log_scale - 2.0 * elementwise.softplus(mid) + math.log(2.0 * half_bin)
     interior = jnp.where(cdf_delta > 1e-5, jnp.log(jnp.maximum(cdf_delta, 1e-12)), log_pdf_mid)
   return jnp.where(x < low, log_cdf_plus, jnp.where(x > high, log_sf_minus, interior))
 
@@ -201,7 +203,7 @@ def _bernoulli():
     _check_shapes(name, channels_out, raw, x)
     logits, x = _flat_dims(raw, x, 1)
     logits = logits[..., 0]
-    return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
+    return jnp.sum(x * logits - elementwise.softplus(logits), axis=-1)
 
   def mean(raw):
     return jax.nn.sigmoid(raw.astype(jnp.float32))
