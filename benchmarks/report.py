@@ -238,10 +238,28 @@ def measure_conv(rounds):
     conv.append(json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_conv.py",
                             "--cases", cases, "--windows", "3"], round_index=r))
     torch_conv.append(json_lines([TORCH_PY, "benchmarks/torch_conv_vae.py"], round_index=r)[0])
-  return conv, torch_conv
+  return conv, torch_conv, profile_row("configs/fashion_mnist_conv.py")
 
 
-def conv_section(conv_rounds, torch_rounds):
+def profile_row(config):
+  return json_lines([FLAXVAE, "bench", "--config", config, "--cases", "profile"])[0]
+
+
+def profile_lines(row, what):
+  """What limits a step, from `bench --cases profile`: thread time by kind, the heaviest ops."""
+  kinds = sorted(row["ms_per_step_by_kind"].items(), key=lambda kv: -kv[1])
+  return [
+      f"What limits the {what} step (`flaxvae bench --cases profile`: XLA:CPU's thunks traced "
+      f"over {row['steps']} steps, each op's self time summed over the {row['threads']} "
+      f"threads that ran ops; {row['busy_ms_per_step']:.1f} thread-ms per step in "
+      f"{row['wall_ms_per_step']:.1f} ms of wall time, tracing included):", "",
+      table(["kind of op", "thread-ms per step", "share"],
+            [[k, v, f"{100 * row['share_by_kind'][k]:.0f}%"] for k, v in kinds if v]), "",
+      "Heaviest ops: " + "; ".join(f"`{h['op']}` {h['shape']} {h['ms_per_step']} ms"
+                                   for h in row["heaviest"][:6]) + ".", ""]
+
+
+def conv_section(conv_rounds, torch_rounds, profile):
   conv_default = best([next(x for x in rows if x["case"] == "default") for rows in conv_rounds])
   conv = [conv_default] + [x for x in conv_rounds[0] if x["case"] != "default"]
   torch_conv = best(torch_rounds)
@@ -257,17 +275,16 @@ def conv_section(conv_rounds, torch_rounds):
              ["torch (benchmarks/torch_conv_vae.py)", torch_conv["examples_per_s"], "1.00"],
              ["FLOP limit (XLA cost / matmul peak)", conv_default["limit_examples_per_s"],
               f"{conv_default['limit_examples_per_s'] / torch_conv['examples_per_s']:.2f}"]]), "",
-      "What limits the conv step (a jax.profiler trace of one step on this machine, "
-      "2026-11-24, not re-measured by this run): XLA:CPU runs the convolutions in Eigen "
-      "(flaxvae routes them away from YNNPACK, which ran this step at 0.64x PyTorch; "
-      "`flaxvae/runtime/xla_flags.py`); about a quarter of the step is layout transposes that "
-      "put activations and gradients in [C, H, W, B] order for the kernel-gradient "
-      "convolutions, and about a sixth is elementwise work (bias, ReLU, their masks) that Eigen "
-      "does not fuse into the convolutions. glibc malloc tunables (`flaxvae/runtime/malloc.py`) "
+      *profile_lines(profile, "conv"),
+      "XLA:CPU runs the convolutions in Eigen (flaxvae routes them away from YNNPACK, which ran "
+      "this step at 0.64x PyTorch; `flaxvae/runtime/xla_flags.py`); the layout transposes put "
+      "activations and gradients in [C, H, W, B] order for the kernel-gradient convolutions, "
+      "and the elementwise fusions (bias, ReLU, their masks) are work Eigen does not fuse into "
+      "the convolutions. glibc malloc tunables (`flaxvae/runtime/malloc.py`) "
       "stop each dispatch from page-faulting its 65 MB of scratch memory in again. Inside a "
       "rolled loop XLA:CPU keeps the loop's layouts, cannot call Eigen and emits naive "
       "convolution loops (the `dispatch` row with unroll 1), so conv configs unroll their "
-      "steps per dispatch.", ""], [*conv, torch_conv]
+      "steps per dispatch.", ""], [*conv, torch_conv, profile]
 
 
 def measure_vdvae(rounds):
@@ -281,10 +298,10 @@ def measure_vdvae(rounds):
                          "--cases", "default", "--steps", "3", "--windows", "3"])[0]
   torch_effvdvae = json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "effvdvae",
                                "--steps", "3", "--windows", "3"])[0]
-  return vdvae, torch_vdvae, effvdvae, torch_effvdvae
+  return vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile_row(VDVAE)
 
 
-def vdvae_section(vdvae_rounds, torch_rounds, effvdvae, torch_effvdvae):
+def vdvae_section(vdvae_rounds, torch_rounds, effvdvae, torch_effvdvae, profile):
   vdvae, torch_vdvae = best(vdvae_rounds), best(torch_rounds)
   return [
       "## VDVAE (configs/fashion_mnist_vdvae.py) against its PyTorch twin", "",
@@ -303,8 +320,8 @@ def vdvae_section(vdvae_rounds, torch_rounds, effvdvae, torch_effvdvae):
       f"({effvdvae['examples_per_s']:.1f} examples/s), its PyTorch twin "
       f"{32 / torch_effvdvae['examples_per_s']:.2f} s "
       f"({torch_effvdvae['examples_per_s']:.1f} examples/s): "
-      f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.", ""], [
-      vdvae, torch_vdvae, effvdvae, torch_effvdvae]
+      f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.", "",
+      *profile_lines(profile, "VDVAE")], [vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile]
 
 
 def eval_section(evaluation):
@@ -408,7 +425,7 @@ def main():
     _, mlp = measure_part("mlp", lambda: measure_mlp(ARGS.rounds), lambda d: mlp_section(*d))
   if "conv" in parts:
     measure_part("conv", lambda: measure_conv(ARGS.rounds), lambda d: conv_section(*d))
-    conv = measured["conv"][1][:-1]  # without the torch twin
+    conv = [r for r in measured["conv"][1] if r.get("case") in ("default", "dispatch")]
   if "vdvae" in parts:
     measure_part("vdvae", lambda: measure_vdvae(ARGS.rounds), lambda d: vdvae_section(*d))
   for name, measure, section in (
@@ -430,7 +447,9 @@ def main():
     if part in measured:
       lines, rows, dates = measured[part]
       when = f"{dates[0]} to {dates[-1]}" if dates else time.strftime("%Y-%m-%d %H:%M")
-      sections += [lines[0], "", f"_Measured {when}, by this report._", *lines[1:]]
+      cpus = sorted({r["cpu"] for r in rows if r.get("cpu")})
+      on = f" on {', '.join(cpus)} ({os.cpu_count()} cores)" if cpus else ""
+      sections += [lines[0], "", f"_Measured {when}{on}, by this report._", *lines[1:]]
     elif part in earlier:
       lines, rows = earlier[part]
       sections += [lines[0], *[l.replace(", by this report._", ", by an earlier report._")

@@ -10,15 +10,19 @@ matmul peak measured on the same host, memory analysis, devices and versions.
 
 Cases: `default` (the config as is), `dispatch` (steps_per_dispatch x scan_unroll variants, to
 show that a rolled loop suits the MLP and not convolutions on CPU), `scaling` (the same global
-batch on 1, 2, 4, 8 devices, with the time of one gradient all-reduce). Timings on a shared
-machine are noisy: compare ratios from one invocation.
+batch on 1, 2, 4, 8 devices, with the time of one gradient all-reduce), `profile` (XLA:CPU's
+thunk time per kind of op and the heaviest ops, from a trace), `depth`, `eval`. Timings on a
+shared machine are noisy: compare ratios from one invocation.
 """
+import glob
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -34,8 +38,10 @@ from flaxvae.run import Run
 from flaxvae.runtime import parallel, xla_flags
 from flaxvae.train import checkpoint as checkpoint_lib
 
-CASES = ("default", "dispatch", "scaling", "depth", "eval")
+CASES = ("default", "dispatch", "scaling", "depth", "eval", "profile")
 AOT_CHILD = "FLAXVAE_BENCH_AOT_CHILD"  # set in a child compiling for more devices than this one has
+PROFILE_CHILD = "FLAXVAE_BENCH_PROFILE_CHILD"  # set in the child that traces XLA:CPU's thunks
+TRACE_THUNKS = "--xla_cpu_enable_xprof_traceme=true"  # each thunk becomes a trace event
 
 
 def matmul_peak(size=1024, seconds=1.0):
@@ -116,8 +122,9 @@ def allreduce_seconds(runner, params, repeats=20):
   return statistics.median(times)
 
 
-def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, dataset=None):
-  """Compile and steady-state timings of train.py's dispatched function for `config`."""
+def compiled_trainer(config, dataset=None):
+  """(run, compiled dispatch, state, device-resident split, indices()) as train.py runs them:
+  the in-memory feed, `config.steps_per_dispatch` steps per call; and the compile seconds."""
   run = Run(config, dataset)
   runner = run.runner
   images = run.train_images
@@ -133,7 +140,13 @@ def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, dataset=None
 
   start = time.perf_counter()
   compiled = train_fn.lower(state, dataset, indices()).compile()
-  compile_s = time.perf_counter() - start
+  return run, compiled, state, dataset, indices, time.perf_counter() - start
+
+
+def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, dataset=None):
+  """Compile and steady-state timings of train.py's dispatched function for `config`."""
+  run, compiled, state, dataset, indices, compile_s = compiled_trainer(config, dataset)
+  runner, n = run.runner, config.steps_per_dispatch
   start = time.perf_counter()
   state, metrics = compiled(state, dataset, indices())  # warm-up: first run, allocations
   jax.block_until_ready(metrics)
@@ -160,7 +173,17 @@ def environment():
   devices = jax.devices()
   return dict(device_kind=devices[0].device_kind, platform=devices[0].platform,
               jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
-              python=platform.python_version(), machine=platform.machine())
+              python=platform.python_version(), machine=platform.machine(), cpu=cpu_model())
+
+
+def cpu_model():
+  """The host CPU's model name (ratios measured on different CPUs do not compare)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                  platform.processor())
+  except OSError:
+    return platform.processor() or platform.machine()
 
 
 def case_row(name, config, timing, flops_per_step, peak, num_devices, **extra):
@@ -231,6 +254,10 @@ def run_cases(config, cases=CASES, *, steps=0, windows=5, device_counts=(1, 2, 4
     row = dict(eval_row(config, dataset), **env)
     rows.append(row)
     emit(json.dumps(row))
+  if "profile" in cases:
+    row = dict(op_profile(config, dataset=dataset), **env)
+    rows.append(row)
+    emit(json.dumps(row))
   if "depth" in cases:
     rows.extend(depth_rows(config, emit=lambda line: emit(json.dumps(dict(json.loads(line),
                                                                            **env)))))
@@ -251,15 +278,17 @@ def run_cases(config, cases=CASES, *, steps=0, windows=5, device_counts=(1, 2, 4
   return rows
 
 
-def in_child_with_devices(args, devices, marker):
-  """Reruns `flaxvae bench args` in a child process with `devices` simulated CPU devices.
+def in_child_with_devices(args, devices, marker, flags=()):
+  """Reruns `flaxvae bench args` in a child process with `devices` simulated CPU devices (and
+  `flags` added to XLA_FLAGS).
 
   Simulated devices split the host's threads, which slows even a one-device step (~20% for
   the conv VAE), so the other cases run in this process without them.
   """
   sys.stdout.flush()
   env = dict(os.environ, **{marker: "1"})
-  xla_flags.add(f"--xla_force_host_platform_device_count={devices}", env)
+  for flag in (f"--xla_force_host_platform_device_count={devices}", *flags):
+    xla_flags.add(flag, env)
   status = subprocess.run([sys.executable, "-m", "flaxvae.cli", "bench", *args],
                           env=env, check=False).returncode
   if status:
@@ -445,6 +474,105 @@ def depth_rows(config, depths=(4, 16, 64), emit=print):
         rows.append(row)
         emit(json.dumps(row))
   return rows
+
+
+# ----------------------------------------------------------------------------
+# Where the step's time goes: XLA:CPU's thunks, traced and grouped by kind.
+# ----------------------------------------------------------------------------
+OP_KINDS = ("convolution", "dot", "layout transpose or copy", "elementwise fusion",
+            "control flow", "other")
+
+
+def op_kind(name):
+  """The kind of an HLO instruction, from the name XLA gives it (its root op, for fusions)."""
+  n = name.lower()
+  if "convolution" in n or n.startswith("conv_general"):
+    return "convolution"
+  if n.startswith(("dot", "ynn_fusion")) or "_dot" in n:  # YNNPACK fusions are its dots here
+    return "dot"
+  if "transpose" in n or n.startswith("copy"):
+    return "layout transpose or copy"
+  if n.startswith(("while", "conditional", "cond", "call")):
+    return "control flow"
+  if "fusion" in n or n.startswith("wrapped_"):
+    return "elementwise fusion"
+  return "other"
+
+
+def _hlo_instructions(compiled):
+  """{instruction name: its result shape} from the optimized HLO text."""
+  out = {}
+  for line in compiled.as_text().splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
+    if m:
+      out.setdefault(m.group(1), m.group(2))
+  return out
+
+
+def self_times(events):
+  """[(name, self ns)] of (name, start, duration) events on one thread: each event's duration
+  less the events nested inside it (a while loop's body runs inside the loop's event)."""
+  out, stack = [], []  # stack: [name, end, self ns]
+  for name, start, duration in sorted(events, key=lambda e: (e[1], -e[2])):
+    while stack and stack[-1][1] <= start:
+      out.append(tuple(stack.pop()[::2]))
+    if stack:
+      stack[-1][2] -= duration
+    stack.append([name, start + duration, duration])
+  return out + [tuple(e[::2]) for e in reversed(stack)]
+
+
+def op_profile(config, dispatches=3, top=12, dataset=None):
+  """Where the trainer's compiled step spends its time: a jax.profiler trace of `dispatches`
+  dispatches, with XLA:CPU's thunks traced (TRACE_THUNKS, set before the backend starts: the
+  profile case runs in a child process), each thunk's self time summed per kind (OP_KINDS) and
+  per instruction over every worker thread, in ms per training step. `busy_ms_per_step` over
+  `wall_ms_per_step` is how many threads were busy on average."""
+  if jax.default_backend() != "cpu":
+    raise UsageError("--cases profile reads XLA:CPU's thunk trace: on an accelerator, trace "
+                     "with jax.profiler and read it in TensorBoard or Perfetto")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.parallel.num_devices = 1
+  run, compiled, state, data, indices, _ = compiled_trainer(config, dataset)
+  for _ in range(2):  # warm-up: first runs, allocations
+    state, metrics = compiled(state, data, indices())
+    jax.block_until_ready(metrics)
+  shapes = _hlo_instructions(compiled)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    start = time.perf_counter()
+    for _ in range(dispatches):
+      state, metrics = compiled(state, data, indices())
+    jax.block_until_ready(metrics)
+    wall = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(files[0])
+  per_op, threads = {}, 0
+  for plane in profile.planes:
+    for line in plane.lines:
+      events = [(e.name, e.start_ns, e.duration_ns) for e in line.events if e.name in shapes]
+      threads += bool(events)
+      for name, ns in self_times(events):
+        per_op[name] = per_op.get(name, 0) + ns
+  if not per_op:
+    raise UsageError("the trace holds no XLA:CPU thunk events: was the profile case run "
+                     f"without {TRACE_THUNKS} in XLA_FLAGS before JAX started?")
+  steps = dispatches * config.steps_per_dispatch
+  ms = lambda ns: round(ns / 1e6 / steps, 3)
+  by_kind = {k: 0 for k in OP_KINDS}
+  for name, ns in per_op.items():
+    by_kind[op_kind(name)] += ns
+  busy = sum(per_op.values())
+  heaviest = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+  return dict(case="profile", model=config.model.name, batch_size=config.batch_size,
+              steps_per_dispatch=config.steps_per_dispatch, steps=steps, threads=threads,
+              wall_ms_per_step=round(1000 * wall / steps, 3), busy_ms_per_step=ms(busy),
+              ms_per_step_by_kind={k: ms(v) for k, v in by_kind.items()},
+              share_by_kind={k: round(v / busy, 4) for k, v in by_kind.items()},
+              heaviest=[dict(op=n, kind=op_kind(n), shape=shapes[n], ms_per_step=ms(v))
+                        for n, v in heaviest])
 
 
 # ----------------------------------------------------------------------------

@@ -228,7 +228,8 @@ def bench_command(argv):
     flags.DEFINE_integer("windows", 5, "timed windows per case (the median is reported)",
                          flag_values=fv)
     flags.DEFINE_list("cases", ["default", "dispatch", "scaling"], "which cases (also: depth, "
-                      "compile time and memory against decoder depth, for vdvae)", flag_values=fv)
+                      "compile time and memory against decoder depth, for vdvae; eval; profile, "
+                      "XLA:CPU's time per kind of op from a trace)", flag_values=fv)
     flags.DEFINE_boolean("aot", False, "compile ahead of time, from shapes alone, for each "
                          "--devices count and report parameters, FLOPs per example and "
                          "per-device memory (nothing runs, no data is read)", flag_values=fv)
@@ -257,14 +258,17 @@ def bench_command(argv):
   unknown = set(fv.cases) - set(bench.CASES)
   if unknown:
     raise UsageError(f"unknown --cases {sorted(unknown)}: choose from {', '.join(bench.CASES)}")
-  if os.environ.get(SCALING_CHILD) == "1":
-    bench.run_cases(fv.config, ("scaling",), steps=fv.steps, windows=fv.windows)
-    return
-  here = tuple(c for c in fv.cases if c != "scaling")
+  for child, case in ((SCALING_CHILD, "scaling"), (bench.PROFILE_CHILD, "profile")):
+    if os.environ.get(child) == "1":
+      bench.run_cases(fv.config, (case,), steps=fv.steps, windows=fv.windows)
+      return
+  here = tuple(c for c in fv.cases if c not in ("scaling", "profile"))
   if here:
     bench.run_cases(fv.config, here, steps=fv.steps, windows=fv.windows)
   if "scaling" in fv.cases:
     bench.in_child_with_devices(argv[1:], 8, SCALING_CHILD)
+  if "profile" in fv.cases:  # traced thunks cost time: only the profile runs with them
+    bench.in_child_with_devices(argv[1:], 1, bench.PROFILE_CHILD, [bench.TRACE_THUNKS])
 
 
 def _without_flag(args, name):

@@ -114,6 +114,36 @@ def test_eval_case_times_the_importance_pass_against_its_flop_limit():
     assert row[key] >= 0  # rounded to 0.1 s: a tiny model's pass may round to 0
 
 
+def test_self_times_take_nested_thunks_out_of_their_loop():
+  # A while loop (0-100 ns) runs two fusions inside it; a convolution follows on the thread.
+  events = [("fusion.2", 60, 30), ("while", 0, 100), ("fusion.1", 10, 40), ("convolution", 100, 5)]
+  assert sorted(bench.self_times(events)) == [("convolution", 5), ("fusion.1", 40),
+                                              ("fusion.2", 30), ("while", 30)]
+  assert [bench.op_kind(n) for n in ("convolution.3", "conv_general_dilated.12", "ynn_fusion.4",
+                                     "dot.7", "transpose_copy_fusion.9", "copy.2", "while.1",
+                                     "add_maximum_fusion.3", "wrapped_log-plus-one", "rng")] == [
+      "convolution", "convolution", "dot", "dot", "layout transpose or copy",
+      "layout transpose or copy", "control flow", "elementwise fusion", "elementwise fusion",
+      "other"]
+
+
+def test_profile_case_traces_the_trainers_step_in_a_child_with_thunk_tracing(
+    tmp_path, capfd, tiny_data_dir):
+  status = cli.main(["flaxvae", "bench", f"--config={REPO / 'configs' / 'fashion_mnist_mlp.py'}",
+                     "--cases", "profile", "--config.data.name=tiny",
+                     f"--config.data.data_dir={tiny_data_dir}", "--config.batch_size=8",
+                     "--config.steps_per_dispatch=2", "--config.model.hidden=(16,)"])
+  out = capfd.readouterr().out
+  assert status in (0, None), out
+  row = json.loads(out.strip().splitlines()[-1])
+  assert row["case"] == "profile" and row["steps"] == 6 and row["threads"] >= 1
+  assert set(row["ms_per_step_by_kind"]) == set(bench.OP_KINDS)
+  assert row["busy_ms_per_step"] == pytest.approx(sum(row["ms_per_step_by_kind"].values()),
+                                                  abs=0.01)
+  assert sum(row["share_by_kind"].values()) == pytest.approx(1.0, abs=1e-3)
+  assert row["heaviest"] and all(h["ms_per_step"] >= 0 and h["shape"] for h in row["heaviest"])
+
+
 @pytest.mark.slow
 def test_depth_case_compiles_each_depth_with_and_without_scan_and_remat():
   config = load_config("fashion_mnist_vdvae", "tiny")
