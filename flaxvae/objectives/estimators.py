@@ -60,9 +60,12 @@ def psis_khat(log_w):
   m = int(math.ceil(min(0.2 * num, 3 * math.sqrt(num))))
   if m < 5:
     return jnp.full(log_w.shape[1:], jnp.inf, log_w.dtype)
-  s = jnp.sort(log_w, axis=0)
+  # The M + 1 largest, ascending. top_k, not a sort of all K: XLA:CPU's sort of K=5000 weights
+  # for 1,000 examples took 0.9 s (5% of their importance pass), top_k 0.08 s.
+  top = jax.lax.top_k(jnp.moveaxis(log_w, 0, -1), m + 1)[0]
+  s = jnp.moveaxis(top[..., ::-1], -1, 0)
   s = s - s[-1]
-  exceed = jnp.exp(s[num - m:]) - jnp.exp(s[num - m - 1])   # [M, b], ascending
+  exceed = jnp.exp(s[1:]) - jnp.exp(s[0])   # [M, b], ascending
   return _gpd_shape(exceed)
 
 
