@@ -6,7 +6,7 @@
     flaxvae report --workdir runs/mlp
     flaxvae prepare-data fashion_mnist [--source_dir DIR] [--data_dir DIR]
     flaxvae prepare-data folder --source DIR --name NAME [--test_fraction F]
-    flaxvae bench --config configs/fashion_mnist_mlp.py [--cases default,dispatch,scaling,depth]
+    flaxvae bench --config configs/fashion_mnist_mlp.py [--cases default,dispatch,scaling,depth,eval,profile]
     flaxvae bench --aot --config configs/cifar10_vdvae.py [--devices 1,8]
     flaxvae bench-input --config configs/fashion_mnist_mlp.py
 
