@@ -250,8 +250,10 @@ def profile_lines(row, what):
   kinds = sorted(row["ms_per_step_by_kind"].items(), key=lambda kv: -kv[1])
   return [
       f"What limits the {what} step (`flaxvae bench --cases profile`: XLA:CPU's thunks traced "
-      f"over {row['steps']} steps, each op's self time summed over the {row['threads']} "
-      f"threads that ran ops; {row['busy_ms_per_step']:.1f} thread-ms per step in "
+      f"over {row['steps']} steps, each op's self time on the thread that ran it, summed "
+      f"over the {row['threads']} threads that ran ops: an op that splits its work over the "
+      f"cores, as convolutions and dots do, counts its wall time once; "
+      f"{row['busy_ms_per_step']:.1f} thread-ms per step in "
       f"{row['wall_ms_per_step']:.1f} ms of wall time, tracing included):", "",
       table(["kind of op", "thread-ms per step", "share"],
             [[k, v, f"{100 * row['share_by_kind'][k]:.0f}%"] for k, v in kinds if v]), "",

@@ -526,8 +526,9 @@ def op_profile(config, dispatches=3, top=12, dataset=None):
   """Where the trainer's compiled step spends its time: a jax.profiler trace of `dispatches`
   dispatches, with XLA:CPU's thunks traced (TRACE_THUNKS, set before the backend starts: the
   profile case runs in a child process), each thunk's self time summed per kind (OP_KINDS) and
-  per instruction over every worker thread, in ms per training step. `busy_ms_per_step` over
-  `wall_ms_per_step` is how many threads were busy on average."""
+  per instruction over every worker thread, in ms per training step. An op that splits its
+  work over the intra-op pool (Eigen's convolutions, YNNPACK's dots) counts its wall time once,
+  on the thread that ran the thunk: the shares are of op wall time, not of core time."""
   if jax.default_backend() != "cpu":
     raise UsageError("--cases profile reads XLA:CPU's thunk trace: on an accelerator, trace "
                      "with jax.profiler and read it in TensorBoard or Perfetto")
