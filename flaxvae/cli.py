@@ -258,11 +258,12 @@ def bench_command(argv):
   unknown = set(fv.cases) - set(bench.CASES)
   if unknown:
     raise UsageError(f"unknown --cases {sorted(unknown)}: choose from {', '.join(bench.CASES)}")
-  for child, case in ((SCALING_CHILD, "scaling"), (bench.PROFILE_CHILD, "profile")):
+  in_children = ((SCALING_CHILD, "scaling"), (bench.PROFILE_CHILD, "profile"))
+  for child, case in in_children:
     if os.environ.get(child) == "1":
       bench.run_cases(fv.config, (case,), steps=fv.steps, windows=fv.windows)
       return
-  here = tuple(c for c in fv.cases if c not in ("scaling", "profile"))
+  here = tuple(c for c in fv.cases if c not in {case for _, case in in_children})
   if here:
     bench.run_cases(fv.config, here, steps=fv.steps, windows=fv.windows)
   if "scaling" in fv.cases:

@@ -13,18 +13,24 @@ import jax
 import jax.numpy as jnp
 
 
+def _softplus_and_exp(x):
+  """(softplus(x), exp(-|x|)): the value and the exponential its slope reuses."""
+  e = jnp.exp(-jnp.abs(x))
+  return jnp.maximum(x, 0) + jnp.log1p(e), e
+
+
 @jax.custom_jvp
 def softplus(x):
   """log(1 + exp(x)), elementwise."""
-  return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  return _softplus_and_exp(x)[0]
 
 
 @softplus.defjvp
 def _softplus_jvp(primals, tangents):
   (x,), (t,) = primals, tangents
-  e = jnp.exp(-jnp.abs(x))
+  y, e = _softplus_and_exp(x)
   sigmoid = jnp.where(x >= 0, 1.0, e) / (1.0 + e)  # sigmoid(x), from the same exponential
-  return jnp.maximum(x, 0) + jnp.log1p(e), sigmoid * t
+  return y, sigmoid * t
 
 
 def log_sigmoid(x):
