@@ -303,6 +303,27 @@ def measure_vdvae(rounds):
   return vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile_row(VDVAE)
 
 
+ANCHOR_RECORD = os.path.join("benchmarks", "records", "anchor", "efficient_vdvae_torch.json")
+
+
+def anchor_line():
+  """The one-run comparison with Efficient-VDVAE's own PyTorch code: a record, since that code
+  is fetched and run by hand (its protocol is in the record), never committed here."""
+  with open(os.path.join(ROOT, ANCHOR_RECORD)) as f:
+    rec = json.load(f)
+  secs = {k: min(v) for k, v in rec["seconds_per_step"].items()}
+  params = rec["parameters"]
+  return (f"- Beside Efficient-VDVAE's own PyTorch code on the same config ({ANCHOR_RECORD}, "
+          f"measured {rec['measured']} on {rec['cpu']} ({rec['cores']} cores), best of "
+          f"{len(rec['seconds_per_step']['anchor'])} alternating rounds): flaxvae "
+          f"{secs['flaxvae']:.2f} s per step, the anchor {secs['anchor']:.2f} s, the twin "
+          f"{secs['twin']:.2f} s: flaxvae / anchor = **{secs['anchor'] / secs['flaxvae']:.2f}x** "
+          f"(goal >= 1.0). The two architectures do nearly the same work ({rec['flop_count']}); "
+          f"the anchor's {params['anchor'] / 1e6:.1f}M parameters against "
+          f"{params['flaxvae'] / 1e6:.1f}M follow from its wiring (one encoder skip per layer; the "
+          "config's docstring lists the differences).")
+
+
 def vdvae_section(vdvae_rounds, torch_rounds, effvdvae, torch_effvdvae, profile):
   vdvae, torch_vdvae = best(vdvae_rounds), best(torch_rounds)
   return [
@@ -322,7 +343,8 @@ def vdvae_section(vdvae_rounds, torch_rounds, effvdvae, torch_effvdvae, profile)
       f"({effvdvae['examples_per_s']:.1f} examples/s), its PyTorch twin "
       f"{32 / torch_effvdvae['examples_per_s']:.2f} s "
       f"({torch_effvdvae['examples_per_s']:.1f} examples/s): "
-      f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.", "",
+      f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.",
+      anchor_line(), "",
       *profile_lines(profile, "VDVAE")], [vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile]
 
 
