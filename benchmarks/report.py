@@ -5,7 +5,9 @@
 
 Every measurement is cached by its command (and round) in runs/bench_cache.jsonl: a `make
 bench` that is stopped resumes where it was, and the parts can be measured in separate
-sittings and reported together (`--fresh` measures everything again). runs/ is scratch, gone
+sittings and reported together (`--fresh` measures everything again). A cached figure counts
+only for the code that measured it: after a change to the package, a config or a twin, its
+command runs again. runs/ is scratch, gone
 on a fresh machine, so BENCHMARKS.md is the record: a part not measured by this invocation
 keeps its section and raw rows from the existing --out file (each section says when it was
 measured), and `--parts depth` on a fresh checkout adds the depth table to the others.
@@ -27,6 +29,7 @@ rounds and each implementation is credited with its best round (noise only ever
 slows a run down); every round's figure is kept in the raw results.
 """
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -42,18 +45,38 @@ TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
 FLAXVAE = os.path.join(ROOT, ".venv", "bin", "flaxvae")
 
 
+def code_fingerprint(root=ROOT):
+  """A hash of the code a measurement depends on: the package, the configs, the PyTorch twins
+  and the peer harness. A cached figure measured by other code is stale."""
+  digest = hashlib.sha256()
+  paths = []
+  for folder in ("flaxvae", "configs"):
+    for dirpath, _, files in os.walk(os.path.join(root, folder)):
+      paths += [os.path.join(dirpath, f) for f in files if f.endswith(".py")]
+  paths += [os.path.join(root, "benchmarks", f) for f in ("torch_vdvae.py", "torch_conv_vae.py")]
+  paths += [os.path.join(root, "pyproject.toml"), PEER]
+  for path in sorted(p for p in paths if os.path.exists(p)):
+    digest.update(os.path.relpath(path, root).encode())
+    with open(path, "rb") as f:
+      digest.update(hashlib.sha256(f.read()).digest())
+  return digest.hexdigest()[:16]
+
+
 class Cache:
   """Measurements kept by (command, round) in a JSON-lines file, so an interrupted or partial
   `make bench` resumes where it stopped and `--parts` can be measured in separate sittings.
+  An entry is reused only if the code that measured it is the code here now (its `code`
+  fingerprint); after a change to the package, a config or a twin the command runs again.
   Delete the file (or pass --fresh) to measure everything again."""
 
-  def __init__(self, path, fresh=False):
-    self.path, self.rows, self.used = path, {}, []
+  def __init__(self, path, fresh=False, code=None):
+    self.path, self.rows, self.used, self.code = path, {}, [], code
     if path and os.path.exists(path) and not fresh:
       with open(path) as f:
         for line in f:
           entry = json.loads(line)
-          self.rows[entry["key"]] = entry
+          if entry.get("code") == code:
+            self.rows[entry["key"]] = entry
     elif path and fresh and os.path.exists(path):
       os.replace(path, path + ".old")
 
@@ -62,7 +85,7 @@ class Cache:
     if key in self.rows:
       return self.rows[key]["value"]
     value = measure()
-    entry = dict(key=key, value=value, measured=time.strftime("%Y-%m-%d %H:%M"))
+    entry = dict(key=key, value=value, measured=time.strftime("%Y-%m-%d %H:%M"), code=self.code)
     self.rows[key] = entry
     if self.path:
       os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -430,7 +453,7 @@ def main():
   unknown = set(parts) - set(PARTS)
   if unknown:
     parser.error(f"unknown --parts {sorted(unknown)}: choose from {','.join(PARTS)}")
-  CACHE = Cache(ARGS.cache, ARGS.fresh)
+  CACHE = Cache(ARGS.cache, ARGS.fresh, code=code_fingerprint())
 
   measured = {}  # part -> (section lines, raw rows, dates of its measurements)
 
@@ -491,7 +514,8 @@ def main():
       f"Written by `make bench` (benchmarks/report.py --parts {','.join(parts)}) on "
       f"{time.strftime('%Y-%m-%d %H:%M')}, {environment.get('device_kind', 'cpu')} "
       f"x{os.cpu_count()} cores, jax {environment.get('jax', '?')}. Each section says when it "
-      "was measured (measurements are cached by command in runs/bench_cache.jsonl; a part this "
+      "was measured (measurements are cached by command and code version in "
+      "runs/bench_cache.jsonl; a part this "
       "report did not measure keeps its section from the earlier BENCHMARKS.md). Compare "
       "ratios within a section, not absolute numbers across sections: the CPU model changes "
       f"between sessions. Compared runs alternate over rounds ({ARGS.rounds} in this report) "

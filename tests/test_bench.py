@@ -100,6 +100,21 @@ def test_make_bench_measures_each_command_once_and_resumes_from_its_cache(tmp_pa
   assert len(calls) == 1  # the second sitting read it back
   report.Cache(path, fresh=True).get("a #round0", measure)
   assert len(calls) == 2 and (tmp_path / "cache.jsonl.old").exists()  # --fresh keeps the old
+  report.Cache(path, code="new code").get("a #round0", measure)
+  assert len(calls) == 3  # measured by other code: stale, so measured again
+  report.Cache(path, code="new code").get("a #round0", measure)
+  assert len(calls) == 3
+
+
+def test_the_code_fingerprint_changes_with_the_package_and_not_with_the_docs(tmp_path):
+  report = load_report()
+  (tmp_path / "flaxvae").mkdir()
+  (tmp_path / "flaxvae" / "step.py").write_text("x = 1\n")
+  before = report.code_fingerprint(str(tmp_path))
+  (tmp_path / "README.md").write_text("figures\n")
+  assert report.code_fingerprint(str(tmp_path)) == before
+  (tmp_path / "flaxvae" / "step.py").write_text("x = 2\n")
+  assert report.code_fingerprint(str(tmp_path)) != before
 
 
 def test_aot_reports_memory_split_over_fsdp_and_the_largest_batch():
