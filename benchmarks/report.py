@@ -136,27 +136,59 @@ def trainer_throughput(config=PEER_PROTOCOL_CONFIG):
 
 
 VDVAE = "configs/fashion_mnist_vdvae.py"
-AOT_CONFIGS = ("imagenet64_vdvae", "ffhq256_vdvae")
+AOT_CONFIGS = ("cifar10_vdvae", "imagenet32_vdvae", "imagenet64_vdvae", "ffhq256_vdvae")
+FSDP_AOT_CONFIGS = ("imagenet64_vdvae", "ffhq256_vdvae")
+
+
+def aot_plan():
+  """(config, devices, extra flags) of every `bench --aot` row: each VDVAE config for
+  accelerators data-parallel on 1 and 8 devices; ImageNet-64 and FFHQ-256 also with fsdp, and
+  with fsdp and remat, on 8 and 64 devices (the largest batch in 80 GB for fsdp+remat on 8: a
+  second compile at twice the batch). Each compile of these models takes minutes here."""
+  plan = []
+  for name in AOT_CONFIGS:
+    plan += [(name, 1, []), (name, 8, [])]
+    if name in FSDP_AOT_CONFIGS:
+      plan += [(name, 8, ["--mesh=fsdp:8"]),
+               (name, 8, ["--mesh=fsdp:8", "--config.model.remat=True", "--device_memory=80GB"]),
+               *[(name, 64, ["--config.batch_size=128", *v])  # FFHQ's 32 over 64 devices
+                 for v in ([], ["--mesh=data:8,fsdp:8"],
+                           ["--mesh=data:8,fsdp:8", "--config.model.remat=True"])]]
+  return plan
 
 
 def aot_rows():
-  """`flaxvae bench --aot` rows: ImageNet-64 and FFHQ-256 on 8 and 64 devices, data-parallel,
-  with fsdp, and with fsdp and remat; the largest batch in 80 GB for fsdp+remat on 8 devices
-  (a second compile at twice the batch: each compile of these models takes minutes here).
-  Layers are scanned (as on accelerators, where `scan_blocks` auto picks it)."""
+  """The rows of aot_plan() for --aot_configs and --aot_devices, each with its config name
+  and the date it was measured. Layers are scanned (as on accelerators, where `scan_blocks`
+  auto picks it)."""
   rows = []
-  common = ["--config.model.scan_blocks=scan"]
-  for name in AOT_CONFIGS:
-    for devices, mesh in ((8, "fsdp:8"), (64, "data:8,fsdp:8")):
-      if str(devices) not in ARGS.aot_devices.split(","):
-        continue
-      batch = [] if devices == 8 else ["--config.batch_size=128"]  # FFHQ's 32 over 64 devices
-      for variant in ([], [f"--mesh={mesh}"],
-                      [f"--mesh={mesh}", "--config.model.remat=True"]
-                      + (["--device_memory=80GB"] if devices == 8 else [])):
-        rows += json_lines([FLAXVAE, "bench", "--aot", "--config", f"configs/{name}.py",
-                            f"--devices={devices}", *variant, *batch, *common])
+  configs, devices = ARGS.aot_configs.split(","), ARGS.aot_devices.split(",")
+  for name, num_devices, flags in aot_plan():
+    if name not in configs or str(num_devices) not in devices:
+      continue
+    measured = json_lines([FLAXVAE, "bench", "--aot", "--config", f"configs/{name}.py",
+                           f"--devices={num_devices}", *flags, "--config.model.scan_blocks=scan"])
+    when = CACHE.rows[CACHE.used[-1]]["measured"]
+    rows += [dict(r, config=name, measured=when) for r in measured]
   return rows
+
+
+def aot_identity(row):
+  """What an aot row measures; rows from before rows carried their config name are told
+  apart by image shape (only ImageNet-64 and FFHQ-256 were measured then)."""
+  config = row.get("config") or {64: "imagenet64_vdvae", 256: "ffhq256_vdvae"}[
+      row["image_shape"][0]]
+  return (config, row["num_devices"], row["mesh"], row["remat"], row["batch_size"])
+
+
+def merge_aot(new_rows, earlier_rows):
+  """A partial aot measurement (--aot_configs, --aot_devices) replaces its own rows and keeps
+  the earlier report's others, in aot_plan()'s order of configs."""
+  fresh = {aot_identity(r) for r in new_rows}
+  rows = [r for r in earlier_rows if aot_identity(r) not in fresh] + list(new_rows)
+  order = {name: i for i, name in enumerate(AOT_CONFIGS)}
+  return sorted(rows, key=lambda r: (order[aot_identity(r)[0]], r["num_devices"], r["mesh"],
+                                     r["remat"]))
 
 
 def table(header, rows):
@@ -396,28 +428,30 @@ def depth_section(depth):
 
 def aot_section(aot):
   # FLOPs per example depend on the config and remat, not the mesh: rows measured before
-  # aot rows carried them borrow them from a row of the same model that has them.
-  flops = {(r["model"], tuple(r["image_shape"]), r["remat"]): r["flops_per_example"]
+  # aot rows carried them borrow them from a row of the same config that has them.
+  flops = {(aot_identity(r)[0], r["remat"]): r["flops_per_example"]
            for r in aot if "flops_per_example" in r}
   aot = [dict(r, flops_per_example=flops[key]) if "flops_per_example" not in r and (
-      key := (r["model"], tuple(r["image_shape"]), r["remat"])) in flops else r for r in aot]
+      key := (aot_identity(r)[0], r["remat"])) in flops else r for r in aot]
   return [
       "## Ahead of time: the large configs (`flaxvae bench --aot`, shapes only)", "",
       table(["config", "devices", "mesh", "remat", "batch", "parameters", "GFLOP/example",
              "params GiB/dev", "optimizer GiB/dev", "EMA GiB/dev", "temp GiB/dev",
-             "largest batch in 80 GB/dev", "compile s"],
-            [[r["model"] + " " + "x".join(str(v) for v in r["image_shape"]), r["num_devices"],
+             "largest batch in 80 GB/dev", "compile s", "measured"],
+            [[aot_identity(r)[0], r["num_devices"],
               r["mesh"], r["remat"], r["batch_size"], f"{r['parameters'] / 1e6:.1f}M",
               round(r["flops_per_example"] / 1e9, 1) if "flops_per_example" in r else "",
               r["per_device_parameter_gib"], r["per_device_optimizer_gib"],
               r["per_device_ema_gib"], r.get("per_device_temp_gib"), r.get("largest_batch") or "",
-              r["compile_s"]] for r in aot]), "",
+              r["compile_s"], r.get("measured", "")] for r in aot]), "",
       "Per-device memory from XLA's memory analysis of the compiled step on XLA:CPU (the "
       "accelerator's compiler lays memory out differently; the parameter and optimizer "
       "columns are exact either way). `largest batch` extrapolates the step's memory "
       "linearly from two compiles (batch and twice the batch). GFLOP/example: one training "
       "step (forward, backward, update) from XLA's cost analysis of the lowered one-device "
-      "program with the layers unrolled.", ""], aot
+      "program with the layers unrolled. `measured` dates each row: a partial run "
+      "(--aot_configs, --aot_devices) re-measures its rows and keeps the others from the "
+      "earlier report.", ""], aot
 
 
 def cases_section(mlp, conv):
@@ -447,7 +481,9 @@ def main():
   parser.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench_cache.jsonl"),
                       help="measurements already made are read from here, new ones appended")
   parser.add_argument("--fresh", action="store_true", help="measure everything again")
-  parser.add_argument("--aot_devices", default="8,64", help="the aot part's device counts")
+  parser.add_argument("--aot_devices", default="1,8,64", help="the aot part's device counts")
+  parser.add_argument("--aot_configs", default=",".join(AOT_CONFIGS),
+                      help="the aot part's configs (rows not measured keep the earlier report's)")
   ARGS = parser.parse_args()
   parts = [p for p in ARGS.parts.split(",") if p]
   unknown = set(parts) - set(PARTS)
@@ -463,8 +499,10 @@ def main():
     CACHE.used = []
     data = measure()
     lines, rows = section(data)
-    measured[name] = (lines, rows if isinstance(rows, list) else [rows],
-                      CACHE.dates(CACHE.used))
+    rows = rows if isinstance(rows, list) else [rows]
+    # Rows kept from an earlier report (a partial aot measurement) carry their own dates.
+    kept_dates = {r["measured"] for r in rows if isinstance(r, dict) and "measured" in r}
+    measured[name] = (lines, rows, sorted(set(CACHE.dates(CACHE.used)) | kept_dates))
     return data
 
   mlp, conv = [], []
@@ -480,7 +518,8 @@ def main():
                                    "--cases", "eval"])[0], eval_section),
       ("depth", lambda: json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases", "depth"]),
        depth_section),
-      ("aot", aot_rows, aot_section)):
+      ("aot", lambda: merge_aot(aot_rows(), earlier_report(ARGS.out).get("aot", ([], []))[1]),
+       aot_section)):
     if name in parts:
       measure_part(name, measure, section)
   if "mlp" in parts and "conv" in parts:
@@ -496,6 +535,9 @@ def main():
       when = f"{dates[0]} to {dates[-1]}" if dates else time.strftime("%Y-%m-%d %H:%M")
       cpus = sorted({r["cpu"] for r in rows if r.get("cpu")})
       on = f" on {', '.join(cpus)} ({os.cpu_count()} cores)" if cpus else ""
+      if cpus and any(isinstance(r, dict) and "measured" in r and not r.get("cpu")
+                      for r in rows):
+        on += " and, for rows kept from an earlier report, a CPU it did not record"
       sections += [lines[0], "", f"_Measured {when}{on}, by this report._", *lines[1:]]
     elif part in earlier:
       lines, rows = earlier[part]

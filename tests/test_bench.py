@@ -106,6 +106,24 @@ def test_make_bench_measures_each_command_once_and_resumes_from_its_cache(tmp_pa
   assert len(calls) == 3
 
 
+def test_a_partial_aot_measurement_replaces_its_rows_and_keeps_the_earlier_reports_others():
+  """`--parts aot --aot_configs cifar10_vdvae --aot_devices 1` must not drop the 64-device
+  rows that took hours: rows merge by what they measure, older rows named by image shape."""
+  report = load_report()
+  def row(devices, mesh="data", compile_s=1.0, **extra):
+    return dict(model="vdvae", num_devices=devices, mesh=mesh, remat=False, batch_size=32,
+                image_shape=[64, 64, 3], compile_s=compile_s, **extra)
+  earlier = [row(8), row(64, "data:8,fsdp:8")]  # from before rows carried their config
+  new = [row(1, config="cifar10_vdvae"), row(8, compile_s=2.0, config="imagenet64_vdvae")]
+  merged = report.merge_aot(new, earlier)
+  assert [(report.aot_identity(r)[:2], r["compile_s"]) for r in merged] == [
+      (("cifar10_vdvae", 1), 1.0), (("imagenet64_vdvae", 8), 2.0),
+      (("imagenet64_vdvae", 64), 1.0)]
+  assert {p[0] for p in report.aot_plan()} == set(report.AOT_CONFIGS)
+  assert all({(name, 1, ()), (name, 8, ())} <= {(n, d, tuple(f)) for n, d, f in report.aot_plan()}
+             for name in report.AOT_CONFIGS)  # every config on 1 and 8 devices
+
+
 def test_the_code_fingerprint_changes_with_the_package_and_not_with_the_docs(tmp_path):
   report = load_report()
   (tmp_path / "flaxvae").mkdir()
