@@ -491,6 +491,7 @@ def main():
     parser.error(f"unknown --parts {sorted(unknown)}: choose from {','.join(PARTS)}")
   CACHE = Cache(ARGS.cache, ARGS.fresh, code=code_fingerprint())
 
+  earlier = earlier_report(ARGS.out)  # read before this report overwrites it
   measured = {}  # part -> (section lines, raw rows, dates of its measurements)
 
   def measure_part(name, measure, section):
@@ -518,7 +519,7 @@ def main():
                                    "--cases", "eval"])[0], eval_section),
       ("depth", lambda: json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases", "depth"]),
        depth_section),
-      ("aot", lambda: merge_aot(aot_rows(), earlier_report(ARGS.out).get("aot", ([], []))[1]),
+      ("aot", lambda: merge_aot(aot_rows(), earlier.get("aot", ([], []))[1]),
        aot_section)):
     if name in parts:
       measure_part(name, measure, section)
@@ -526,7 +527,6 @@ def main():
     measured["cases"] = (cases_section(mlp, conv), [], sorted(
         set(measured["mlp"][2]) | set(measured["conv"][2])))
 
-  earlier = earlier_report(ARGS.out)
   sections, raw, kept, missing = [], [], [], []
   environment = {}
   for part in (*PARTS, "cases"):
