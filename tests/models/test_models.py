@@ -175,3 +175,27 @@ def test_a_checkpoint_of_flaxvae_0_1_loads_with_its_numbers(tmp_path):
   np.testing.assert_allclose(model.log_likelihood(x, mean),
                              [-543.4937, -543.7315, -543.32965, -544.85925, -547.41425],
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_pointwise_conv_is_nnx_conv_in_parameters_values_and_gradients(dtype):
+  from flaxvae.models import layers
+  fast = layers.conv(6, 4, nnx.Rngs(0), dtype, kernel=1)
+  plain = nnx.Conv(6, 4, (1, 1), dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert isinstance(fast, layers.PointwiseConv)
+  assert jax.tree.structure(nnx.state(fast)) == jax.tree.structure(nnx.state(plain))
+  for module in (fast, plain):
+    module.bias[...] = jnp.arange(4.0) / 10
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 6))
+
+  def outputs(module):
+    graphdef, state = nnx.split(module)
+    f = lambda state, x: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x).astype(jnp.float32)))
+    return nnx.merge(graphdef, state)(x), jax.grad(f, argnums=(0, 1))(state, x)
+
+  (y_fast, g_fast), (y_plain, g_plain) = outputs(fast), outputs(plain)
+  assert y_fast.dtype == y_plain.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(np.float32(y_fast), np.float32(y_plain), atol=tol, rtol=tol)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(np.float32(a), np.float32(b), atol=tol, rtol=tol)
