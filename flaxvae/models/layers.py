@@ -26,8 +26,8 @@ class PointwiseConv(nnx.Conv):
 
   Why: differentiated as a convolution, its kernel gradient is a convolution whose batch is
   the channels, and XLA:CPU transposes both activations ([b, h, w, c] -> [c, h, w, b]) to run
-  it; as a dot it reads the input in place and transposes at most the narrower operand. On
-  the VDVAE config the step's layout transposes fall from 144 to 53 ms (BENCHMARKS.md).
+  it; as a dot it reads the input in place and transposes at most the narrower operand (the
+  VDVAE step's profile before and after: README, "What limits the small VDVAE").
   """
 
   def __call__(self, inputs):

@@ -14,7 +14,7 @@ from flax import nnx
 import flaxvae
 from flaxvae import defaults, models
 from flaxvae.eval.diagnostics import SampleNoise
-from flaxvae.models import contract
+from flaxvae.models import contract, layers
 from flaxvae.objectives import bounds, likelihoods
 
 SHAPE = (8, 8, 1)
@@ -179,7 +179,6 @@ def test_a_checkpoint_of_flaxvae_0_1_loads_with_its_numbers(tmp_path):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_a_pointwise_conv_is_nnx_conv_in_parameters_values_and_gradients(dtype):
-  from flaxvae.models import layers
   fast = layers.conv(6, 4, nnx.Rngs(0), dtype, kernel=1)
   plain = nnx.Conv(6, 4, (1, 1), dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   assert isinstance(fast, layers.PointwiseConv)
