@@ -116,10 +116,19 @@ class EncoderBlock(nnx.Module):
 
 
 def stacked(make, count):
-  """`count` modules from `make(i)`, stored as one module whose arrays have a leading axis."""
-  modules = [make(i) for i in range(count)]
-  graphdef, first = nnx.split(modules[0])
-  states = [first] + [nnx.split(m)[1] for m in modules[1:]]
+  """`count` modules from `make(i)`, stored as one module whose arrays have a leading axis.
+
+  Built from shapes alone (nnx.eval_shape: ahead-of-time compiles, the depth bench), the
+  stack is the first module's shapes repeated: tracing every module would cost time quadratic
+  in depth (each Flax variable write traces an error message that walks the whole jaxpr so
+  far), minutes per compile at 64 layers (BENCHMARKS.md, depth). Built for real, each module
+  draws its own initialisation, as before."""
+  first = make(0)
+  graphdef, state = nnx.split(first)
+  if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(state)):
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.broadcast_to(a, (count, *a.shape)),
+                                            state))
+  states = [state] + [nnx.split(make(i))[1] for i in range(1, count)]
   return nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *states))
 
 

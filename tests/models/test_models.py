@@ -81,6 +81,17 @@ def test_every_array_a_model_holds_is_a_trained_parameter(name, keys):
   assert not jax.tree.leaves(nnx.state(build(name, **keys), nnx.Not(nnx.Param)))
 
 
+@pytest.mark.parametrize("name, keys", MODELS)
+def test_a_model_built_from_shapes_alone_has_the_real_ones_structure(name, keys):
+  """Ahead-of-time compiles build the model under nnx.eval_shape, where VDVAE repeats one
+  layer's shapes instead of tracing each layer: the tree must be the real model's."""
+  real = nnx.state(build(name, **keys))
+  abstract = nnx.state(nnx.eval_shape(lambda: build(name, **keys)))
+  assert jax.tree.structure(real) == jax.tree.structure(abstract)
+  assert jax.tree.leaves(jax.tree.map(lambda a: (a.shape, a.dtype), real)) == \
+      jax.tree.leaves(jax.tree.map(lambda a: (a.shape, a.dtype), abstract))
+
+
 def test_a_trained_iaf_stays_a_density_its_log_det_is_the_sum_of_log_sigmas():
   """Every array of the model's state moved (as training moves it), the flow is still
   autoregressive: log |det dz_T/dz_0| equals the sum of log sigma that log q(z|x) uses."""
