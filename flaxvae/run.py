@@ -61,10 +61,9 @@ class Run:
                      self.train_split.image_shape if self.train_split is not None else
                      self.eval_images.shape[1:])
     self.image_shape = tuple(image_shape)
-    create = lambda: models.create_model(config.model, image_shape=self.image_shape,
-                                         likelihood=self.likelihood, seed=config.seed,
-                                         dtype=config_lib.DTYPES[config.dtype])
-    self.model = nnx.eval_shape(create) if abstract else create()
+    self.model = models.create_model(config.model, image_shape=self.image_shape,
+                                     likelihood=self.likelihood, seed=config.seed,
+                                     dtype=config_lib.DTYPES[config.dtype], abstract=abstract)
     self.graphdef, params = nnx.split(self.model)
     self.params = nnx.to_pure_dict(params)
     if config.init.params_from and not abstract:

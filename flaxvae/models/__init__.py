@@ -11,7 +11,7 @@ from flax import nnx
 
 from flaxvae.errors import ConfigError
 from flaxvae.models import conv, ladder, mlp, vdvae  # noqa: F401  (each registers itself)
-from flaxvae.models.layers import ACTIVATIONS
+from flaxvae.models import layers
 from flaxvae.models.registry import MODELS
 
 COMMON = ("image_shape", "likelihood", "rngs", "dtype")
@@ -32,15 +32,22 @@ def check_config(model_config):
     raise ConfigError(f"model {model_config.name!r} has no key(s) {', '.join(unknown)}: its keys "
                       f"are {', '.join(sorted(options))}")
   activation = model_config.get("activation")
-  if activation is not None and activation not in ACTIVATIONS:
+  if activation is not None and activation not in layers.ACTIVATIONS:
     raise ConfigError(f"unknown model.activation {activation!r}: choose one of "
-                      f"{', '.join(sorted(ACTIVATIONS))}")
+                      f"{', '.join(sorted(layers.ACTIVATIONS))}")
 
 
-def create_model(model_config, *, image_shape, likelihood, seed=0, dtype=jnp.float32):
-  """Builds the registered model `model_config.name` for images of `image_shape`."""
+def create_model(model_config, *, image_shape, likelihood, seed=0, dtype=jnp.float32,
+                 abstract=False):
+  """Builds the registered model `model_config.name` for images of `image_shape`; `abstract`:
+  from shapes alone (nnx.eval_shape: parameters are ShapeDtypeStructs, nothing is allocated)."""
   check_config(model_config)
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()
             if k != "name"}
-  return MODELS.get(model_config.name)(image_shape=tuple(image_shape), likelihood=likelihood,
-                                       rngs=nnx.Rngs(seed), dtype=dtype, **kwargs)
+  build = lambda: MODELS.get(model_config.name)(
+      image_shape=tuple(image_shape), likelihood=likelihood, rngs=nnx.Rngs(seed), dtype=dtype,
+      **kwargs)
+  if not abstract:
+    return build()
+  with layers.shapes_only():
+    return nnx.eval_shape(build)

@@ -3,6 +3,9 @@
 Parameters are float32; `dtype` sets the compute precision (bfloat16 on accelerators) and
 outputs that feed the loss are returned in float32.
 """
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,6 +14,24 @@ from flaxvae.objectives import elementwise
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu,
                "tanh": jnp.tanh, "elu": jax.nn.elu, "softplus": elementwise.softplus}
+
+
+_SHAPES_ONLY = contextvars.ContextVar("flaxvae_shapes_only", default=False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+  """Inside, a model is being built from shapes alone (create_model(abstract=True)): a layer may
+  repeat another's shapes instead of tracing an initialisation nobody will see."""
+  token = _SHAPES_ONLY.set(True)
+  try:
+    yield
+  finally:
+    _SHAPES_ONLY.reset(token)
+
+
+def building_shapes_only():
+  return _SHAPES_ONLY.get()
 
 
 def f32(*arrays):
