@@ -37,8 +37,9 @@ run: install
 	@echo "metrics: $(RUN_DIR)/metrics.jsonl  evaluation: $(RUN_DIR)/eval.json  plots: $(RUN_DIR)/report/" \
 	  "images: $(RUN_DIR)/images/  checkpoints: $(RUN_DIR)/checkpoints/  TensorBoard: $(RUN_DIR)/tensorboard/"
 
-# `make test` (under 10 minutes) leaves out the tests marked slow: deep VDVAE compiles and
-# multi-process runs; `make test-slow` runs those, and CI runs both.
+# `make test` (under 10 minutes) leaves out the tests marked slow: deep VDVAE compiles,
+# multi-process runs, `make bench`'s own cases and variants the fast tests already cover;
+# `make test-slow` runs those, and CI runs both.
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 

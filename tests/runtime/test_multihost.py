@@ -93,6 +93,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_one(tmp_path, 
                final_params(two), final_params(one))
 
 
+@pytest.mark.slow  # multi-process, like the others here
 def test_two_processes_at_the_default_log_interval_with_one_step_dispatches(tmp_path, data_dir):
   """Nothing read back until the end: the queued multi-process dispatches must not deadlock."""
   result = launch(2, 2, tmp_path / "run", data_dir, "--config.num_steps=40",

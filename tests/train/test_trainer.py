@@ -133,6 +133,7 @@ def test_a_time_budget_ends_training_at_a_log_step_and_evaluates_it(tmp_path):
   assert steps == [3] and json.loads((tmp_path / "eval.json").read_text())["step"] == 3
 
 
+@pytest.mark.slow  # two training runs: `make test` stays under 10 minutes
 def test_a_frozen_trained_decoder_with_a_fresh_encoder_trains_the_encoder_alone(tmp_path):
   """The seed-question experiment (configs/fashion_mnist_encoder_only.py) through train(): the
   decoder comes from a trained run (whose checkpoint spells list indices as strings) and stays
