@@ -23,7 +23,7 @@ def bench_config(**changes):
                         **changes})
 
 
-@pytest.mark.slow  # `make bench`'s own path, 14-28 s: `make test-slow`
+@pytest.mark.slow  # `make bench`'s own path: `make test-slow` runs it
 def test_bench_cases_emit_one_json_line_each():
   lines = []
   rows = bench.run_cases(bench_config(), ("default", "dispatch", "scaling"), steps=2, windows=1,
@@ -136,7 +136,7 @@ def test_the_code_fingerprint_changes_with_the_package_and_not_with_the_docs(tmp
   assert report.code_fingerprint(str(tmp_path)) != before
 
 
-@pytest.mark.slow  # `make bench`'s own path, 14-28 s: `make test-slow`
+@pytest.mark.slow  # `make bench`'s own path: `make test-slow` runs it
 def test_aot_reports_memory_split_over_fsdp_and_the_largest_batch():
   """`bench --aot`: from shapes alone, per-device parameter and optimizer bytes fall as
   1/fsdp (a 784x256 kernel splits 8 ways), and the batch that fits a memory is a multiple of
@@ -156,7 +156,7 @@ def test_aot_reports_memory_split_over_fsdp_and_the_largest_batch():
     assert row["per_device_temp_gib"] >= 0 and row["compile_s"] >= 0
 
 
-@pytest.mark.slow  # `make bench`'s own path, 14-28 s: `make test-slow`
+@pytest.mark.slow  # `make bench`'s own path: `make test-slow` runs it
 def test_eval_case_times_the_importance_pass_against_its_flop_limit():
   config = bench_config(**{"eval.final_num_importance_samples": 8, "eval.ais_steps": 2,
                            "eval.ais_chains": 1, "eval.ais_leapfrog": 1})
@@ -180,7 +180,7 @@ def test_self_times_take_nested_thunks_out_of_their_loop():
       "other"]
 
 
-@pytest.mark.slow  # `make bench`'s own path, 14-28 s: `make test-slow`
+@pytest.mark.slow  # `make bench`'s own path: `make test-slow` runs it
 def test_profile_case_traces_the_trainers_step_in_a_child_with_thunk_tracing(
     tmp_path, capfd, tiny_data_dir):
   status = cli.main(["flaxvae", "bench", f"--config={REPO / 'configs' / 'fashion_mnist_mlp.py'}",

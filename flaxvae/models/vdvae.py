@@ -121,7 +121,7 @@ def stacked(make, count):
   Built from shapes alone (layers.shapes_only: ahead-of-time compiles, the depth bench), the
   stack is the first module's shapes repeated: tracing every module would cost time quadratic
   in depth (each Flax variable write on a tracer builds an error message that walks the whole
-  jaxpr so far), 150 s per build at 64 layers. Built for real, or traced under jit, each module
+  jaxpr so far), minutes per build at 64 layers. Built for real, or traced under jit, each module
   draws its own initialisation."""
   first = make(0)
   graphdef, state = nnx.split(first)

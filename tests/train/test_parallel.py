@@ -30,7 +30,7 @@ def config(model, steps_per_dispatch, **changes):
 
 
 # mlp-1 is the deadlock's case (one-step dispatches); conv-4 trains the conv model on 8 devices;
-# the other two add little for 80 s, so `make test-slow` runs them.
+# the other two add little for their cost, so `make test-slow` runs them.
 SLOW = pytest.mark.slow
 
 
