@@ -1,19 +1,30 @@
 """glibc malloc settings for XLA:CPU, applied by the CLI re-executing itself once at start-up.
 
-XLA:CPU allocates each execution's scratch buffers with malloc (65 MB for the conv VAE
-step) and frees them when it ends. glibc serves blocks that large with mmap and hands them
-back with munmap, so every dispatch page-faults its scratch memory in anew: a fifth of a
-one-step conv dispatch here. Raising glibc's mmap and trim thresholds keeps freed memory
-in the heap for the next dispatch (the process keeps its peak RSS instead of shrinking).
-glibc reads these only when a process starts (GLIBC_TUNABLES), hence the re-exec; it keeps
-the PID, so launchers and signals are unaffected. FLAXVAE_MALLOC_DEFAULTS=0 turns it off,
-and a GLIBC_TUNABLES that already sets either threshold is left as it is.
+XLA:CPU allocates each execution's scratch buffers with malloc and frees them when it ends.
+Three settings, each measured on a training step:
+
+- `mmap_threshold`, `trim_threshold`: glibc serves large blocks with mmap and hands them back
+  with munmap, so every dispatch page-faults its scratch memory in anew (a fifth of a one-step
+  conv VAE dispatch). Raised thresholds keep freed memory in the heap for the next dispatch
+  (the process keeps its peak RSS instead of shrinking).
+- `hugetlb=1`: glibc asks for transparent huge pages (madvise) on the memory it maps, where the
+  kernel's THP mode is `madvise` (Debian's default). A VDVAE step streams hundreds of MB of
+  activations; with 4 KiB pages it spends its time in TLB misses, costly in a virtual machine
+  (two-level page walks), and its worker threads' blocks above a thread arena's 64 MiB are mapped
+  anew per dispatch whatever the thresholds say (52,000 page faults per `fashion_mnist_vdvae`
+  step; 340 with huge pages). The README's speed section has the A/B.
+
+glibc reads these only when a process starts (GLIBC_TUNABLES), hence the re-exec; it keeps the
+PID, so launchers and signals are unaffected. FLAXVAE_MALLOC_DEFAULTS=0 turns it off; a tunable
+the user already set in GLIBC_TUNABLES keeps the user's value. A glibc older than 2.35 ignores
+`hugetlb`.
 """
 import os
 import platform
 import sys
 
-TUNABLES = "glibc.malloc.mmap_threshold=2147483647:glibc.malloc.trim_threshold=4294967295"
+TUNABLES = ("glibc.malloc.mmap_threshold=2147483647", "glibc.malloc.trim_threshold=4294967295",
+            "glibc.malloc.hugetlb=1")
 
 
 def tuned_environment(environ):
@@ -23,9 +34,11 @@ def tuned_environment(environ):
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return None
   current = environ.get("GLIBC_TUNABLES", "")
-  if "glibc.malloc.mmap_threshold" in current or "glibc.malloc.trim_threshold" in current:
+  user_set = {t.split("=", 1)[0] for t in current.split(":") if t}
+  missing = [t for t in TUNABLES if t.split("=", 1)[0] not in user_set]
+  if not missing:
     return None
-  return dict(environ, GLIBC_TUNABLES=":".join(t for t in (current, TUNABLES) if t))
+  return dict(environ, GLIBC_TUNABLES=":".join(t for t in (current, *missing) if t))
 
 
 def reexec_with_tuned_malloc(argv):

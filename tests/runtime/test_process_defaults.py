@@ -35,7 +35,12 @@ def test_malloc_tunables_are_added_once_and_never_over_the_users(monkeypatch):
   monkeypatch.setattr(malloc.platform, "libc_ver", lambda: ("glibc", "2.36"))
   monkeypatch.setattr(malloc.platform, "system", lambda: "Linux")
   env = malloc.tuned_environment({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F", "A": "1"})
-  assert env == {"A": "1", "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F:" + malloc.TUNABLES}
+  assert env == {"A": "1", "GLIBC_TUNABLES": ":".join(("glibc.cpu.hwcaps=-AVX512F",) + malloc.TUNABLES)}
   assert malloc.tuned_environment(env) is None  # after the re-exec: no loop
-  assert malloc.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) is None
+  # A tunable the user set keeps the user's value; the others are still added.
+  env = malloc.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"})
+  assert env["GLIBC_TUNABLES"] == ("glibc.malloc.trim_threshold=0:glibc.malloc.mmap_threshold="
+                                   "2147483647:glibc.malloc.hugetlb=1")
+  assert malloc.tuned_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})[
+      "GLIBC_TUNABLES"].count("hugetlb") == 1
   assert malloc.tuned_environment({"FLAXVAE_MALLOC_DEFAULTS": "0"}) is None
