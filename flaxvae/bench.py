@@ -173,7 +173,19 @@ def environment():
   devices = jax.devices()
   return dict(device_kind=devices[0].device_kind, platform=devices[0].platform,
               jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
-              python=platform.python_version(), machine=platform.machine(), cpu=cpu_model())
+              python=platform.python_version(), machine=platform.machine(), cpu=cpu_model(),
+              glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+              transparent_hugepages=transparent_hugepages())
+
+
+def transparent_hugepages():
+  """The kernel's THP mode (`always`, `madvise`, `never`): with `madvise`, huge pages come
+  only where glibc asks for them (flaxvae/runtime/malloc.py); a streaming step depends on them."""
+  try:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+      return next((w[1:-1] for w in f.read().split() if w.startswith("[")), "")
+  except OSError:
+    return ""
 
 
 def cpu_model():
