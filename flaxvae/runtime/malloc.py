@@ -23,6 +23,8 @@ import os
 import platform
 import sys
 
+from flaxvae.runtime import xla_flags
+
 TUNABLES = ("glibc.malloc.mmap_threshold=2147483647", "glibc.malloc.trim_threshold=4294967295",
             "glibc.malloc.hugetlb=1")
 
@@ -33,12 +35,9 @@ def tuned_environment(environ):
     return None
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return None
-  current = environ.get("GLIBC_TUNABLES", "")
-  user_set = {t.split("=", 1)[0] for t in current.split(":") if t}
-  missing = [t for t in TUNABLES if t.split("=", 1)[0] not in user_set]
-  if not missing:
-    return None
-  return dict(environ, GLIBC_TUNABLES=":".join(t for t in (current, *missing) if t))
+  tuned = dict(environ)
+  added = [xla_flags.add(t, tuned, "GLIBC_TUNABLES", ":") for t in TUNABLES]
+  return tuned if any(added) else None
 
 
 def reexec_with_tuned_malloc(argv):

@@ -25,14 +25,16 @@ def _jax_started():
     return True
 
 
-def add(flag, environ=None):
-  """Appends `--name=value` to XLA_FLAGS unless `--name` is already set; True if added."""
+def add(flag, environ=None, variable="XLA_FLAGS", separator=" "):
+  """Appends `name=value` to the `separator`-joined list in `variable` unless `name` is already
+  set there (the user's value wins); True if added. malloc.py uses it for GLIBC_TUNABLES."""
   environ = os.environ if environ is None else environ
-  current = environ.get("XLA_FLAGS", "")
+  current = environ.get(variable, "")
   name = flag.split("=", 1)[0]
-  if any(f.split("=", 1)[0] == name for f in current.split()):
+  entries = current.split() if separator == " " else current.split(separator)
+  if any(f.split("=", 1)[0] == name for f in entries):
     return False
-  environ["XLA_FLAGS"] = f"{current} {flag}".strip()
+  environ[variable] = f"{current}{separator}{flag}".strip(separator)
   return True
 
 
