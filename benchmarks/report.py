@@ -301,19 +301,22 @@ def profile_row(config):
 
 
 def profile_lines(row, what):
-  """What limits a step, from `bench --cases profile`: thread time by kind, the heaviest ops."""
+  """What limits a step, from `bench --cases profile`: time by kind, the heaviest ops."""
   kinds = sorted(row["ms_per_step_by_kind"].items(), key=lambda kv: -kv[1])
   return [
       f"What limits the {what} step (`flaxvae bench --cases profile`: XLA:CPU's thunks traced "
       f"over {row['steps']} steps, each op's self time on the thread that ran it, summed "
-      f"over the {row['threads']} threads that ran ops: an op that splits its work over the "
-      f"cores, as convolutions and dots do, counts its wall time once; "
-      f"{row['busy_ms_per_step']:.1f} thread-ms per step in "
-      f"{row['wall_ms_per_step']:.1f} ms of wall time, tracing included):", "",
-      table(["kind of op", "thread-ms per step", "share"],
+      f"over the {row['threads']} threads that ran ops, {row['busy_ms_per_step']:.1f} "
+      f"thread-ms per step in {row['wall_ms_per_step']:.1f} ms of wall time, tracing "
+      "included. Eigen's convolutions finish on the intra-op pool after their thunk returns, "
+      "so `convolution` also counts the wall time no traced op covers while one may be "
+      f"running, {row.get('convolution_wait_ms_per_step', 0):.1f} ms per step; the other "
+      "waits have a row of their own):", "",
+      table(["kind of op", "ms per step", "share"],
             [[k, v, f"{100 * row['share_by_kind'][k]:.0f}%"] for k, v in kinds if v]), "",
-      "Heaviest ops: " + "; ".join(f"`{h['op']}` {h['shape']} {h['ms_per_step']} ms"
-                                   for h in row["heaviest"][:6]) + ".", ""]
+      "Heaviest traced ops (a convolution's traced time is only its start): " + "; ".join(
+          f"`{h['op']}` {h['shape']} {h['ms_per_step']} ms" for h in row["heaviest"][:6]) + ".",
+      ""]
 
 
 def conv_section(conv_rounds, torch_rounds, profile):

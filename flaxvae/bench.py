@@ -11,7 +11,8 @@ matmul peak measured on the same host, memory analysis, devices and versions.
 Cases: `default` (the config as is), `dispatch` (steps_per_dispatch x scan_unroll variants, to
 show that a rolled loop suits the MLP and not convolutions on CPU), `scaling` (the same global
 batch on 1, 2, 4, 8 devices, with the time of one gradient all-reduce), `profile` (XLA:CPU's
-thunk time per kind of op and the heaviest ops, from a trace), `depth`, `eval`. Timings on a
+time per kind of op and the heaviest ops, from a trace of its thunks and the waits between
+them), `depth`, `eval`. Timings on a
 shared machine are noisy: compare ratios from one invocation.
 """
 import glob
@@ -534,13 +535,76 @@ def self_times(events):
   return out + [tuple(e[::2]) for e in reversed(stack)]
 
 
+# A wait (no traced op running) this long ends with an asynchronous op's completion, not with the
+# executor's hand-off from one thunk to the next (a few microseconds).
+LONG_WAIT_NS = 20_000
+WAITING = "waiting (no op traced)"  # by_kind's entry for waits no asynchronous op explains
+
+
+def untraced_waits(events, is_async):
+  """(ns waiting on asynchronous ops, other ns waiting): the wall time between the first and
+  last of `events` [(name, start ns, end ns)], from every thread, that no event covers.
+
+  XLA:CPU runs Eigen's convolutions on its intra-op pool after their thunk's trace event has
+  ended, so their time shows up only as waits. A wait counts to the asynchronous ops when one of
+  them (`is_async(name)`) started since the last long wait (LONG_WAIT_NS, the last completion);
+  other waits are the executor's hand-offs and idle time."""
+  async_ns = other_ns = 0
+  in_flight, covered_until = False, None
+  for name, start, end in sorted(events, key=lambda e: e[1]):
+    if covered_until is not None and start > covered_until:
+      wait = start - covered_until
+      if in_flight:
+        async_ns += wait
+      else:
+        other_ns += wait
+      if wait >= LONG_WAIT_NS:
+        in_flight = False
+    in_flight |= is_async(name)
+    covered_until = end if covered_until is None else max(covered_until, end)
+  return async_ns, other_ns
+
+
+def trace_ops(dispatch, shapes, dispatches):
+  """XLA:CPU's thunks while `dispatch()` runs `dispatches` times (it returns what to block on),
+  for the instructions named in `shapes` ({name: result shape}, _hlo_instructions): per-op self
+  ns summed over threads, the ns spent waiting on asynchronous convolutions and waiting
+  otherwise (untraced_waits), the wall seconds and the number of threads that ran ops. The
+  process must have started its backend with TRACE_THUNKS in XLA_FLAGS."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    start = time.perf_counter()
+    for _ in range(dispatches):
+      out = dispatch()
+    jax.block_until_ready(out)
+    wall = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(files[0])
+  per_op, spans, threads = {}, [], 0
+  for plane in profile.planes:
+    for line in plane.lines:
+      events = [(e.name, e.start_ns, e.duration_ns) for e in line.events if e.name in shapes]
+      threads += bool(events)
+      spans.extend((n, s, s + d) for n, s, d in events)
+      for name, ns in self_times(events):
+        per_op[name] = per_op.get(name, 0) + ns
+  if not per_op:
+    raise UsageError("the trace holds no XLA:CPU thunk events: was the profile case run "
+                     f"without {TRACE_THUNKS} in XLA_FLAGS before JAX started?")
+  async_ns, other_ns = untraced_waits(spans, lambda n: op_kind(n) == "convolution")
+  return per_op, async_ns, other_ns, wall, threads
+
+
 def op_profile(config, dispatches=3, top=12, dataset=None):
   """Where the trainer's compiled step spends its time: a jax.profiler trace of `dispatches`
   dispatches, with XLA:CPU's thunks traced (TRACE_THUNKS, set before the backend starts: the
   profile case runs in a child process), each thunk's self time summed per kind (OP_KINDS) and
-  per instruction over every worker thread, in ms per training step. An op that splits its
-  work over the intra-op pool (Eigen's convolutions, YNNPACK's dots) counts its wall time once,
-  on the thread that ran the thunk: the shares are of op wall time, not of core time."""
+  per instruction over every worker thread, in ms per training step, plus the waits no traced
+  op covers. An op that splits its work over the pool in traced tasks counts each task; one
+  that finishes after its thunk returns (Eigen's convolutions) counts its thunk and the waits
+  for it (trace_ops), so `convolution` is thread time plus wall time: a share of the step, not
+  of core time."""
   if jax.default_backend() != "cpu":
     raise UsageError("--cases profile reads XLA:CPU's thunk trace: on an accelerator, trace "
                      "with jax.profiler and read it in TensorBoard or Perfetto")
@@ -552,38 +616,28 @@ def op_profile(config, dispatches=3, top=12, dataset=None):
     state, metrics = compiled(state, data, indices())
     jax.block_until_ready(metrics)
   shapes = _hlo_instructions(compiled)
-  with tempfile.TemporaryDirectory() as trace_dir:
-    jax.profiler.start_trace(trace_dir)
-    start = time.perf_counter()
-    for _ in range(dispatches):
-      state, metrics = compiled(state, data, indices())
-    jax.block_until_ready(metrics)
-    wall = time.perf_counter() - start
-    jax.profiler.stop_trace()
-    files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    profile = jax.profiler.ProfileData.from_file(files[0])
-  per_op, threads = {}, 0
-  for plane in profile.planes:
-    for line in plane.lines:
-      events = [(e.name, e.start_ns, e.duration_ns) for e in line.events if e.name in shapes]
-      threads += bool(events)
-      for name, ns in self_times(events):
-        per_op[name] = per_op.get(name, 0) + ns
-  if not per_op:
-    raise UsageError("the trace holds no XLA:CPU thunk events: was the profile case run "
-                     f"without {TRACE_THUNKS} in XLA_FLAGS before JAX started?")
+  carry = [state]
+
+  def dispatch():
+    carry[0], metrics = compiled(carry[0], data, indices())
+    return metrics
+  per_op, async_ns, other_ns, wall, threads = trace_ops(dispatch, shapes, dispatches)
   steps = dispatches * config.steps_per_dispatch
   ms = lambda ns: round(ns / 1e6 / steps, 3)
-  by_kind = {k: 0 for k in OP_KINDS}
+  by_kind = {k: 0 for k in (*OP_KINDS, WAITING)}
   for name, ns in per_op.items():
     by_kind[op_kind(name)] += ns
+  by_kind["convolution"] += async_ns
+  by_kind[WAITING] += other_ns
   busy = sum(per_op.values())
+  total = sum(by_kind.values())
   heaviest = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
   return dict(case="profile", model=config.model.name, batch_size=config.batch_size,
               steps_per_dispatch=config.steps_per_dispatch, steps=steps, threads=threads,
               wall_ms_per_step=round(1000 * wall / steps, 3), busy_ms_per_step=ms(busy),
+              convolution_wait_ms_per_step=ms(async_ns),
               ms_per_step_by_kind={k: ms(v) for k, v in by_kind.items()},
-              share_by_kind={k: round(v / busy, 4) for k, v in by_kind.items()},
+              share_by_kind={k: round(v / total, 4) for k, v in by_kind.items()},
               heaviest=[dict(op=n, kind=op_kind(n), shape=shapes[n], ms_per_step=ms(v))
                         for n, v in heaviest])
 
