@@ -303,3 +303,15 @@ def test_the_profile_counts_convolutions_that_finish_after_their_thunk(tmp_path)
                           capture_output=True, text=True, timeout=300, check=True)
   row = json.loads(result.stdout.strip().splitlines()[-1])
   assert row["conv_ns"] + row["async_ns"] >= 0.8 * row["wall_ns"]
+
+
+def test_conv_kernels_times_each_shape_and_totals_them_by_count(tmp_path):
+  """benchmarks/conv_kernels.py (the README's convolution figures), jax side, on a tiny shape."""
+  result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "conv_kernels.py"),
+                           "--shapes", "4:4:3,2:4:1", "--batch", "2"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, check=True)
+  row = json.loads(result.stdout.strip().splitlines()[-1])
+  assert row["impl"] == "jax" and [s["count"] for s in row["shapes"]] == [3, 1]
+  total = sum(s["count"] * s["forward_backward_ms"] for s in row["shapes"])
+  assert row["step_total"]["forward_backward_ms"] == pytest.approx(total, abs=0.1)
+  assert all(0 < s["forward_ms"] for s in row["shapes"])
