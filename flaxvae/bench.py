@@ -12,8 +12,8 @@ Cases: `default` (the config as is), `dispatch` (steps_per_dispatch x scan_unrol
 show that a rolled loop suits the MLP and not convolutions on CPU), `scaling` (the same global
 batch on 1, 2, 4, 8 devices, with the time of one gradient all-reduce), `profile` (XLA:CPU's
 time per kind of op and the heaviest ops, from a trace of its thunks and the waits between
-them), `depth`, `eval`. Timings on a
-shared machine are noisy: compare ratios from one invocation.
+them), `depth`, `eval`. Timings on a shared machine are noisy: compare ratios from one
+invocation.
 """
 import glob
 import json
@@ -616,10 +616,10 @@ def op_profile(config, dispatches=3, top=12, dataset=None):
     state, metrics = compiled(state, data, indices())
     jax.block_until_ready(metrics)
   shapes = _hlo_instructions(compiled)
-  carry = [state]
 
   def dispatch():
-    carry[0], metrics = compiled(carry[0], data, indices())
+    nonlocal state
+    state, metrics = compiled(state, data, indices())
     return metrics
   per_op, async_ns, other_ns, wall, threads = trace_ops(dispatch, shapes, dispatches)
   steps = dispatches * config.steps_per_dispatch
