@@ -314,7 +314,7 @@ def profile_lines(row, what):
       "waits have a row of their own):", "",
       table(["kind of op", "ms per step", "share"],
             [[k, v, f"{100 * row['share_by_kind'][k]:.0f}%"] for k, v in kinds if v]), "",
-      "Heaviest traced ops (a convolution's traced time is only its start): " + "; ".join(
+      "Heaviest ops (a convolution's time includes the waits counted to it): " + "; ".join(
           f"`{h['op']}` {h['shape']} {h['ms_per_step']} ms" for h in row["heaviest"][:6]) + ".",
       ""]
 

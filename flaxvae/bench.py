@@ -542,35 +542,36 @@ WAITING = "waiting (no op traced)"  # by_kind's entry for waits no asynchronous 
 
 
 def untraced_waits(events, is_async):
-  """(ns waiting on asynchronous ops, other ns waiting): the wall time between the first and
-  last of `events` [(name, start ns, end ns)], from every thread, that no event covers.
+  """({asynchronous op: ns waited on it}, other ns waiting): the wall time between the first
+  and last of `events` [(name, start ns, end ns)], from every thread, that no event covers.
 
   XLA:CPU runs Eigen's convolutions on its intra-op pool after their thunk's trace event has
-  ended, so their time shows up only as waits. A wait counts to the asynchronous ops when one of
-  them (`is_async(name)`) started since the last long wait (LONG_WAIT_NS, the last completion);
+  ended, so their time shows up only as waits. A wait counts to the last asynchronous op
+  (`is_async(name)`) that started since the last long wait (LONG_WAIT_NS, the last completion);
   other waits are the executor's hand-offs and idle time."""
-  async_ns = other_ns = 0
-  in_flight, covered_until = False, None
+  waited, other_ns = {}, 0
+  in_flight, covered_until = None, None
   for name, start, end in sorted(events, key=lambda e: e[1]):
     if covered_until is not None and start > covered_until:
       wait = start - covered_until
-      if in_flight:
-        async_ns += wait
-      else:
+      if in_flight is None:
         other_ns += wait
+      else:
+        waited[in_flight] = waited.get(in_flight, 0) + wait
       if wait >= LONG_WAIT_NS:
-        in_flight = False
-    in_flight |= is_async(name)
+        in_flight = None
+    if is_async(name):
+      in_flight = name
     covered_until = end if covered_until is None else max(covered_until, end)
-  return async_ns, other_ns
+  return waited, other_ns
 
 
 def trace_ops(dispatch, shapes, dispatches):
   """XLA:CPU's thunks while `dispatch()` runs `dispatches` times (it returns what to block on),
-  for the instructions named in `shapes` ({name: result shape}, _hlo_instructions): per-op self
-  ns summed over threads, the ns spent waiting on asynchronous convolutions and waiting
-  otherwise (untraced_waits), the wall seconds and the number of threads that ran ops. The
-  process must have started its backend with TRACE_THUNKS in XLA_FLAGS."""
+  for the instructions named in `shapes` ({name: result shape}, _hlo_instructions): per op, its
+  self ns summed over threads plus, for a convolution, the waits for it (untraced_waits); the
+  ns of those waits, the ns waiting otherwise, the wall seconds and the number of threads that
+  ran ops. The process must have started its backend with TRACE_THUNKS in XLA_FLAGS."""
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     start = time.perf_counter()
@@ -592,8 +593,10 @@ def trace_ops(dispatch, shapes, dispatches):
   if not per_op:
     raise UsageError("the trace holds no XLA:CPU thunk events: was the profile case run "
                      f"without {TRACE_THUNKS} in XLA_FLAGS before JAX started?")
-  async_ns, other_ns = untraced_waits(spans, lambda n: op_kind(n) == "convolution")
-  return per_op, async_ns, other_ns, wall, threads
+  waited, other_ns = untraced_waits(spans, lambda n: op_kind(n) == "convolution")
+  for name, ns in waited.items():
+    per_op[name] += ns
+  return per_op, sum(waited.values()), other_ns, wall, threads
 
 
 def op_profile(config, dispatches=3, top=12, dataset=None):
@@ -603,8 +606,8 @@ def op_profile(config, dispatches=3, top=12, dataset=None):
   per instruction over every worker thread, in ms per training step, plus the waits no traced
   op covers. An op that splits its work over the pool in traced tasks counts each task; one
   that finishes after its thunk returns (Eigen's convolutions) counts its thunk and the waits
-  for it (trace_ops), so `convolution` is thread time plus wall time: a share of the step, not
-  of core time."""
+  for it (trace_ops), so a convolution's time is thread time plus wall time: shares of the
+  step, not of core time."""
   if jax.default_backend() != "cpu":
     raise UsageError("--cases profile reads XLA:CPU's thunk trace: on an accelerator, trace "
                      "with jax.profiler and read it in TensorBoard or Perfetto")
@@ -627,9 +630,8 @@ def op_profile(config, dispatches=3, top=12, dataset=None):
   by_kind = {k: 0 for k in (*OP_KINDS, WAITING)}
   for name, ns in per_op.items():
     by_kind[op_kind(name)] += ns
-  by_kind["convolution"] += async_ns
   by_kind[WAITING] += other_ns
-  busy = sum(per_op.values())
+  busy = sum(per_op.values()) - async_ns
   total = sum(by_kind.values())
   heaviest = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
   return dict(case="profile", model=config.model.name, batch_size=config.batch_size,
