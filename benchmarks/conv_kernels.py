@@ -1,24 +1,55 @@
-"""The 3x3 convolutions of `configs/fashion_mnist_vdvae.py`, timed alone: XLA:CPU's kernels
-(as flaxvae's step runs them) against PyTorch's oneDNN kernels (as its twin runs them).
+"""The convolutions of `configs/fashion_mnist_vdvae.py`, timed alone: XLA:CPU's kernels (as
+flaxvae's step runs them: 3x3 as convolutions, 1x1 as dots over channels) against PyTorch's
+oneDNN kernels (as its twin runs them, channels_last).
 
     .venv/bin/python benchmarks/conv_kernels.py                      # jax, flaxvae's XLA flags
-    .venv-torch/bin/python benchmarks/conv_kernels.py --impl torch   # oneDNN, channels_last
+    .venv-torch/bin/python benchmarks/conv_kernels.py --impl torch   # oneDNN
 
-Each shape is `resolution:channels:count`, batch 64, SAME padding, float32. The defaults are
-the VDVAE config's bottleneck convolutions (two per block at resolutions above 2x2; blocks per
-resolution: encoder blocks + 3 per decoder layer (posterior, prior, residual), with the
-bottleneck's channels): 32x32 8 channels x 8, 16x16 16 x 14, 8x8 32 x 28, 4x4 32 x 22.
-Prints one JSON line: per shape, the median ms of the forward pass and of the forward and
-backward pass (the input's and the kernel's gradients for a fixed random cotangent), and the
-whole step's total (each time the count): what the step would spend on these convolutions run one at a time.
+Each shape is `kernel:resolution:in:out:count` at batch 64, SAME padding, float32; SHAPES is
+every convolution of the config's model with how many times the step runs it (a test derives it
+from the model). Prints one JSON line: per shape, the median ms of the forward pass and of the
+forward and backward pass (the input's and the kernel's gradients for a fixed random
+cotangent), and per kernel size the step's total (each time its count): what the step would
+spend on these convolutions run one at a time.
 """
 import argparse
+import collections
 import json
 import os
 import statistics
 import time
 
-SHAPES = "32:8:8,16:16:14,8:32:28,4:32:22"
+SHAPES = ("1:1:8:64:2,1:1:32:16:2,1:1:32:32:14,1:1:32:64:3,1:1:32:80:2,1:1:64:32:5,1:1:128:32:2,"
+          "1:4:8:64:3,1:4:32:16:3,1:4:32:64:5,1:4:32:80:3,1:4:64:32:8,1:4:128:32:3,1:8:8:64:4,"
+          "1:8:32:16:4,1:8:32:64:7,1:8:32:80:4,1:8:64:32:10,1:8:128:32:4,1:16:8:32:2,1:16:16:16:2,"
+          "1:16:16:32:4,1:16:16:48:2,1:16:32:16:5,1:16:64:16:2,1:16:64:32:1,1:32:8:16:4,"
+          "1:32:8:32:1,1:32:16:1:1,1:32:16:8:3,1:32:32:8:1,1:32:32:16:1,3:4:32:32:22,3:8:32:32:28,"
+          "3:16:16:16:14,3:32:1:16:1,3:32:8:8:8")
+
+
+def model_shapes(config_file="configs/fashion_mnist_vdvae.py"):
+  """SHAPES from the model itself: each nnx.Conv by its place (a stacked group runs its layers'
+  count of times; a projection sits at the resolution it feeds)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from flaxvae.run import Run  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("config", config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model = Run(module.get_config(), abstract=True, image_shape=(28, 28, 1)).model
+  resolution = {"enc_groups": lambda i: model.enc_spec[i][0],
+                "dec_groups": lambda i: model.dec_spec[i][0],
+                "enc_proj": lambda i: model.enc_spec[i + 1][0],
+                "dec_proj": lambda i: model.dec_spec[i + 1][0],
+                "enc_in": lambda _: model.side, "to_output": lambda _: model.side}
+  counts = collections.Counter()
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Conv):
+      shape = node.kernel.get_value().shape
+      count = shape[0] if len(shape) == 5 else 1
+      res = resolution[path[0]](path[1] if len(path) > 1 else None)
+      counts[(shape[-3], res, shape[-2], shape[-1])] += count
+  return ",".join(":".join(str(v) for v in (*key, n)) for key, n in sorted(counts.items()))
 
 
 def median_ms(run, repeats=20, rounds=7):
@@ -32,28 +63,32 @@ def median_ms(run, repeats=20, rounds=7):
   return statistics.median(times)
 
 
-def jax_timers(batch, res, channels):
+def jax_timers(batch, kernel, res, cin, cout):
   from flaxvae.runtime import xla_flags  # pylint: disable=import-outside-toplevel
   xla_flags.apply_defaults()  # the flags flaxvae's own step runs with
   import jax  # pylint: disable=import-outside-toplevel
-  x = jax.random.normal(jax.random.key(0), (batch, res, res, channels))
-  w = jax.random.normal(jax.random.key(1), (3, 3, channels, channels)) * 0.1
-  cotangent = jax.random.normal(jax.random.key(2), x.shape)
-  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(0), (batch, res, res, cin))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout)) * 0.1
+  cotangent = jax.random.normal(jax.random.key(2), (batch, res, res, cout))
+  if kernel == 1:  # as layers.PointwiseConv runs it
+    conv = lambda x, w: jnp.einsum("...c,cd->...d", x, w[0, 0])
+  else:
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
   forward = jax.jit(conv)
   both = jax.jit(lambda x, w: jax.vjp(conv, x, w)[1](cotangent))
   return (lambda: jax.block_until_ready(forward(x, w)),
           lambda: jax.block_until_ready(both(x, w)))
 
 
-def torch_timers(batch, res, channels):
+def torch_timers(batch, kernel, res, cin, cout):
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(os.cpu_count())
   last = torch.channels_last
-  conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(memory_format=last)
-  x = torch.randn(batch, channels, res, res).contiguous(memory_format=last).requires_grad_()
-  cotangent = torch.randn_like(x)
+  conv = torch.nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False).to(memory_format=last)
+  x = torch.randn(batch, cin, res, res).contiguous(memory_format=last).requires_grad_()
+  cotangent = torch.randn(batch, cout, res, res).contiguous(memory_format=last)
 
   def forward():
     with torch.no_grad():
@@ -68,22 +103,22 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--impl", choices=("jax", "torch"), default="jax")
-  parser.add_argument("--shapes", default=SHAPES, help="resolution:channels:count,...")
+  parser.add_argument("--shapes", default=SHAPES, help="kernel:resolution:in:out:count,...")
   parser.add_argument("--batch", type=int, default=64)
   args = parser.parse_args()
   timers = jax_timers if args.impl == "jax" else torch_timers
-  rows, total = [], {"forward_ms": 0.0, "forward_backward_ms": 0.0}
+  rows, totals = [], {}
   for part in args.shapes.split(","):
-    res, channels, count = (int(v) for v in part.split(":"))
-    forward, both = timers(args.batch, res, channels)
-    row = dict(resolution=res, channels=channels, count=count,
+    kernel, res, cin, cout, count = (int(v) for v in part.split(":"))
+    forward, both = timers(args.batch, kernel, res, cin, cout)
+    row = dict(kernel=kernel, resolution=res, cin=cin, cout=cout, count=count,
                forward_ms=round(median_ms(forward), 3),
                forward_backward_ms=round(median_ms(both), 3))
+    total = totals.setdefault(f"{kernel}x{kernel}", {"forward_ms": 0.0, "forward_backward_ms": 0.0})
     for key in total:
-      total[key] += count * row[key]
+      total[key] = round(total[key] + count * row[key], 3)
     rows.append(row)
-  print(json.dumps(dict(impl=args.impl, batch=args.batch, shapes=rows,
-                        step_total={k: round(v, 1) for k, v in total.items()})))
+  print(json.dumps(dict(impl=args.impl, batch=args.batch, shapes=rows, step_total=totals)))
 
 
 if __name__ == "__main__":
