@@ -30,13 +30,11 @@ SHAPES = ("1:1:8:64:2,1:1:32:16:2,1:1:32:32:14,1:1:32:64:3,1:1:32:80:2,1:1:64:32
 def model_shapes(config_file="configs/fashion_mnist_vdvae.py"):
   """SHAPES from the model itself: each nnx.Conv by its place (a stacked group runs its layers'
   count of times; a projection sits at the resolution it feeds)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
+  from flaxvae import defaults  # pylint: disable=import-outside-toplevel
   from flaxvae.run import Run  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("config", config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  model = Run(module.get_config(), abstract=True, image_shape=(28, 28, 1)).model
+  config = defaults.sibling(config_file, os.path.basename(config_file))
+  model = Run(config, abstract=True, image_shape=(28, 28, 1)).model
   resolution = {"enc_groups": lambda i: model.enc_spec[i][0],
                 "dec_groups": lambda i: model.dec_spec[i][0],
                 "enc_proj": lambda i: model.enc_spec[i + 1][0],
@@ -64,8 +62,6 @@ def median_ms(run, repeats=20, rounds=7):
 
 
 def jax_timers(batch, kernel, res, cin, cout):
-  from flaxvae.runtime import xla_flags  # pylint: disable=import-outside-toplevel
-  xla_flags.apply_defaults()  # the flags flaxvae's own step runs with
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   x = jax.random.normal(jax.random.key(0), (batch, res, res, cin))
@@ -106,6 +102,9 @@ def main():
   parser.add_argument("--shapes", default=SHAPES, help="kernel:resolution:in:out:count,...")
   parser.add_argument("--batch", type=int, default=64)
   args = parser.parse_args()
+  if args.impl == "jax":
+    from flaxvae.runtime import xla_flags  # pylint: disable=import-outside-toplevel
+    xla_flags.apply_defaults()  # the flags flaxvae's own step runs with, before JAX starts
   timers = jax_timers if args.impl == "jax" else torch_timers
   rows, totals = [], {}
   for part in args.shapes.split(","):
