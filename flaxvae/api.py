@@ -10,6 +10,7 @@ file does not change what `load` returns), with the same pieces the trainer uses
 on whatever devices this machine has. Evaluation uses the EMA parameters when the run kept
 them.
 """
+import logging
 import os
 
 import jax
@@ -28,11 +29,23 @@ from flaxvae.run import Run
 from flaxvae.train import checkpoint as checkpoint_lib
 
 
+class _NoReadOnlyNotice(logging.Filter):
+  """Orbax warns "Given directory is read only" whenever a CheckpointManager opens read-only,
+  which loading a finished run always does: nothing is wrong, so users do not see it."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+_NO_READ_ONLY_NOTICE = _NoReadOnlyNotice()
+
+
 def _checkpoint_manager(workdir):
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoints in {directory}: train first "
                           "(flaxvae train --config ... --workdir DIR) or check --workdir")
+  logging.getLogger("absl").addFilter(_NO_READ_ONLY_NOTICE)  # once: the same filter object
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       create=False, read_only=True, save_interval_steps=0))
   if manager.latest_step() is None:

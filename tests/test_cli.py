@@ -86,7 +86,7 @@ def test_console_script_exit_status(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_short_training_run_writes_every_output(tmp_path, capsys, tiny_data_dir):
+def test_short_training_run_writes_every_output(tmp_path, capsys, caplog, tiny_data_dir):
   workdir = tmp_path / "run"
   status = cli.main(["flaxvae", "train", f"--config={MLP_CONFIG}", f"--workdir={workdir}",
                      "--config.data.name=tiny", f"--config.data.data_dir={tiny_data_dir}",
@@ -116,6 +116,12 @@ def test_short_training_run_writes_every_output(tmp_path, capsys, tiny_data_dir)
   made = sorted(p.name for p in (workdir / "images").iterdir() if p.name.startswith(("samples_t",
                                                                                     "layers_")))
   assert made == ["layers_0-1_step20.png", "samples_t0.7_step20.png"], made
+  # Orbax warns on every read-only open (each `sample` above): that stays out of the console.
+  assert not [r for r in caplog.records if "read only" in r.getMessage()]
+  capsys.readouterr()
+  assert cli.main(["flaxvae", "sample", f"--workdir={workdir}", "--keep_layers=2"]) == 2
+  err = capsys.readouterr().err
+  assert "--keep_layers 2 is more than the model's 1 latent layers" in err, err
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from flaxvae.data import protocols
+from flaxvae.errors import UsageError
 from flaxvae.train import outputs
 
 
@@ -84,9 +85,11 @@ def write_sample_grid(model, workdir, n, temperature, keep_layers, seed=0, out=N
   run, key = model.run, jax.random.key(seed)
   if keep_layers:
     depth = len(run.model.latent_shapes)
+    if max(keep_layers) > depth:
+      raise UsageError(f"--keep_layers {max(keep_layers)} is more than the model's {depth} latent "
+                       f"layers: give counts from 0 (all from the prior) to {depth} (all from q)")
     columns = min(n, len(run.eval_images))
-    images = layer_grid(run, model.params, run.eval_images[:columns], key,
-                        [min(k, depth) for k in keep_layers])
+    images = layer_grid(run, model.params, run.eval_images[:columns], key, keep_layers)
     name = f"layers_{'-'.join(str(k) for k in keep_layers)}_step{model.step}.png"
   else:
     t = temperature[0] if len(temperature) == 1 else temperature
