@@ -161,6 +161,7 @@ class Model:
     """Reconstructions keeping the top `keep_layers` layers from q(z|x) (None: all)."""
     model = self.run.model_with(self.params)
     keep = len(self.latent_shapes) if keep_layers is None else keep_layers
+    sampling.check_keep_layers(keep, len(self.latent_shapes))
     return np.asarray(self.likelihood.mean(model.reconstruct(
         self._x(x), sampling.KeyNoise(key, len(x)), keep)))
 

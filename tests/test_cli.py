@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
+import flaxvae
 from flaxvae import cli
+from flaxvae.errors import UsageError
 from tests.conftest import FLAXVAE, REPO, tree_digest
 
 MLP_CONFIG = str(REPO / "configs" / "fashion_mnist_mlp.py")
@@ -121,7 +123,9 @@ def test_short_training_run_writes_every_output(tmp_path, capsys, caplog, tiny_d
   capsys.readouterr()
   assert cli.main(["flaxvae", "sample", f"--workdir={workdir}", "--keep_layers=2"]) == 2
   err = capsys.readouterr().err
-  assert "--keep_layers 2 is more than the model's 1 latent layers" in err, err
+  assert "keep_layers 2 is not a count of the model's 1 latent layers" in err, err
+  with pytest.raises(UsageError, match="keep_layers -1 is not a count"):  # the Python API too
+    flaxvae.load(str(workdir)).reconstruct(None, None, keep_layers=-1)
 
 
 @pytest.mark.slow

@@ -47,6 +47,13 @@ def samples(run, params, key, n, temperature=1.0):
   return np.asarray(_sample(run.graphdef, params, key, n, temperature))
 
 
+def check_keep_layers(keep, depth):
+  """A one-line error unless 0 <= keep <= depth (the model's number of latent layers)."""
+  if not 0 <= keep <= depth:
+    raise UsageError(f"keep_layers {keep} is not a count of the model's {depth} latent layers: "
+                     f"give 0 (all from the prior) to {depth} (all from q(z|x))")
+
+
 def reconstructions(run, params, images_uint8, key, keep_layers=None):
   """Reconstructions of uint8 images keeping the top `keep_layers` layers (None: all)."""
   ids = jnp.arange(len(images_uint8))
@@ -84,10 +91,8 @@ def write_sample_grid(model, workdir, n, temperature, keep_layers, seed=0, out=N
   PNG grid; returns its path."""
   run, key = model.run, jax.random.key(seed)
   if keep_layers:
-    depth = len(run.model.latent_shapes)
-    if max(keep_layers) > depth:
-      raise UsageError(f"--keep_layers {max(keep_layers)} is more than the model's {depth} latent "
-                       f"layers: give counts from 0 (all from the prior) to {depth} (all from q)")
+    for keep in keep_layers:
+      check_keep_layers(keep, len(run.model.latent_shapes))
     columns = min(n, len(run.eval_images))
     images = layer_grid(run, model.params, run.eval_images[:columns], key, keep_layers)
     name = f"layers_{'-'.join(str(k) for k in keep_layers)}_step{model.step}.png"
