@@ -148,6 +148,21 @@ def _config_flags(argv):
   return define
 
 
+def final_summary(final):
+  """The final evaluation in one line: log p(x) by its estimator where the likelihood is a
+  probability model of the data (bits/dim too for 8-bit data), then the ELBO and its terms."""
+  line = (f"test ELBO {final['elbo']:.2f} nats (rate {final['rate']:.2f}, "
+          f"distortion {final['distortion']:.2f})")
+  if final.get("is_probability_model") and "log_px" in final:
+    estimator = final.get("log_px_estimator", "iwae")
+    k = final.get("num_importance_samples") if estimator == "iwae" else None
+    estimator = estimator.upper() + (f", K={k}" if k else "")
+    bits = (f", {final['bits_per_dim']:.4f} bits/dim" if final.get("protocol") == "8bit"
+            and "bits_per_dim" in final else "")
+    line = f"test log p(x) >= {final['log_px']:.2f} nats ({estimator}{bits}); " + line
+  return line
+
+
 @command("train")
 def train_command(argv):
   """Trains a VAE, resuming from the workdir's latest checkpoint if there is one."""
@@ -158,8 +173,7 @@ def train_command(argv):
   from flaxvae.train import trainer  # noqa: PLC0415
   distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
   final = trainer.train(fv.config, fv.workdir)
-  print(f"test ELBO {final['elbo']:.2f} nats (rate {final['rate']:.2f}, "
-        f"distortion {final['distortion']:.2f})")
+  print(final_summary(final))
   print(f"workdir: {os.path.abspath(fv.workdir)}  (metrics.jsonl, eval.json, tensorboard/, "
         "images/, checkpoints/)")
 

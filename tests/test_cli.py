@@ -111,7 +111,8 @@ def test_short_training_run_writes_every_output(tmp_path, capsys, caplog, tiny_d
   assert any(p.name.startswith("events") for p in (workdir / "tensorboard").iterdir())
   assert any(p.suffix == ".png" for p in (workdir / "images").iterdir())
   assert sorted(os.listdir(workdir / "checkpoints"))[:2] == ["10", "20"]
-  assert "workdir:" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "workdir:" in out and "test log p(x) >= " in out and "(IWAE, K=10); test ELBO" in out, out
   # `flaxvae sample`: a temperature grid and a latent-level grid.
   assert cli.main(["flaxvae", "sample", f"--workdir={workdir}", "--temperature=0.7", "--n=8"]) == 0
   assert cli.main(["flaxvae", "sample", f"--workdir={workdir}", "--keep_layers=0,1"]) == 0
