@@ -84,13 +84,22 @@ def finish(partials, num_samples):
               q_mean=tuple(m / num_samples for m in partials["q_mean"]))
 
 
-def combine(parts, xp=np):
-  """Chunk partials (a list, in sample order) -> partials over all their samples."""
-  out = {k: sum(p[k] for p in parts) for k in ("log_w_sum", "log_px_z", "rate_by_layer")}
-  out["lse"] = xp.logaddexp.reduce([p["lse"] for p in parts], axis=0) if xp is np else \
-      jax.nn.logsumexp(jnp.stack([p["lse"] for p in parts]), 0)
-  out["q_mean"] = tuple(sum(ms) for ms in zip(*(p["q_mean"] for p in parts)))
-  out["log_w"] = xp.concatenate([p["log_w"] for p in parts], axis=0)
+def first_chunk(part, num_samples):
+  """The running total of a batch's chunks (importance_chunk_fn's partials, weights on the last
+  axis) after its first: the weights placed in a buffer for all `num_samples` (-inf beyond)."""
+  log_w = part["log_w"]  # padded, not written into a new buffer: it keeps log_w's sharding
+  pad = [(0, 0)] * (log_w.ndim - 1) + [(0, num_samples - log_w.shape[-1])]
+  return dict(part, log_w=jnp.pad(log_w, pad, constant_values=-jnp.inf))
+
+
+def merge_chunk(total, part, offset):
+  """`total` (first_chunk) with the partials of the chunk whose first sample is `offset`:
+  sums added, logsumexps combined, weights written in place (donate `total`)."""
+  out = {k: total[k] + part[k] for k in ("log_w_sum", "log_px_z", "rate_by_layer")}
+  out["lse"] = jnp.logaddexp(total["lse"], part["lse"])
+  out["q_mean"] = tuple(a + b for a, b in zip(total["q_mean"], part["q_mean"]))
+  out["log_w"] = jax.lax.dynamic_update_slice_in_dim(total["log_w"], part["log_w"], offset,
+                                                     axis=-1)
   return out
 
 
@@ -104,7 +113,8 @@ def importance_pass(terms_of, x, keys, num_samples, chunk=None, keep_log_w=False
   [batch, L] / [batch, units] per layer): iwae = log mean_k w_k and elbo = mean_k log w_k with
   w = p(x, z)/q(z|x), so iwae >= elbo on every example (Jensen), equal when K = 1.
   (Convolutional models on XLA:CPU, where a rolled loop is slow, dispatch the chunks from the
-  host instead: `importance_chunk_fn` and `combine`, with the same draws and sums.)
+  host instead: `importance_chunk_fn`, `first_chunk` and `merge_chunk`, with the same draws
+  and sums.)
   """
   batch = x.shape[0]
   chunk = chunk or chunk_size(num_samples, batch)
@@ -154,7 +164,8 @@ def importance_fn(graphdef, protocol, num_samples):
 
 def importance_chunk_fn(graphdef, protocol, num_samples, chunk):
   """Per example, the partial sums of one chunk of samples: fn(params, rng, images, ids,
-  chunk_index). Dispatched chunk by chunk from the host, then `combine`d: the same figures as
+  chunk_index). Dispatched chunk by chunk from the host and merged on the devices as they come
+  (first_chunk, merge_chunk): the same figures as
   importance_fn without a loop on the device (convolutions in rolled loops are slow on CPU)."""
   def fn(params, rng, images, ids, chunk_index):
     model = nnx.merge(graphdef, params)

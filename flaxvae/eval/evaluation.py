@@ -11,6 +11,7 @@ Whether log p(x) is a log-likelihood depends on the protocol and the likelihood
 (data/protocols.py): only then are `nll` and `bits_per_dim` reported; otherwise the row says
 `is_probability_model: false` and what the figures are instead.
 """
+import functools
 import json
 import math
 import os
@@ -96,11 +97,15 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, 
   else:
     del row["elbo_bits_per_dim"]
     row["note"] = likelihood_note(protocol, run.likelihood)
-  if np.all(np.isfinite(khat)):
-    row["khat_mean"] = float(np.mean(khat))
+  if k >= estimators.PSIS_MIN_SAMPLES:
+    # inf: a tail too degenerate to fit (estimators.psis_khat), counted as unreliable
+    finite = khat[np.isfinite(khat)]
+    if finite.size:
+      row["khat_mean"] = float(np.mean(finite))
     row["khat_above_0_7"] = float(np.mean(khat > diagnostics.UNRELIABLE_KHAT))
+    row["khat_degenerate"] = float(np.mean(~np.isfinite(khat)))
   else:
-    skipped["khat"] = "needs more than 20 importance samples"
+    skipped["khat"] = f"needs at least {estimators.PSIS_MIN_SAMPLES} importance samples"
   by_layer = [diagnostics.active_units(m) for m in q_means]
   row["active_units_by_layer"] = [count for count, _ in by_layer]
   row["active_units"] = sum(count for count, _ in by_layer)
@@ -124,15 +129,19 @@ def importance_values(run, evaluator, params, rng, num_examples, k, progress):
     return evaluator.per_example(f"importance_{k}",
                                  diagnostics.importance_fn(run.graphdef, run.protocol, k),
                                  params, rng, num_examples, progress=progress)
-  per_device = evaluator.batch_size // evaluator.runner.num_devices
+  n = min(num_examples or len(evaluator.images), len(evaluator.images))
+  per_device = evaluator.batch_for(n) // evaluator.runner.num_devices
   rows = getattr(model, "EVAL_ROWS", diagnostics.TARGET_ROWS)
   chunk = diagnostics.chunk_size(k, per_device) if rows is None else max(1, min(k, rows // per_device))
   num_chunks = -(-k // chunk)
+  start = jax.jit(functools.partial(diagnostics.first_chunk, num_samples=num_chunks * chunk))
+  merge = jax.jit(diagnostics.merge_chunk, donate_argnums=0)
 
-  def reduce(parts):
-    for p in parts:
-      p["log_w"] = p["log_w"].T  # back to [samples, batch]
-    out = diagnostics.combine(parts)
+  def fold(total, part, chunk_index):
+    return start(part) if total is None else merge(total, part, chunk_index * chunk)
+
+  def reduce(total):
+    out = dict(total, log_w=total["log_w"].T)  # back to [samples, batch]
     khat = np.asarray(jax.jit(estimators.psis_khat)(out["log_w"][:k]))
     return {key: np.asarray(v) for key, v in diagnostics.importance_row(
         diagnostics.finish(out, k), khat).items()}
@@ -140,7 +149,7 @@ def importance_values(run, evaluator, params, rng, num_examples, k, progress):
   return evaluator.per_example(
       f"importance_{k}_chunks", diagnostics.importance_chunk_fn(run.graphdef, run.protocol, k,
                                                                 chunk),
-      params, rng, num_examples, progress=progress, chunks=num_chunks, reduce=reduce)
+      params, rng, n, progress=progress, chunks=num_chunks, fold=fold, reduce=reduce)
 
 
 def periodic_evaluation(run, evaluator, params, rng):

@@ -31,6 +31,9 @@ _MIN_STEP, _MAX_STEP = 1e-4, 0.5
 # ---------------------------------------------------------------------------
 # PSIS k-hat
 # ---------------------------------------------------------------------------
+PSIS_MIN_SAMPLES = 21  # fewer leave under 5 tail samples: no tail to fit
+
+
 def psis_khat(log_w):
   """Pareto shape estimate k-hat of importance weights, per example.
 
@@ -43,7 +46,9 @@ def psis_khat(log_w):
     usual rate; 0.5 < k < 0.7 finite mean but slow convergence; k > 0.7 the
     estimate is unreliable (the paper's sharper threshold for K samples is
     min(1 - 1/log10(K), 0.7)). `inf` when K is too small (fewer than 5 tail
-    samples, K <= 20) to fit a tail at all.
+    samples, K < PSIS_MIN_SAMPLES) to fit a tail at all, and for an example whose
+    largest weight outweighs most of its tail by more than float32's range
+    (exp(-88)): the fit degenerates, and the estimate is as unreliable as can be.
 
   Method (as in the loo/ArviZ packages): the M = ceil(min(K/5, 3 sqrt(K)))
   largest weights, minus the (M+1)-th largest, are fitted by a generalized
@@ -57,16 +62,17 @@ def psis_khat(log_w):
   """
   log_w = jnp.asarray(log_w)
   num = log_w.shape[0]
-  m = int(math.ceil(min(0.2 * num, 3 * math.sqrt(num))))
-  if m < 5:
+  if num < PSIS_MIN_SAMPLES:
     return jnp.full(log_w.shape[1:], jnp.inf, log_w.dtype)
+  m = int(math.ceil(min(0.2 * num, 3 * math.sqrt(num))))
   # The M + 1 largest, ascending. top_k, not a sort of all K: XLA:CPU's sort of K=5000 weights
   # for 1,000 examples took 0.9 s (5% of their importance pass), top_k 0.08 s.
   top = jax.lax.top_k(jnp.moveaxis(log_w, 0, -1), m + 1)[0]
   s = jnp.moveaxis(top[..., ::-1], -1, 0)
   s = s - s[-1]
   exceed = jnp.exp(s[1:]) - jnp.exp(s[0])   # [M, b], ascending
-  return _gpd_shape(exceed)
+  k = _gpd_shape(exceed)
+  return jnp.where(jnp.isnan(k), jnp.inf, k)  # a tail that underflowed: see the docstring
 
 
 def _gpd_shape(x):

@@ -290,7 +290,7 @@ def test_training_writes_periodic_and_final_diagnostics(trained):
   assert len(result["rate_by_layer"]) == 1 == len(result["active_units_by_layer"])
   assert result["rate_by_layer"][0] == pytest.approx(result["rate"], rel=1e-5)
   assert result["active_units_by_layer"][0] == result["active_units"] <= 4
-  assert "khat_mean" not in result and "more than 20" in result["skipped"]["khat"]  # K = 10
+  assert "khat_mean" not in result and "at least 21" in result["skipped"]["khat"]  # K = 10
   assert result["step"] == 200 and result["split"] == "test"
   assert trained["final"]["log_px"] == pytest.approx(result["log_px"])
 
