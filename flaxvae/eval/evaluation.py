@@ -11,7 +11,6 @@ Whether log p(x) is a log-likelihood depends on the protocol and the likelihood
 (data/protocols.py): only then are `nll` and `bits_per_dim` reported; otherwise the row says
 `is_probability_model: false` and what the figures are instead.
 """
-import functools
 import json
 import math
 import os
@@ -129,16 +128,18 @@ def importance_values(run, evaluator, params, rng, num_examples, k, progress):
     return evaluator.per_example(f"importance_{k}",
                                  diagnostics.importance_fn(run.graphdef, run.protocol, k),
                                  params, rng, num_examples, progress=progress)
-  n = min(num_examples or len(evaluator.images), len(evaluator.images))
-  per_device = evaluator.batch_for(n) // evaluator.runner.num_devices
+  per_device = evaluator.batch_for(num_examples) // evaluator.runner.num_devices
   rows = getattr(model, "EVAL_ROWS", diagnostics.TARGET_ROWS)
   chunk = diagnostics.chunk_size(k, per_device) if rows is None else max(1, min(k, rows // per_device))
   num_chunks = -(-k // chunk)
-  start = jax.jit(functools.partial(diagnostics.first_chunk, num_samples=num_chunks * chunk))
+  # jit of the functions themselves (not of a new partial each call): cached across evaluations
+  start = jax.jit(diagnostics.first_chunk, static_argnames="num_samples")
   merge = jax.jit(diagnostics.merge_chunk, donate_argnums=0)
 
   def fold(total, part, chunk_index):
-    return start(part) if total is None else merge(total, part, chunk_index * chunk)
+    if total is None:
+      return start(part, num_samples=num_chunks * chunk)
+    return merge(total, part, chunk_index * chunk)
 
   def reduce(total):
     out = dict(total, log_w=total["log_w"].T)  # back to [samples, batch]
@@ -149,7 +150,7 @@ def importance_values(run, evaluator, params, rng, num_examples, k, progress):
   return evaluator.per_example(
       f"importance_{k}_chunks", diagnostics.importance_chunk_fn(run.graphdef, run.protocol, k,
                                                                 chunk),
-      params, rng, n, progress=progress, chunks=num_chunks, fold=fold, reduce=reduce)
+      params, rng, num_examples, progress=progress, chunks=num_chunks, fold=fold, reduce=reduce)
 
 
 def periodic_evaluation(run, evaluator, params, rng):

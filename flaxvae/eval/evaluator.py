@@ -23,9 +23,11 @@ class Evaluator:
     self.batch_size = per_device * runner.num_devices
     self._compiled = {}
 
-  def batch_for(self, num_examples):
-    """The global batch that evaluates `num_examples`: batch_size, or fewer rows (a multiple
-    of the device count) when that covers them, so a small request computes no padding."""
+  def batch_for(self, num_examples=None):
+    """The global batch that evaluates `num_examples` (None: the whole split): batch_size, or
+    fewer rows (a multiple of the device count) when that covers them, so a small request
+    computes no padding."""
+    num_examples = min(num_examples or len(self.images), len(self.images))
     devices = self.runner.num_devices
     return min(self.batch_size, max(1, math.ceil(num_examples / devices)) * devices)
 
