@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from flaxvae import config as config_lib
 from flaxvae.data import protocols, registry
-from flaxvae.errors import CheckpointError, ConfigError
+from flaxvae.errors import CheckpointError, ConfigError, one_line
 from flaxvae.eval import diagnostics, evaluation, sampling
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.models import contract
@@ -204,7 +204,7 @@ def load(workdir, step=None) -> Model:
     raise CheckpointError(
         f"cannot read checkpoint step {step} in {checkpointer.directory}: it was written by "
         f"flaxvae {config.flaxvae_version} and this is flaxvae {config_lib.version()} "
-        f"({' '.join(str(e).split())[:120]}): retrain, or load it with flaxvae "
+        f"({one_line(e, 120)}): retrain, or load it with flaxvae "
         f"{config.flaxvae_version}") from None
   finally:
     checkpointer.close()

@@ -22,7 +22,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from flaxvae.errors import DeviceTimeout, FlaxvaeError, UsageError
+from flaxvae.errors import DeviceTimeout, FlaxvaeError, UsageError, one_line
 from flaxvae.runtime import malloc
 
 COMMANDS = {}
@@ -35,11 +35,6 @@ def command(name):
     COMMANDS[name] = fn
     return fn
   return add
-
-
-def _one_line(e):
-  text = " ".join(str(e).split())
-  return text if len(text) < 400 else text[:400] + " ..."
 
 
 def _parse(argv, define, positional=0):
@@ -55,7 +50,7 @@ def _parse(argv, define, positional=0):
   try:
     rest = fv(argv)[1:]
   except Exception as e:  # absl and config_flags raise several types, all user errors here
-    raise UsageError(_config_key_error(argv, e) or _one_line(e)) from None
+    raise UsageError(_config_key_error(argv, e) or one_line(e)) from None
   if fv.help:
     print(fv.main_module_help() if hasattr(fv, "main_module_help") else "")
     print(fv.get_help())
@@ -69,7 +64,7 @@ def _parse(argv, define, positional=0):
       fv.config.keys()  # a config file that failed to load raises here
     except Exception as e:  # whatever the file raised
       raise UsageError(f"config file {_config_path(argv)} could not be loaded: "
-                       f"{_one_line(e)}") from None
+                       f"{one_line(e)}") from None
   return fv, rest
 
 
@@ -130,7 +125,7 @@ def _config_key_error(argv, error):
             + (f"did you mean {' or '.join(close)}? " if close else "")
             + f"keys {('under ' + section) if section else 'at the top'}: "
             + ", ".join(k.rpartition(".")[2] for k in siblings))
-  return f"{_one_line(error)}"
+  return f"{one_line(error)}"
 
 
 def _config_flags(argv):
@@ -398,11 +393,11 @@ def main(argv=None):
   try:
     COMMANDS[argv[1]]([f"flaxvae {argv[1]}", *argv[2:]])
   except DeviceTimeout as e:  # the runtime is wedged: a normal exit would wait on it forever
-    print(f"flaxvae {argv[1]}: error: {_one_line(e)}", file=sys.stderr, flush=True)
+    print(f"flaxvae {argv[1]}: error: {one_line(e)}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(e.exit_status)
   except FlaxvaeError as e:
-    print(f"flaxvae {argv[1]}: error: {_one_line(e)}", file=sys.stderr)
+    print(f"flaxvae {argv[1]}: error: {one_line(e)}", file=sys.stderr)
     return e.exit_status
   return 0
 

@@ -11,7 +11,21 @@ its `exit_status`.
     RunError         exit 1: the run itself failed; the last committed checkpoint is intact
       Diverged         too many non-finite or over-threshold steps in a row
       DeviceTimeout    device work that never finished (a stuck collective)
+
+`one_line` is the one formatter that turns someone else's error (a library's, the OS's) into
+text that fits in such a line.
 """
+
+ONE_LINE_LIMIT = 400  # characters of a foreign error kept in a one-line message
+
+
+def one_line(error_or_text, limit=ONE_LINE_LIMIT):
+  """An error (or text) on one line: whitespace collapsed, at most `limit` characters then
+  " ..."; an error whose message is empty is named by its type."""
+  text = " ".join(str(error_or_text).split())
+  if not text and isinstance(error_or_text, BaseException):
+    text = type(error_or_text).__name__
+  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class FlaxvaeError(Exception):

@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 
 from flaxvae.data import catalog, records, registry
-from flaxvae.errors import DataError
+from flaxvae.errors import DataError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4, "1": 1, "P": 3}  # "1" -> L and "P" -> RGB on read
@@ -56,7 +56,7 @@ def _shape_of(path):
     with PIL.Image.open(path) as image:
       mode, (width, height) = image.mode, image.size
   except Exception as e:  # PIL raises many types
-    raise DataError(f"cannot read image {path} ({' '.join(str(e).split())}): fix or remove it"
+    raise DataError(f"cannot read image {path} ({one_line(e)}): fix or remove it"
                     ) from None
   if mode not in CHANNELS:
     raise DataError(f"image {path} has mode {mode}: convert it to L (grey), RGB or RGBA")

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
 from flaxvae import console
-from flaxvae.errors import DataError
+from flaxvae.errors import DataError, one_line
 
 FOLDER_VERSION = "1.0.0"
 
@@ -71,7 +71,7 @@ class Split:
           split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
       self.num_examples = len(self.source)
     except (RuntimeError, OSError, ValueError) as e:
-      raise DataError(f"cannot open split {split!r} of {builder_dir} ({_short(e)}): "
+      raise DataError(f"cannot open split {split!r} of {builder_dir} ({one_line(e, 200)}): "
                       f"delete the folder and run the prepare-data command again") from None
     self._check_files()
     self._order = None
@@ -108,7 +108,7 @@ class Split:
         except (RuntimeError, OSError):
           bad = r
           break
-      raise DataError(f"record file {self.file_of(bad)} is corrupt ({_short(e)}): delete "
+      raise DataError(f"record file {self.file_of(bad)} is corrupt ({one_line(e, 200)}): delete "
                       f"{self.builder_dir} and prepare the dataset again") from None
 
   def _parse(self, record, i):
@@ -164,7 +164,7 @@ def _decode_image(data, shape, filename):
     with PIL.Image.open(io.BytesIO(data)) as image:
       array = np.asarray(image)
   except Exception as e:  # PIL raises many types for a bad stream
-    raise DataError(f"record file {filename} holds an undecodable image ({_short(e)}): "
+    raise DataError(f"record file {filename} holds an undecodable image ({one_line(e, 200)}): "
                     "prepare the dataset again") from None
   if array.ndim == 2:
     array = array[..., None]
@@ -172,10 +172,6 @@ def _decode_image(data, shape, filename):
     raise DataError(f"record file {filename} holds a {list(array.shape)} image, the dataset says "
                     f"{list(shape)}: prepare the dataset again")
   return array
-
-
-def _short(e):
-  return " ".join(str(e).split())[:200]
 
 
 def _order_path(builder_dir, split):

@@ -45,7 +45,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from flaxvae import config as config_lib
-from flaxvae.errors import CheckpointError, ConfigError, Diverged
+from flaxvae.errors import CheckpointError, ConfigError, Diverged, one_line
 
 log = logging.getLogger("flaxvae")
 
@@ -207,7 +207,7 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
     except Exception as e:  # orbax re-raises the writer thread's error, whatever its type
-      raise _storage_error("finish writing a checkpoint", self.directory, _one_line(e)) from None
+      raise _storage_error("finish writing a checkpoint", self.directory, one_line(e)) from None
 
   def close(self):
     """Waits for the pending save, then releases the manager (safe to call twice)."""
@@ -223,7 +223,7 @@ class Checkpointer:
       if self._manager is not None:
         self._manager.close()
     except Exception as e:  # orbax raises a failed write again here: report it once, in one line
-      error = error or _storage_error("finish writing a checkpoint", self.directory, _one_line(e))
+      error = error or _storage_error("finish writing a checkpoint", self.directory, one_line(e))
     if error is not None:
       raise error
 
@@ -265,7 +265,7 @@ class Checkpointer:
       except Exception as e:  # any read failure means this step is unusable
         fallback = steps[i + 1] if i + 1 < len(steps) else None
         log.warning("checkpoint step %d in %s is unreadable (%s); %s", step, self.directory,
-                    _one_line(e), f"falling back to step {fallback}" if fallback is not None
+                    one_line(e), f"falling back to step {fallback}" if fallback is not None
                     else "no earlier checkpoint: starting from scratch")
         bad.append(step)
         continue
@@ -285,11 +285,6 @@ class Checkpointer:
         if os.path.isdir(src):
           os.rename(src, f"{src}.unreadable-{stamp}")
     self.manager.reload()
-
-
-def _one_line(e):
-  text = " ".join(str(e).split()) or type(e).__name__
-  return text if len(text) < 300 else text[:300] + " ..."
 
 
 def read_state(state_dir):
