@@ -155,3 +155,19 @@ def test_config_overrides_shown_are_keys_of_their_config():
         if not _has_key(config, key):
           unknown.append(f"{page}: {spec} has no key {key}")
   assert not unknown, f"config keys that do not exist: {unknown}"
+
+
+def test_equal_wall_time_figure_draws_every_row(tmp_path, monkeypatch):
+  """docs/figures/quality_nll_vs_wall.png (benchmarks/results.py) has a mark for every row of
+  RESULTS.md's equal-wall-time table, in its protocol's panel: rows whose curves were lost
+  still appear by their final evaluation."""
+  spec = importlib.util.spec_from_file_location("results", REPO / "benchmarks" / "results.py")
+  results = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(results)
+  drawn = []
+  monkeypatch.setattr(results.report.plt, "close", drawn.append)
+  results.quality_figure(str(tmp_path / "quality.png"))
+  panels = [{line.get_label().split(":")[0] for line in ax.lines} for ax in drawn[0].axes]
+  for name in results.QUALITY:
+    if results.record("quality", name) is not None:
+      assert name.split("_")[0] in panels["8bit" in name], f"{name} is not drawn"
