@@ -12,12 +12,14 @@ export FLAXVAE_DATA_DIR ?= $(CURDIR)/data/tfds
 
 install: venv data
 
-# The venv is rebuilt only when pyproject.toml changes (the stamp is older).
+# The venv is rebuilt only when pyproject.toml or constraints.txt changes (the stamp is older).
+# constraints.txt pins the verified set, so `make run` and CI install the same releases that
+# pyproject.toml's ranges admit.
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	@touch $@
 
 # Fashion-MNIST's IDX files come from Debian's dataset-fashion-mnist when missing.
