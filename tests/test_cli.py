@@ -131,7 +131,12 @@ def test_short_training_run_writes_every_output(tmp_path, capsys, caplog, tiny_d
 
 @pytest.mark.slow
 def test_the_console_shows_no_tpu_message_without_a_tpu(tmp_path, tiny_data_dir):
-  """JAX logs at INFO that it could not open libtpu; flaxvae shows only WARNING and up."""
+  """JAX logs at INFO that it could not open libtpu; flaxvae shows only WARNING and up.
+
+  The child runs without the suite's JAX_PLATFORMS=cpu, as on a user's machine: with it, JAX
+  never probes for a TPU and there would be no message to hide.
+  """
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME")}
   result = subprocess.run([str(FLAXVAE), "train", f"--config={MLP_CONFIG}",
                            f"--workdir={tmp_path}/run", "--config.data.name=tiny",
                            f"--config.data.data_dir={tiny_data_dir}", "--config.num_steps=2",
@@ -139,7 +144,7 @@ def test_the_console_shows_no_tpu_message_without_a_tpu(tmp_path, tiny_data_dir)
                            "--config.model.hidden=(8,)",
                            "--config.eval.final_num_importance_samples=2",
                            "--config.eval.amortization_examples=0"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "libtpu" not in result.stderr + result.stdout
   assert "devices:" in result.stderr  # flaxvae's own INFO lines still show
