@@ -24,7 +24,6 @@ from flaxvae.errors import CheckpointError, ConfigError, one_line
 from flaxvae.eval import diagnostics, evaluation, sampling
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.models import contract
-from flaxvae.objectives import gaussian
 from flaxvae.run import Run
 from flaxvae.train import checkpoint as checkpoint_lib
 
@@ -85,13 +84,6 @@ def _image_shape(saved, config):
   return None  # a folder dataset of an old run: read from its evaluation split
 
 
-class SampleKeyNoise(diagnostics.SampleNoise):
-  """Per-example noise for `num_samples` draws keyed by `key` and the example's position."""
-
-  def __init__(self, key, batch, num_samples):
-    super().__init__(jax.random.split(key, batch), jnp.arange(num_samples))
-
-
 class Model:
   """A trained VAE. Inputs `x` are preprocessed floats [batch, H, W, C] (see `load_dataset`);
   uint8 images go through the run's data protocol first. Per-example values are in nats."""
@@ -116,6 +108,7 @@ class Model:
     self._encode = jax.jit(lambda p, x: merge(p).encode(x))
     self._decode = jax.jit(lambda p, z: merge(p).decode(z))
     self._log_joint = jax.jit(lambda p, x, zs: merge(p).log_joint(x, zs))
+    self._log_prior = jax.jit(lambda p, zs: merge(p).log_prior(zs))
 
   def _x(self, x):
     x = np.asarray(x)
@@ -138,19 +131,32 @@ class Model:
     self._require(contract.AGGREGATE_POSTERIOR, "decode")
     return self._decode(self.params, jnp.asarray(z, jnp.float32))
 
+  def _latents(self, zs):
+    """`zs` as the model's latents (a tuple, top layer first, float32 [batch, *shape] each); a
+    one-layer model's may be its array alone. A one-line ConfigError when they do not fit."""
+    zs = tuple(jnp.asarray(z, jnp.float32) for z in (zs if isinstance(zs, (tuple, list))
+                                                     else (zs,)))
+    shapes = [tuple(z.shape[1:]) for z in zs]
+    if shapes != [tuple(s) for s in self.latent_shapes]:
+      raise ConfigError(f"model {self.config.model.name!r} takes latents of shapes "
+                        f"{[list(s) for s in self.latent_shapes]} (a tuple, top layer first, "
+                        f"each [batch, *shape]); got {[list(s) for s in shapes]}")
+    return zs
+
   def log_joint(self, x, zs):
     """log p(x, z) per example at given latents (a tuple, top layer first, [batch, *shape])."""
-    return self._log_joint(self.params, self._x(x), tuple(jnp.asarray(z) for z in zs))
+    return self._log_joint(self.params, self._x(x), self._latents(zs))
 
   def log_likelihood(self, x, z):
     """log p(x|z) summed over pixels, for a one-layer model: z [batch, latent] -> [batch]."""
     self._require(contract.AGGREGATE_POSTERIOR, "log_likelihood")
-    z = jnp.asarray(z, jnp.float32)
-    return self.log_joint(x, (z,)) - gaussian.log_standard_normal(z)
+    return self.log_joint(x, z) - self.log_prior(z)
 
-  def log_prior(self, z):
-    """log N(z; 0, I) per latent vector (one-layer models)."""
-    return gaussian.log_standard_normal(jnp.asarray(z, jnp.float32))
+  def log_prior(self, zs):
+    """log p(z) per example under the model's own prior, learned and hierarchical ones too:
+    `zs` a tuple of latents, top layer first, [batch, *shape] each (a one-layer model also
+    takes its array [batch, latent] alone)."""
+    return self._log_prior(self.params, self._latents(zs))
 
   def sample(self, key, n, temperature=1.0):
     """n images [n, H, W, C] in [0, 1]: the mean of p(x|z) for z from the prior, whose

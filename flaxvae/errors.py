@@ -8,6 +8,7 @@ its `exit_status`.
       DataError        missing, damaged or mismatched data
       CheckpointError  checkpoints that cannot be read or written, or do not fit this run
       OutputError      metrics or other outputs that cannot be written
+    ModelContractError  exit 1: a model class that does not fulfil the model contract
     RunError         exit 1: the run itself failed; the last committed checkpoint is intact
       Diverged         too many non-finite or over-threshold steps in a row
       DeviceTimeout    device work that never finished (a stuck collective)
@@ -52,6 +53,11 @@ class CheckpointError(UsageError):
 
 class OutputError(UsageError):
   """A metrics row or other output could not be written (full disk, permissions)."""
+
+
+class ModelContractError(FlaxvaeError, TypeError):
+  """A model class lacks a method of the model contract (models/contract.py): raised when it
+  registers, so it fails on import instead of in the middle of an evaluation."""
 
 
 class RunError(FlaxvaeError):

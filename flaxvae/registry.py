@@ -11,12 +11,15 @@ from flaxvae.errors import ConfigError
 class Registry:
   """A dict of named entries whose lookup failure is a one-line ConfigError naming the choices."""
 
-  def __init__(self, key):
+  def __init__(self, key, check=None):
     self.key = key  # the config key that names an entry, for the error message
+    self.check = check  # check(name, entry) raises if an entry cannot serve: at registration
     self._entries = {}
 
   def register(self, name):
     def add(entry):
+      if self.check is not None:
+        self.check(name, entry)
       self._entries[name] = entry
       return entry
     return add

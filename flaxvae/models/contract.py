@@ -22,31 +22,24 @@ So the ELBO of sample k is log_px_z - sum_l sum(kl_l) and its importance weight 
 log_px_z + sum_l (log_p - log_q): objectives/bounds.py computes every loss and bound from
 these generically, whatever the number of layers or the posterior family.
 
-Every model also gives:
-  log_joint(x, zs)              [b]  log p(x, z) at given latents (tuple, top first, [b, *shape])
-  log_prior(zs)                 [b]  log p(z) at given latents
-  prior_sample(key, n)          latents (tuple, top first, [n, *shape]) drawn from p(z)
-  generate(zs)                  raw likelihood parameters of p(x | z) at given latents
-  sample(key, n, temperature)   raw likelihood parameters [n, H, W, channels_out] from the prior,
-                                temperature a float or one per layer (scales prior std devs)
-  reconstruct(x, noise, keep_layers)  raw parameters with the top `keep_layers` layers taken from
-                                q(z|x) and the rest sampled from the prior (VDVAE's latent grids)
-  posterior_top(x, noise)       (mean, logvar) of the top layer's Gaussian q given sampled ancestors
-  latent_shapes                 per-layer shapes (top first)
-
-Capabilities a model may declare in `CAPABILITIES` (the evaluator skips a diagnostic that
-needs one the model lacks, and says so in eval.json):
-  "local_posterior"      encode_local(x) -> per-example variational parameters (a pytree of
-                         [b, ...] arrays) and terms_given(x, local, noise): the amortization
-                         gap optimises those parameters per example (Cremer et al. 2018)
-  "aggregate_posterior"  one Gaussian layer and an N(0, I) prior, encode(x) -> (mean, logvar):
+Every model gives the methods of `VAE` below, and may declare optional capabilities in
+`CAPABILITIES` (the evaluator skips a diagnostic that needs one the model lacks, and says so
+in eval.json); each capability needs the methods of its protocol:
+  "local_posterior"      `LocalPosterior`: the amortization gap optimises the per-example
+                         variational parameters (Cremer et al. 2018)
+  "aggregate_posterior"  `AggregatePosterior`: one Gaussian layer and an N(0, I) prior, for
                          ELBO surgery's exact mixture q(z) over the evaluated examples
-  "posterior_density"    log_posterior(x, zs) -> [b] log q(z|x) at given latents: AIS can start
-                         from q instead of the prior
+  "posterior_density"    `PosteriorDensity`: AIS can start from q instead of the prior
+
+The registry checks a model class against these when it registers (`check_model_class`), so a
+model that lacks a method fails on import with one line, not in the middle of an evaluation.
+A model may narrow its class's capabilities per instance (an IAF posterior has no closed form).
 """
 from typing import NamedTuple, Protocol
 
 import jax
+
+from flaxvae.errors import ModelContractError
 
 LOCAL_POSTERIOR = "local_posterior"
 AGGREGATE_POSTERIOR = "aggregate_posterior"
@@ -79,6 +72,96 @@ class Terms(NamedTuple):
   @property
   def num_samples(self):
     return self.log_px_z.shape[0]
+
+
+class VAE(Protocol):
+  """The methods every model gives; latents are tuples with one array per layer, top first."""
+  likelihood: object  # objectives/likelihoods.py: p(x | z) from the raw parameters
+
+  @property
+  def latent_shapes(self) -> tuple:
+    """Per-layer shapes of the latents, top first."""
+
+  def terms(self, x, noise: Noise) -> Terms:
+    """The per-sample terms of `noise.num_samples` posterior samples (see the module doc)."""
+
+  def log_joint(self, x, zs) -> jax.Array:
+    """[b] log p(x, z) at given latents ([b, *shape] each)."""
+
+  def log_prior(self, zs) -> jax.Array:
+    """[b] log p(z) at given latents: the model's own prior, learned and hierarchical too."""
+
+  def prior_sample(self, key, n) -> tuple:
+    """Latents ([n, *shape] each) drawn from p(z)."""
+
+  def generate(self, zs) -> jax.Array:
+    """Raw likelihood parameters of p(x | z) at given latents."""
+
+  def sample(self, key, n, temperature=1.0) -> jax.Array:
+    """Raw likelihood parameters [n, H, W, channels_out] from the prior, whose standard
+    deviations are scaled by `temperature` (a float, or one per layer)."""
+
+  def reconstruct(self, x, noise: Noise, keep_layers) -> jax.Array:
+    """Raw parameters with the top `keep_layers` layers taken from q(z|x) and the rest sampled
+    from the prior (VDVAE's latent-level grids)."""
+
+
+class LocalPosterior(Protocol):
+  def encode_local(self, x):
+    """Per-example variational parameters: a pytree of [b, ...] arrays."""
+
+  def terms_given(self, x, local, noise: Noise) -> Terms:
+    """`terms` with the variational parameters given instead of encoded."""
+
+
+class AggregatePosterior(Protocol):
+  def encode(self, x) -> tuple:
+    """(mean, logvar) [b, latent] of the one Gaussian layer's q(z|x)."""
+
+  def decode(self, z) -> jax.Array:
+    """Raw likelihood parameters for latents [n, latent]."""
+
+
+class PosteriorDensity(Protocol):
+  def log_posterior(self, x, zs) -> jax.Array:
+    """[b] log q(z|x) at given latents."""
+
+
+CAPABILITY_PROTOCOLS = {LOCAL_POSTERIOR: LocalPosterior, AGGREGATE_POSTERIOR: AggregatePosterior,
+                        POSTERIOR_DENSITY: PosteriorDensity}
+
+
+def members(protocol):
+  """The names a protocol asks for, in the order it declares them."""
+  names = [*getattr(protocol, "__annotations__", {}), *vars(protocol)]
+  return tuple(dict.fromkeys(n for n in names if not n.startswith("_")))
+
+
+def _lacking(cls, protocol):
+  """The protocol's methods that `cls` does not define (the protocol's own stubs do not count)."""
+  return [n for n in members(protocol) if n in vars(protocol)
+          and getattr(cls, n, None) in (None, vars(protocol)[n])]
+
+
+def check_model_class(name, cls):
+  """A one-line ModelContractError unless `cls` gives every method of `VAE` and of each
+  capability it declares in CAPABILITIES; the model registry calls it on registration."""
+  what = f"model {name!r} ({cls.__module__}.{cls.__qualname__})"
+  lacking = _lacking(cls, VAE)
+  if lacking:
+    raise ModelContractError(f"{what} lacks {', '.join(lacking)} of the model contract "
+                             "(flaxvae/models/contract.py VAE): implement them")
+  declared = getattr(cls, "CAPABILITIES", ())
+  unknown = [c for c in declared if c not in CAPABILITY_PROTOCOLS]
+  if unknown:
+    raise ModelContractError(f"{what} declares unknown capabilities {unknown}: the known ones "
+                             f"are {', '.join(CAPABILITY_PROTOCOLS)}")
+  for capability in declared:
+    lacking = _lacking(cls, CAPABILITY_PROTOCOLS[capability])
+    if lacking:
+      raise ModelContractError(f"{what} declares the {capability} capability but lacks "
+                               f"{', '.join(lacking)}: implement them or drop the capability")
+  return cls
 
 
 def has(model, capability):

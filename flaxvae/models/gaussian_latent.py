@@ -33,9 +33,6 @@ class GaussianLatentVAE(nnx.Module):
     z = mean + jnp.exp(0.5 * logvar) * eps
     return z, gaussian.log_normal_per_unit(z, mean, logvar)
 
-  def posterior_top(self, x, noise=None):
-    return self.encode(x)
-
   # -- the contract ----------------------------------------------------------------------
   def log_likelihood(self, x, z):
     """log p(x|z) for latents [k, b, latent] -> [k, b]."""

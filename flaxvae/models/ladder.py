@@ -151,7 +151,3 @@ class LadderMLPVAE(nnx.Module):
     tops = [samples[i][0][0] for i in range(len(samples) - 1, -1, -1)][:keep]
     depth = len(self.latent_dims)  # prior draws use noise streams after the posterior's
     return self._generate(lambda level, d: noise.normal(depth + level, (d,))[0], tops, 1.0)
-
-  def posterior_top(self, x, noise):
-    _, mean, logvar = self._posterior_pass(x, noise)[-1]
-    return mean[0], logvar[0]

@@ -304,12 +304,12 @@ class VDVAE(nnx.Module):
       log_q = gaussian_log_density(z, q_mean, q_log_std)
       kl = gaussian_kl(q_mean, q_log_std, p_mean, p_log_std)
     else:
-      log_q = kl = q_mean = q_log_std = jnp.zeros_like(z)
+      log_q = kl = q_mean = jnp.zeros_like(z)
     x = x + prior[..., 2 * c:].astype(x.dtype)
     x = layer.resnet(x + layer.z_proj(z.astype(self.dtype)))
     flat = lambda a: a.reshape(a.shape[0], -1)
     return x, dict(z=z, log_q=jnp.sum(flat(log_q), -1), log_p=jnp.sum(flat(log_p), -1),
-                   kl=flat(kl), q_mean=flat(q_mean), q_log_std=flat(q_log_std))
+                   kl=flat(kl), q_mean=flat(q_mean))
 
   def _eps(self, noise):
     """Per layer [k * b, r, r, c] noise, from `noise` (layer l draws stream l)."""
@@ -382,10 +382,3 @@ class VDVAE(nnx.Module):
     raw, _ = self._decode(x.shape[0], self.encode_activations(x), self._eps(noise), None,
                           select, [1.0] * self.num_layers)
     return raw
-
-  def posterior_top(self, x, noise):
-    """(mean, logvar) [b, units] of the top layer's q(z_1 | x): it has no ancestors."""
-    acts = self.encode_activations(x)
-    ones = [1.0] * self.num_layers
-    _, stats = self._decode(x.shape[0], acts, self._eps(noise), None, ones, ones)
-    return stats[0]["q_mean"], 2.0 * stats[0]["q_log_std"]

@@ -12,10 +12,13 @@ import pytest
 from flax import nnx
 
 import flaxvae
-from flaxvae import defaults, models
+from flaxvae import api, data, defaults, models
+from flaxvae.errors import ConfigError, ModelContractError
 from flaxvae.eval.diagnostics import SampleNoise
 from flaxvae.models import contract, layers
-from flaxvae.objectives import bounds, likelihoods
+from flaxvae.models.ladder import LadderMLPVAE
+from flaxvae.objectives import bounds, gaussian, likelihoods
+from flaxvae.run import Run
 
 SHAPE = (8, 8, 1)
 BERNOULLI = likelihoods.get_likelihood("bernoulli")
@@ -210,3 +213,70 @@ def test_a_pointwise_conv_is_nnx_conv_in_parameters_values_and_gradients(dtype):
   np.testing.assert_allclose(np.float32(y_fast), np.float32(y_plain), atol=tol, rtol=tol)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
     np.testing.assert_allclose(np.float32(a), np.float32(b), atol=tol, rtol=tol)
+
+
+# -- the contract, enforced where a model registers -------------------------------------------
+def test_every_shipped_model_fulfils_the_contract():
+  for name, cls in models.MODELS.items():
+    assert contract.check_model_class(name, cls) is cls
+
+
+class _Incomplete(nnx.Module):
+  """Gives `terms` and nothing else of the contract."""
+
+  def terms(self, x, noise):
+    return None
+
+
+@pytest.mark.parametrize("make, missing", [
+    (lambda: _Incomplete, "lacks latent_shapes, log_joint, log_prior, prior_sample, generate"),
+    (lambda: type("NoPrior", (LadderMLPVAE,), {"log_prior": None}), "lacks log_prior"),
+    (lambda: type("Claims", (LadderMLPVAE,), {"CAPABILITIES": (contract.LOCAL_POSTERIOR,)}),
+     "declares the local_posterior capability but lacks encode_local, terms_given"),
+    (lambda: type("Typo", (LadderMLPVAE,), {"CAPABILITIES": ("posterior_densty",)}),
+     "unknown capabilities ['posterior_densty']")])
+def test_a_model_that_breaks_the_contract_fails_when_it_registers_in_one_line(make, missing):
+  with pytest.raises(ModelContractError) as failure:
+    models.MODELS.register("incomplete")(make())
+  assert missing in str(failure.value) and "\n" not in str(failure.value)
+  assert "incomplete" not in models.MODELS
+
+
+# -- flaxvae.Model.log_prior is the model's own prior ------------------------------------------
+def _api_model(name, keys, seed=7):
+  """flaxvae.Model of a fresh `name` model whose parameters are all moved (as training moves
+  them: VDVAE's prior starts as N(0, I))."""
+  config = defaults.base_config()
+  config.model = defaults.model_config(name, **keys)
+  config.data.protocol = "binarized"
+  images = (np.random.default_rng(0).random((8, *SHAPE)) * 255).astype(np.uint8)
+  run = Run(config, data.ArrayDataset({"train": images, "test": images}, name="random"),
+            for_training=False)
+  leaves, tree = jax.tree.flatten(run.params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  moved = jax.tree.unflatten(tree, [a + 0.3 * jax.random.normal(k, a.shape, a.dtype)
+                                    for a, k in zip(leaves, keys)])
+  return api.Model(run, moved, 0)
+
+
+@pytest.mark.parametrize("name, keys", MODELS)
+def test_the_api_log_prior_is_the_models_own_prior(name, keys):
+  """log p(z) = log p(x, z) - log p(x | z), and the sum of the layers' log p in the terms at
+  the same latents; on hierarchical models it is not the N(0, I) density."""
+  api_model, x = _api_model(name, keys), binary_images()
+  model = api_model.run.model_with(api_model.params)
+  terms = jitted(model, "terms", x, noise(len(x), 1))
+  zs = tuple(layer.z[0] for layer in terms.layers)
+  log_prior = api_model.log_prior(zs)
+  log_px_z = api_model.likelihood.log_prob(jitted(model, "generate", zs), x)
+  np.testing.assert_allclose(log_prior, api_model.log_joint(x, zs) - log_px_z, rtol=1e-4,
+                             atol=1e-3)
+  np.testing.assert_allclose(log_prior, sum(layer.log_p[0] for layer in terms.layers),
+                             rtol=1e-4, atol=1e-3)
+  standard = sum(gaussian.log_standard_normal(z.reshape(len(x), -1)) for z in zs)
+  if len(zs) == 1:  # one layer: N(0, I), and the latent alone is enough
+    np.testing.assert_allclose(api_model.log_prior(zs[0]), standard, rtol=1e-5)
+  else:
+    assert np.min(np.abs(log_prior - standard)) > 0.1
+    with pytest.raises(ConfigError, match="takes latents of shapes"):
+      api_model.log_prior(zs[0])
