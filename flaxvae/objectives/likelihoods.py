@@ -86,7 +86,6 @@ NUM_LEVELS = 256
 LOG_SCALE_MIN = -7.0  # PixelCNN++'s clamp on logistic log-scales
 LOG_2PI = math.log(2 * math.pi)
 BIN_MASSES = ("exact", "pixelcnn")
-DATA_KINDS = ("binary", "8bit", "continuous")
 
 
 class Likelihood(NamedTuple):
