@@ -23,6 +23,7 @@ from flaxvae.data import protocols
 from flaxvae.eval import diagnostics
 from flaxvae.eval.evaluators import EVALUATORS
 from flaxvae.objectives import bounds, estimators
+from flaxvae.runtime import backend
 
 FINAL_FILE = "eval.json"
 
@@ -120,17 +121,16 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, 
 
 
 def importance_values(run, evaluator, params, rng, num_examples, k, progress):
-  """Per-example importance figures (diagnostics.importance_fn). Convolutional models on
-  XLA:CPU, where convolutions in a rolled loop run 20-40x slower, get their chunks of samples
-  dispatched from the host instead of scanned on the device: the same draws and figures."""
-  model = run.model
-  if not (getattr(model, "CONVOLUTIONAL", False) and jax.default_backend() == "cpu"):
+  """Per-example importance figures (diagnostics.importance_fn). Where the backend wants it
+  (runtime/backend.py: convolutional models on XLA:CPU), chunks of samples are dispatched from
+  the host instead of scanned on the device: the same draws and figures."""
+  rows = backend.host_chunk_rows(run.config.model.name)
+  if rows is None:
     return evaluator.per_example(f"importance_{k}",
                                  diagnostics.importance_fn(run.graphdef, run.protocol, k),
                                  params, rng, num_examples, progress=progress)
   per_device = evaluator.batch_for(num_examples) // evaluator.runner.num_devices
-  rows = getattr(model, "EVAL_ROWS", diagnostics.TARGET_ROWS)
-  chunk = diagnostics.chunk_size(k, per_device) if rows is None else max(1, min(k, rows // per_device))
+  chunk = max(1, min(k, rows // per_device))
   num_chunks = -(-k // chunk)
   # jit of the functions themselves (not of a new partial each call): cached across evaluations
   start = jax.jit(diagnostics.first_chunk, static_argnames="num_samples")

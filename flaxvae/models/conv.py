@@ -18,10 +18,6 @@ from flaxvae.models.registry import MODELS
 
 @MODELS.register("conv")
 class ConvVAE(GaussianLatentVAE):
-  # XLA:CPU runs convolutions in rolled loops 20-40x slower: evaluation dispatches its chunks
-  # of importance samples from the host (eval/evaluation.py), 1024 decoder rows per device each.
-  CONVOLUTIONAL, EVAL_ROWS = True, 1024
-
   def __init__(self, *, image_shape, likelihood, rngs, dtype=jnp.float32, latent_dim=16,
                channels=(32, 64), blocks_per_stage=1, activation="relu"):
     height, width, colors = image_shape

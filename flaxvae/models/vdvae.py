@@ -36,6 +36,7 @@ from flaxvae.errors import ConfigError
 from flaxvae.models import contract, layers
 from flaxvae.models.registry import MODELS
 from flaxvae.objectives import elementwise
+from flaxvae.runtime import backend
 
 STD_BETA = math.log(2.0)  # softplus_beta(0) = 1
 MIN_STD_INPUT = -20.0  # below this the softplus std underflows float32
@@ -160,10 +161,6 @@ def upsample(x, factor):
 @MODELS.register("vdvae")
 class VDVAE(nnx.Module):
   CAPABILITIES = (contract.POSTERIOR_DENSITY,)
-  # XLA:CPU runs convolutions in rolled loops 20-40x slower: evaluation dispatches its chunks
-  # of importance samples from the host (eval/evaluation.py), 256 decoder rows per device each.
-  CONVOLUTIONAL, EVAL_ROWS = True, 256
-
   def __init__(self, *, image_shape, likelihood, rngs, dtype=jnp.float32,
                dec_layers="1:5,4:5,8:10,16:2,32:1", enc_blocks="32:1,16:2,8:10,4:5,1:5",
                widths="32:32,16:64,8:128,4:256,1:512", bottleneck=1.0, latent_channels=32,
@@ -195,8 +192,8 @@ class VDVAE(nnx.Module):
     self.latent_channels = latent_channels
     if scan_blocks not in ("auto", "scan", "unroll"):
       raise ConfigError(f"model.scan_blocks must be auto, scan or unroll, got {scan_blocks!r}")
-    if scan_blocks == "auto":  # XLA:CPU runs convolutions in a rolled loop 20-40x slower
-      scan_blocks = "unroll" if jax.default_backend() == "cpu" else "scan"
+    if scan_blocks == "auto":
+      scan_blocks = backend.scan_blocks_default()
     self.scan, self.remat = scan_blocks == "scan", bool(remat)
     num_dec = sum(n for _, n in self.dec_spec)
     num_enc = sum(n for _, n in self.enc_spec)

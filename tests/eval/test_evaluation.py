@@ -12,6 +12,7 @@ from flaxvae.eval.evaluator import Evaluator
 from flaxvae.eval.evaluators import EVALUATORS
 from flaxvae.objectives.likelihoods import get_likelihood
 from flaxvae.run import Run
+from flaxvae.runtime import backend
 from tests.conftest import array_dataset, tiny_config
 
 SHAPE = (8, 8, 1)  # small images: these tests are about the row, not the figures
@@ -134,14 +135,15 @@ def test_host_dispatched_chunks_give_the_scanned_figures_from_one_running_total(
   for fewer examples than a batch gets a batch of their size (no padding rows computed)."""
   config = tiny_config("conv", **{"data.protocol": "binarized"})
   run, evaluator = run_and_evaluator(config)
-  assert run.model.CONVOLUTIONAL and evaluator.batch_size == 16
+  assert backend.host_chunk_rows("conv") and evaluator.batch_size == 16
   assert run.runner.num_devices == 8  # tests run on 8 simulated devices
   assert [evaluator.batch_for(n) for n in (1, 5, 9, 100)] == [8, 8, 16, 16]
   rng, k, n = evaluation.eval_rng(config), 30, 5
-  run.model.EVAL_ROWS = 7  # one row per device: chunks of 7 samples, the last one padded
   traced = []
   real_merge = diagnostics.merge_chunk
   with pytest.MonkeyPatch.context() as patch:  # the merge is jitted once, then run per chunk
+    # one row per device: chunks of 7 samples, the last one padded
+    patch.setitem(backend.HOST_CHUNK_ROWS_ON_CPU, "conv", 7)
     patch.setattr(diagnostics, "merge_chunk", lambda *a: traced.append(1) or real_merge(*a))
     chunked = evaluation.importance_values(run, evaluator, run.params, rng, n, k, None)
   scanned = evaluator.per_example(f"importance_{k}", diagnostics.importance_fn(

@@ -1,0 +1,30 @@
+"""Every choice that depends on the backend JAX runs on, in one place (models and the
+evaluation ask here instead of carrying their own tuning).
+
+XLA:CPU runs convolutions inside a rolled loop (lax.scan, while) 20-40x slower than unrolled:
+inside a loop it keeps the loop's layouts and cannot call its convolution library. So on CPU
+a convolutional model's stacked layers are unrolled, and its evaluation dispatches chunks of
+importance samples from the host instead of scanning over them on the device.
+"""
+import jax
+
+# Decoder rows per device in one host-dispatched chunk of importance samples, per registered
+# model name, for the convolutional models whose evaluation on XLA:CPU is chunked from the host.
+# Models not named here scan over their samples on the device on every backend.
+HOST_CHUNK_ROWS_ON_CPU = {"conv": 1024, "vdvae": 256}
+
+
+def on_cpu():
+  return jax.default_backend() == "cpu"
+
+
+def host_chunk_rows(model_name):
+  """Decoder rows per device per host-dispatched chunk of importance samples for `model_name`
+  on this backend, or None when its samples are scanned on the device."""
+  return HOST_CHUNK_ROWS_ON_CPU.get(model_name) if on_cpu() else None
+
+
+def scan_blocks_default():
+  """How a model's stacked layers run when its config says `auto`: `scan` compiles once per
+  group (accelerators), `unroll` keeps XLA:CPU's fast convolutions."""
+  return "unroll" if on_cpu() else "scan"
