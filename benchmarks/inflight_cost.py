@@ -9,6 +9,8 @@ with compilation, left out) and the same train function timed by `flaxvae bench`
 Unbounded is safe only on one device (several devices deadlocked: issue 11).
 """
 import os, sys, json, statistics, tempfile
+import flaxvae
+flaxvae.apply_process_defaults(malloc=True)  # as `flaxvae train` runs, before JAX starts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("FLAXVAE_DATA_DIR", os.path.join(ROOT, "data", "tfds"))
 mode = sys.argv[1]
@@ -16,9 +18,8 @@ if mode == "unbounded":  # the trainer as before the fix: no bound on dispatches
   from flaxvae.runtime import dispatch
   dispatch.InFlight.__init__.__defaults__ = (10**9, "a train dispatch")
 from flaxvae.train.trainer import train
-from flaxvae import bench
-from ml_collections import config_flags
-c = config_flags.config_flags._ConfigFileParser("config").parse(os.path.join(ROOT, "configs", "fashion_mnist_mlp.py"))
+from flaxvae import bench, defaults
+c = defaults.load_config_file(os.path.join(ROOT, "configs", "fashion_mnist_mlp.py"))
 with c.unlocked():
   c.num_steps, c.log_every_steps = 8000, 1000
   c.checkpoint.every_steps = 0

@@ -23,7 +23,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from flaxvae.errors import DeviceTimeout, FlaxvaeError, UsageError, one_line
-from flaxvae.runtime import malloc
+from flaxvae.runtime import malloc, xla_flags
 
 COMMANDS = {}
 SCALING_CHILD = "FLAXVAE_BENCH_SCALING_CHILD"  # set in the bench's scaling child process
@@ -379,8 +379,9 @@ def _configure_logging():
 
 
 def main(argv=None):
-  if argv is None:  # the program itself, not a caller in Python: tune malloc before JAX loads
+  if argv is None:  # the program itself, not a caller in Python: defaults before JAX loads
     malloc.reexec_with_tuned_malloc(sys.argv)
+    xla_flags.apply_defaults()
   argv = list(sys.argv if argv is None else argv)
   _configure_logging()
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help") or argv[1] not in COMMANDS:

@@ -147,16 +147,38 @@ def tiny_variant(config, image_shape=None):
   return c
 
 
+def set_keys(config, **changes):
+  """Sets {"a.b.c": value} (dotted keys, as `--config.a.b.c=value`) in `config`, locked or not;
+  returns it."""
+  with config.unlocked():
+    for key, value in changes.items():
+      node = config
+      *path, leaf = key.split(".")
+      for part in path:
+        node = node[part]
+      node[leaf] = value
+  return config
+
+
+def load_config_file(path, arg=None):
+  """get_config(arg) of the config file at `path` (get_config() when `arg` is None), as
+  `--config path[:arg]` loads it: for scripts and tests that take a config without the CLI."""
+  import importlib.util  # noqa: PLC0415  (config files only)
+  import os  # noqa: PLC0415
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"flaxvae_config_{name}", path)
+  if spec is None:
+    raise FileNotFoundError(f"config file {path} not found")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
 def sibling(config_file, name, arg=None):
   """get_config(arg) of config `name` in the folder of `config_file` (a config's __file__):
   a config that is another one with a few changes says so instead of repeating it."""
-  import importlib.util  # noqa: PLC0415  (config files only)
   import os  # noqa: PLC0415
-  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
-  spec = importlib.util.spec_from_file_location(f"flaxvae_config_{name[:-3]}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name), arg)
 
 
 def vdvae_recipe(*, data, dec_layers, enc_blocks, width, learning_rate, grad_clip, skip_threshold,

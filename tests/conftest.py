@@ -9,6 +9,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import flaxvae  # noqa: E402
+
+flaxvae.apply_process_defaults()  # the XLA flags the `flaxvae` command runs with
+
 import hashlib  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -17,7 +21,6 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from flaxvae import data as data_lib  # noqa: E402
 from flaxvae import defaults  # noqa: E402
@@ -50,21 +53,11 @@ def array_dataset(train=256, test=64, shape=(28, 28, 1)):
 
 
 def load_config(name, arg=None):
-  """configs/NAME.py's get_config(arg), parsed as `--config configs/NAME.py:arg` would be."""
-  return config_flags.config_flags._ConfigFileParser("config").parse(
-      str(REPO / "configs" / f"{name}.py") + (f":{arg}" if arg else ""))
+  """configs/NAME.py's get_config(arg), as `--config configs/NAME.py:arg` loads it."""
+  return defaults.load_config_file(str(REPO / "configs" / f"{name}.py"), arg or None)
 
 
-def set_keys(config, **changes):
-  """Applies {"a.b.c": value} to a ConfigDict (unlocked)."""
-  with config.unlocked():
-    for key, value in changes.items():
-      node = config
-      *path, leaf = key.split(".")
-      for part in path:
-        node = node[part]
-      node[leaf] = value
-  return config
+set_keys = defaults.set_keys  # {"a.b.c": value} into a ConfigDict, in place
 
 
 def tiny_config(model="mlp", **changes):

@@ -1,18 +1,18 @@
-"""glibc malloc settings for XLA:CPU, applied by the CLI re-executing itself once at start-up.
+"""glibc malloc settings for XLA:CPU, applied by a program re-executing itself once at start-up
+(the `flaxvae` command does; `flaxvae.apply_process_defaults(malloc=True)` for other programs).
 
 XLA:CPU allocates each execution's scratch buffers with malloc and frees them when it ends.
 Three settings, each measured on a training step:
 
 - `mmap_threshold`, `trim_threshold`: glibc serves large blocks with mmap and hands them back
-  with munmap, so every dispatch page-faults its scratch memory in anew (a fifth of a one-step
-  conv VAE dispatch). Raised thresholds keep freed memory in the heap for the next dispatch
-  (the process keeps its peak RSS instead of shrinking).
+  with munmap, so every dispatch page-faults its scratch memory in anew. Raised thresholds
+  keep freed memory in the heap for the next dispatch (the process keeps its peak RSS instead
+  of shrinking).
 - `hugetlb=1`: glibc asks for transparent huge pages (madvise) on the memory it maps, where the
   kernel's THP mode is `madvise` (Debian's default). A VDVAE step streams hundreds of MB of
   activations; with 4 KiB pages it spends its time in TLB misses, costly in a virtual machine
   (two-level page walks), and its worker threads' blocks above a thread arena's 64 MiB are mapped
-  anew per dispatch whatever the thresholds say (52,000 page faults per `fashion_mnist_vdvae`
-  step; 340 with huge pages). The README's speed section has the A/B.
+  anew per dispatch whatever the thresholds say. The docs' performance notes have the A/B.
 
 glibc reads these only when a process starts (GLIBC_TUNABLES), hence the re-exec; it keeps the
 PID, so launchers and signals are unaffected. FLAXVAE_MALLOC_DEFAULTS=0 turns it off; a tunable
@@ -40,11 +40,15 @@ def tuned_environment(environ):
   return tuned if any(added) else None
 
 
-def reexec_with_tuned_malloc(argv):
-  """Replaces this process by `python -m flaxvae.cli argv[1:]` with the tunables set, if needed."""
+def reexec_with_tuned_malloc(argv=None):
+  """Replaces this process, if the tunables are missing, by the same program with them set:
+  `python -m flaxvae.cli argv[1:]` for the command, the interpreter's own command line
+  (sys.orig_argv) when `argv` is None."""
   env = tuned_environment(os.environ)
   if env is None:
     return
+  command = ([sys.executable, "-m", "flaxvae.cli", *argv[1:]] if argv is not None
+             else [sys.executable, *sys.orig_argv[1:]])
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, "-m", "flaxvae.cli", *argv[1:]], env)
+  os.execve(sys.executable, command, env)

@@ -1,28 +1,20 @@
 """XLA flags flaxvae sets before JAX starts a backend (they are read once, at start-up).
 
-On XLA:CPU (jaxlib 0.10) convolutions go to YNNPACK by default, whose training
-convolutions ran the conv VAE step at 0.64x PyTorch here; Eigen's run it at about
-1.1x (BENCHMARKS.md). Dots stay with YNNPACK, which is faster for them. The flag
-only touches the CPU backend. A flag the user already set in XLA_FLAGS wins, and
-FLAXVAE_XLA_DEFAULTS=0 turns these defaults off.
+On XLA:CPU (jaxlib 0.10) convolutions go to YNNPACK by default, whose training convolutions
+run the conv VAE step well below PyTorch's; Eigen's run it faster (BENCHMARKS.md). Dots stay
+with YNNPACK, which is faster for them. The flag only touches the CPU backend. The `flaxvae`
+command applies these defaults; a library user calls `flaxvae.apply_process_defaults()` before
+importing JAX. A flag the user already set in XLA_FLAGS wins, and FLAXVAE_XLA_DEFAULTS=0 turns
+these defaults off.
 """
 import importlib.metadata
 import os
-import sys
+
+from flaxvae.runtime import jax_private
 
 CPU_CONVOLUTIONS_TO_EIGEN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # XLA aborts on a flag it does not know, so defaults apply only to jaxlib versions that have them.
 _KNOWN_JAXLIB = ("0.10.",)
-
-
-def _jax_started():
-  if "jax" not in sys.modules:
-    return False
-  try:
-    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-    return xla_bridge.backends_are_initialized()
-  except Exception:  # an API change: assume it may have started
-    return True
 
 
 def add(flag, environ=None, variable="XLA_FLAGS", separator=" "):
@@ -39,13 +31,15 @@ def add(flag, environ=None, variable="XLA_FLAGS", separator=" "):
 
 
 def apply_defaults(environ=None):
-  """Sets flaxvae's XLA defaults, if JAX has not started a backend yet."""
+  """Sets flaxvae's XLA defaults in `environ` (os.environ) if JAX has not started a backend;
+  False when it has (the flags would no longer be read) or they are turned off."""
   environ = os.environ if environ is None else environ
-  if environ.get("FLAXVAE_XLA_DEFAULTS", "1") == "0" or _jax_started():
-    return
+  if environ.get("FLAXVAE_XLA_DEFAULTS", "1") == "0" or jax_private.backends_started():
+    return False
   try:
     jaxlib_version = importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:
-    return
+    return False
   if jaxlib_version.startswith(_KNOWN_JAXLIB):
     add(CPU_CONVOLUTIONS_TO_EIGEN, environ)
+  return True

@@ -23,7 +23,7 @@ from flaxvae.errors import DeviceTimeout, Diverged
 from flaxvae.eval import evaluation, sampling
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.run import Run
-from flaxvae.runtime import dispatch
+from flaxvae.runtime import dispatch, jax_private
 from flaxvae.train import checkpoint as checkpoint_lib
 from flaxvae.train import outputs, preemption
 
@@ -63,10 +63,11 @@ def next_dispatch_size(step, config, evaluations=frozenset()):
 
 
 def check_no_recompilation(train_fn, sizes_run):
-  """Cheap guard: one compilation per dispatch size, none after (jit backends only)."""
-  cache_size = getattr(train_fn, "_cache_size", None)
-  if cache_size is not None and cache_size() > len(sizes_run):
-    raise RuntimeError(f"the train step compiled {cache_size()} times for dispatch sizes "
+  """Cheap guard: one compilation per dispatch size, none after (jit functions: the pmap
+  strategy's function keeps no count)."""
+  compiled = jax_private.compilations(train_fn)
+  if compiled is not None and compiled > len(sizes_run):
+    raise RuntimeError(f"the train step compiled {compiled} times for dispatch sizes "
                        f"{sorted(sizes_run)}: an argument changed shape, dtype or sharding")
 
 
