@@ -8,7 +8,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 RUN_DIR ?= runs/fashion_mnist_mlp
 export FLAXVAE_DATA_DIR ?= $(CURDIR)/data/tfds
 
-.PHONY: install venv data run test test-slow bench clean
+.PHONY: install venv data run test test-slow test-bench bench clean
 
 install: venv data
 
@@ -40,15 +40,15 @@ run: install
 	  "images: $(RUN_DIR)/images/  checkpoints: $(RUN_DIR)/checkpoints/  TensorBoard: $(RUN_DIR)/tensorboard/"
 
 # `make test` (under 10 minutes) leaves out the tests marked slow: deep VDVAE compiles,
-# multi-process runs, `make bench`'s own cases and variants the fast tests already cover;
-# `make test-slow` runs those, and CI runs both.
+# multi-process runs and variants the fast tests already cover; `make test-slow` runs those,
+# and CI runs both. The benchmark scripts' own tests (benchmarks/tests) run in `make test-bench`.
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 test-slow: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m slow tests
 
-# Peers, `flaxvae train`, `flaxvae bench` and the PyTorch twins -> BENCHMARKS.md; each
+# Peers, `flaxvae train`, benchmarks/cases.py and the PyTorch twins -> BENCHMARKS.md; each
 # measurement is cached in runs/bench_cache.jsonl, so a stopped `make bench` resumes, and
 # BENCH_ARGS="--parts mlp,conv" measures a part. PyTorch lives in its own venv.
 TORCH_VENV := .venv-torch
@@ -59,6 +59,9 @@ $(TORCH_VENV)/.installed:
 
 bench: install $(TORCH_VENV)/.installed
 	$(PY) benchmarks/report.py --out BENCHMARKS.md $(BENCH_ARGS)
+
+test-bench: install
+	$(PY) -m pytest -q -n 2 --dist loadfile benchmarks/tests
 
 clean:
 	rm -rf runs data/tfds

@@ -16,8 +16,11 @@ import argparse
 import collections
 import json
 import os
-import statistics
-import time
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flaxvae  # noqa: E402  (standard library only at import: the torch environment has it too)
+from flaxvae.runtime import timing  # noqa: E402
 
 SHAPES = ("1:1:8:64:2,1:1:32:16:2,1:1:32:32:14,1:1:32:64:3,1:1:32:80:2,1:1:64:32:5,1:1:128:32:2,"
           "1:4:8:64:3,1:4:32:16:3,1:4:32:64:5,1:4:32:80:3,1:4:64:32:8,1:4:128:32:3,1:8:8:64:4,"
@@ -51,14 +54,8 @@ def model_shapes(config_file="configs/fashion_mnist_vdvae.py"):
 
 
 def median_ms(run, repeats=20, rounds=7):
-  run()
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    for _ in range(repeats):
-      run()
-    times.append((time.perf_counter() - start) / repeats * 1000)
-  return statistics.median(times)
+  """Median ms of one call of `run` (which waits for its result) over `rounds` windows."""
+  return 1000 * timing.time_calls(run, windows=rounds, calls_per_window=repeats).median_s()
 
 
 def jax_timers(batch, kernel, res, cin, cout):
@@ -102,9 +99,8 @@ def main():
   parser.add_argument("--shapes", default=SHAPES, help="kernel:resolution:in:out:count,...")
   parser.add_argument("--batch", type=int, default=64)
   args = parser.parse_args()
-  if args.impl == "jax":
-    from flaxvae.runtime import xla_flags  # pylint: disable=import-outside-toplevel
-    xla_flags.apply_defaults()  # the flags flaxvae's own step runs with, before JAX starts
+  if args.impl == "jax":  # the flags flaxvae's own step runs with, before JAX starts
+    flaxvae.apply_process_defaults()
   timers = jax_timers if args.impl == "jax" else torch_timers
   rows, totals = [], {}
   for part in args.shapes.split(","):

@@ -12,17 +12,18 @@ on a fresh machine, so BENCHMARKS.md is the record: a part not measured by this 
 keeps its section and raw rows from the existing --out file (each section says when it was
 measured), and `--parts depth` on a fresh checkout adds the depth table to the others.
 
-1. the shared peer harness (../shared/bench/peer_vae.py): torch, flax_jit, flax_scan;
+1. the MLP peers (benchmarks/peer_mlp_vae.py): torch, flax_jit, flax_scan;
 2. `flaxvae train` on the default MLP config as `make run` trains it (a small final
    evaluation), steady-state examples/s read from its metrics.jsonl (the median of the
    log windows after the first, which includes compilation);
-3. `flaxvae bench` on the MLP and conv configs (step timings, FLOPs, MFU, dispatch, scaling);
+3. benchmarks/cases.py on the MLP and conv configs (step timings, FLOPs, MFU, dispatch,
+   scaling; its default case is what `flaxvae bench --config` prints) and its op profiles;
 4. the PyTorch twins of the conv VAE and of the VDVAE configs (benchmarks/torch_*.py) in
-   .venv-torch, alternating with `flaxvae bench` on the same configs;
-5. the evaluation at the machine's limit (`bench --cases eval`: the K=5000 importance pass
+   .venv-torch, alternating with benchmarks/cases.py on the same configs;
+5. the evaluation at the machine's limit (`cases.py --cases eval`: the K=5000 importance pass
    against its FLOP limit, AIS per 1,000 images), the VDVAE's compile time and memory
-   against depth (`--cases depth`), and `bench --aot` for ImageNet-64 and FFHQ-256 on 8 and
-   64 simulated devices, data-parallel, fsdp and fsdp with rematerialisation.
+   against depth (`--cases depth`), and `flaxvae bench --aot` for ImageNet-64 and FFHQ-256 on
+   8 and 64 simulated devices, data-parallel, fsdp and fsdp with rematerialisation.
 Ratios are the point: absolute figures move with machine load. On a shared host a
 neighbour can slow one run by 20%, so the compared runs alternate over `--rounds`
 rounds and each implementation is credited with its best round (noise only ever
@@ -39,22 +40,23 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER = os.environ.get("PEER_HARNESS", os.path.join(ROOT, "..", "shared", "bench", "peer_vae.py"))
+PEER = os.path.join(ROOT, "benchmarks", "peer_mlp_vae.py")
+CASES = os.path.join(ROOT, "benchmarks", "cases.py")
 PY = os.path.join(ROOT, ".venv", "bin", "python")
 TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
 FLAXVAE = os.path.join(ROOT, ".venv", "bin", "flaxvae")
 
 
 def code_fingerprint(root=ROOT):
-  """A hash of the code a measurement depends on: the package, the configs, the PyTorch twins
-  and the peer harness. A cached figure measured by other code is stale."""
+  """A hash of the code a measurement depends on: the package, the configs and the scripts in
+  benchmarks/ (the lab, the peers, the PyTorch twins). A cached figure measured by other code
+  is stale."""
   digest = hashlib.sha256()
   paths = []
-  for folder in ("flaxvae", "configs"):
+  for folder in ("flaxvae", "configs", "benchmarks"):
     for dirpath, _, files in os.walk(os.path.join(root, folder)):
       paths += [os.path.join(dirpath, f) for f in files if f.endswith(".py")]
-  paths += [os.path.join(root, "benchmarks", f) for f in ("torch_vdvae.py", "torch_conv_vae.py")]
-  paths += [os.path.join(root, "pyproject.toml"), PEER]
+  paths += [os.path.join(root, "pyproject.toml")]
   for path in sorted(p for p in paths if os.path.exists(p)):
     digest.update(os.path.relpath(path, root).encode())
     with open(path, "rb") as f:
@@ -249,7 +251,7 @@ def measure_mlp(rounds):
     runs["flaxvae_train_binarized"].append(dict(CACHE.get(
         f"trainer {DEFAULT_CONFIG} #round{r}", lambda: trainer_throughput(DEFAULT_CONFIG)),
         impl="flaxvae_train_binarized"))
-  mlp = json_lines([FLAXVAE, "bench", "--config", DEFAULT_CONFIG])
+  mlp = json_lines([PY, CASES, "--config", DEFAULT_CONFIG])
   return runs, mlp
 
 
@@ -290,21 +292,22 @@ def measure_conv(rounds):
   conv, torch_conv = [], []
   for r in range(rounds):
     cases = "default,dispatch" if r == 0 else "default"
-    conv.append(json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_conv.py",
+    conv.append(json_lines([PY, CASES, "--config", "configs/fashion_mnist_conv.py",
                             "--cases", cases, "--windows", "3"], round_index=r))
     torch_conv.append(json_lines([TORCH_PY, "benchmarks/torch_conv_vae.py"], round_index=r)[0])
   return conv, torch_conv, profile_row("configs/fashion_mnist_conv.py")
 
 
 def profile_row(config):
-  return json_lines([FLAXVAE, "bench", "--config", config, "--cases", "profile"])[0]
+  return json_lines([PY, CASES, "--config", config, "--cases", "profile"])[0]
 
 
 def profile_lines(row, what):
-  """What limits a step, from `bench --cases profile`: time by kind, the heaviest ops."""
+  """What limits a step, from `cases.py --cases profile`: time by kind, the heaviest ops."""
   kinds = sorted(row["ms_per_step_by_kind"].items(), key=lambda kv: -kv[1])
   return [
-      f"What limits the {what} step (`flaxvae bench --cases profile`: XLA:CPU's thunks traced "
+      f"What limits the {what} step (`benchmarks/cases.py --cases profile`: XLA:CPU's thunks "
+      "traced "
       f"over {row['steps']} steps, each op's self time on the thread that ran it, summed "
       f"over the {row['threads']} threads that ran ops, {row['busy_ms_per_step']:.1f} "
       f"thread-ms per step in {row['wall_ms_per_step']:.1f} ms of wall time, tracing "
@@ -350,11 +353,11 @@ def conv_section(conv_rounds, torch_rounds, profile):
 def measure_vdvae(rounds):
   vdvae, torch_vdvae = [], []
   for r in range(rounds):
-    vdvae.append(json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases", "default",
+    vdvae.append(json_lines([PY, CASES, "--config", VDVAE, "--cases", "default",
                              "--windows", "3"], round_index=r)[0])
     torch_vdvae.append(json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "vdvae",
                                    "--windows", "3"], round_index=r)[0])
-  effvdvae = json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_effvdvae.py",
+  effvdvae = json_lines([PY, CASES, "--config", "configs/fashion_mnist_effvdvae.py",
                          "--cases", "default", "--steps", "3", "--windows", "3"])[0]
   torch_effvdvae = json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "effvdvae",
                                "--steps", "3", "--windows", "3"])[0]
@@ -410,7 +413,7 @@ def eval_section(evaluation):
   return [
       "## The final evaluation at the machine's limit", "",
       f"The default config's final importance pass (K = {evaluation['num_importance_samples']} "
-      f"over {evaluation['num_examples']} test images, `bench --cases eval`): "
+      f"over {evaluation['num_examples']} test images, `benchmarks/cases.py --cases eval`): "
       f"{evaluation['seconds']} s against {evaluation['flop_limit_seconds']} s at the "
       f"measured matmul peak, **{evaluation['ratio_to_limit']:.2f}x** the FLOP-limit time "
       f"(goal <= 1.3); {evaluation['iwae_seconds_per_1000']} s per 1,000 images. AIS "
@@ -518,9 +521,9 @@ def main():
   if "vdvae" in parts:
     measure_part("vdvae", lambda: measure_vdvae(ARGS.rounds), lambda d: vdvae_section(*d))
   for name, measure, section in (
-      ("eval", lambda: json_lines([FLAXVAE, "bench", "--config", "configs/fashion_mnist_mlp.py",
+      ("eval", lambda: json_lines([PY, CASES, "--config", "configs/fashion_mnist_mlp.py",
                                    "--cases", "eval"])[0], eval_section),
-      ("depth", lambda: json_lines([FLAXVAE, "bench", "--config", VDVAE, "--cases", "depth"]),
+      ("depth", lambda: json_lines([PY, CASES, "--config", VDVAE, "--cases", "depth"]),
        depth_section),
       ("aot", lambda: merge_aot(aot_rows(), earlier.get("aot", ([], []))[1]),
        aot_section)):

@@ -10,13 +10,18 @@ likelihood on grey levels, Adam 1e-3. Prints one JSON line (steady-state example
 of windows after warm-up). Data: random grey levels (the step's cost does not depend on them).
 """
 import argparse
+import itertools
 import json
+import os
 import statistics
-import time
+import sys
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flaxvae.runtime import timing  # noqa: E402  (standard library only)
 
 
 class Residual(nn.Module):
@@ -76,14 +81,11 @@ def main():
     opt.step()
     return loss
 
-  for i in range(10):  # warm-up: oneDNN primitive caches, allocator
-    step(i)
-  rates = []
-  for _ in range(args.windows):
-    start = time.perf_counter()
-    for i in range(args.steps):
-      loss = step(i)
-    rates.append(args.steps * args.batch / (time.perf_counter() - start))
+  calls, last = itertools.count(), {}
+  # warm-up: oneDNN primitive caches, allocator
+  measured = timing.time_calls(lambda: last.update(loss=step(next(calls))), warmup=10,
+                               windows=args.windows, calls_per_window=args.steps)
+  rates, loss = measured.rates(args.batch), last["loss"]
   print(json.dumps({"impl": "torch_conv", "examples_per_s": round(statistics.median(rates)),
                     "window_examples_per_s": [round(r) for r in rates], "batch_size": args.batch,
                     "params": sum(p.numel() for p in model.parameters()),

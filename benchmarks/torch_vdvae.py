@@ -30,15 +30,19 @@ Prints one JSON line (steady-state examples/s: median of windows after warm-up).
 set of 8 random binary batches (the step's cost does not depend on the pixel values).
 """
 import argparse
+import itertools
 import json
 import math
 import os
 import statistics
-import time
+import sys
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flaxvae.runtime import timing  # noqa: E402  (standard library only)
 
 STD_BETA = math.log(2.0)  # softplus_beta(0) = 1
 MIN_STD_INPUT = -20.0
@@ -229,17 +233,15 @@ def main():
       losses.append(round(loss.item(), 2))
     return loss
 
-  start = time.perf_counter()
-  for i in range(args.warmup):  # oneDNN primitive caches, allocator (and compilation)
-    step(i)
-  warmup_s = time.perf_counter() - start
-  rates = []
-  for _ in range(args.windows):
-    start = time.perf_counter()
-    for i in range(args.steps):
-      loss = step(i)
-    loss.item()
-    rates.append(args.steps * batch / (time.perf_counter() - start))
+  calls, last = itertools.count(), {}
+
+  def call():
+    last["loss"] = step(next(calls))
+    return last["loss"]
+  # warm-up: oneDNN primitive caches, allocator (and compilation)
+  measured = timing.time_calls(call, wait=lambda loss: loss.item(), warmup=args.warmup,
+                               windows=args.windows, calls_per_window=args.steps)
+  rates, warmup_s, loss = measured.rates(batch), measured.warmup_s, last["loss"]
   out = {"impl": "torch_vdvae", "config": args.config, "batch_size": batch,
          "examples_per_s": round(statistics.median(rates), 2),
          "window_examples_per_s": [round(r, 2) for r in rates],

@@ -6,9 +6,8 @@
     flaxvae report --workdir runs/mlp
     flaxvae prepare-data fashion_mnist [--source_dir DIR] [--data_dir DIR]
     flaxvae prepare-data folder --source DIR --name NAME [--test_fraction F]
-    flaxvae bench --config configs/fashion_mnist_mlp.py [--cases default,dispatch,scaling,depth,eval,profile]
-    flaxvae bench --aot --config configs/cifar10_vdvae.py [--devices 1,8]
-    flaxvae bench-input --config configs/fashion_mnist_mlp.py
+    flaxvae bench --config configs/fashion_mnist_mlp.py [--steps N] [--windows W]
+    flaxvae bench --aot --config configs/cifar10_vdvae.py [--devices 1,8] [--device_memory 80GB]
 
 Problems a user can fix (a bad config value, missing data, a batch that does not split over
 the devices) end with one line on stderr and exit status 2, before any file in the workdir is
@@ -26,7 +25,6 @@ from flaxvae.errors import DeviceTimeout, FlaxvaeError, UsageError, one_line
 from flaxvae.runtime import malloc, xla_flags
 
 COMMANDS = {}
-SCALING_CHILD = "FLAXVAE_BENCH_SCALING_CHILD"  # set in the bench's scaling child process
 RENAMED_KEYS = {"data.binarization": "data.protocol (binarized, static_binarized, 8bit or grey)"}
 
 
@@ -208,37 +206,14 @@ def prepare_data_command(argv):
   print(f"{name} ready in {path}")
 
 
-@command("bench-input")
-def bench_input_command(argv):
-  """Examples/s each input pipeline delivers to the devices (no training), as JSON."""
-  def define(fv):
-    config_flags.DEFINE_config_file("config", None, "a config file", flag_values=fv,
-                                    lock_config=True, sys_argv=argv)
-    flags.DEFINE_float("seconds", 5.0, "time per pipeline", flag_values=fv)
-    flags.DEFINE_boolean("with_training", False, "also train end to end on each path and on "
-                         "synthetic device-resident batches", flag_values=fv)
-  fv, _ = _parse(argv, define)
-  if fv.config is None:
-    raise UsageError("bench-input needs --config configs/NAME.py")
-  import json  # noqa: PLC0415
-  from flaxvae import bench  # noqa: PLC0415
-  result = bench.bench_input(fv.config, fv.seconds)
-  if fv.with_training:
-    result["training_examples_per_s"] = bench.bench_training(fv.config)
-  print(json.dumps(result))
-
-
 @command("bench")
 def bench_command(argv):
-  """Trainer step benchmarks (compile, examples/s, FLOP/s, MFU, scaling), one JSON line per case."""
+  """The trainer's examples/s, FLOPs and MFU on your config (one JSON line), or with --aot its
+  parameters, FLOPs and per-device memory from shapes alone."""
   def define(fv):
     _config_flags(argv)(fv)
     flags.DEFINE_integer("steps", 0, "train steps per timed window (0: about 2 s)", flag_values=fv)
-    flags.DEFINE_integer("windows", 5, "timed windows per case (the median is reported)",
-                         flag_values=fv)
-    flags.DEFINE_list("cases", ["default", "dispatch", "scaling"], "which cases (also: depth, "
-                      "compile time and memory against decoder depth, for vdvae; eval; profile, "
-                      "XLA:CPU's time per kind of op from a trace)", flag_values=fv)
+    flags.DEFINE_integer("windows", 5, "timed windows (the median is reported)", flag_values=fv)
     flags.DEFINE_boolean("aot", False, "compile ahead of time, from shapes alone, for each "
                          "--devices count and report parameters, FLOPs per example and "
                          "per-device memory (nothing runs, no data is read)", flag_values=fv)
@@ -251,34 +226,22 @@ def bench_command(argv):
   fv, _ = _parse(argv, define)
   if fv.config is None:
     raise UsageError("bench needs --config configs/NAME.py")
+  import json  # noqa: PLC0415
+  import jax  # noqa: PLC0415
   from flaxvae import bench  # noqa: PLC0415
-  if fv.aot:
-    import jax  # noqa: PLC0415
-    counts = [int(d) for d in fv.devices]
-    memory = bench.parse_bytes(fv.device_memory) if fv.device_memory else None
-    if fv.mesh is not None:
-      with fv.config.unlocked():
-        fv.config.parallel.mesh = fv.mesh
-    bench.run_aot(fv.config, [d for d in counts if d <= jax.device_count()], memory)
-    rest = _without_flag(argv[1:], "--devices")
-    for d in (d for d in counts if d > jax.device_count()):
-      bench.in_child_with_devices([*rest, f"--devices={d}"], d, bench.AOT_CHILD)
+  if not fv.aot:
+    print(json.dumps(bench.throughput(fv.config, steps=fv.steps, windows=fv.windows)))
     return
-  unknown = set(fv.cases) - set(bench.CASES)
-  if unknown:
-    raise UsageError(f"unknown --cases {sorted(unknown)}: choose from {', '.join(bench.CASES)}")
-  in_children = ((SCALING_CHILD, "scaling"), (bench.PROFILE_CHILD, "profile"))
-  for child, case in in_children:
-    if os.environ.get(child) == "1":
-      bench.run_cases(fv.config, (case,), steps=fv.steps, windows=fv.windows)
-      return
-  here = tuple(c for c in fv.cases if c not in {case for _, case in in_children})
-  if here:
-    bench.run_cases(fv.config, here, steps=fv.steps, windows=fv.windows)
-  if "scaling" in fv.cases:
-    bench.in_child_with_devices(argv[1:], 8, SCALING_CHILD)
-  if "profile" in fv.cases:  # traced thunks cost time: only the profile runs with them
-    bench.in_child_with_devices(argv[1:], 1, bench.PROFILE_CHILD, [bench.TRACE_THUNKS])
+  counts = [int(d) for d in fv.devices]
+  memory = bench.parse_bytes(fv.device_memory) if fv.device_memory else None
+  if fv.mesh is not None:
+    with fv.config.unlocked():
+      fv.config.parallel.mesh = fv.mesh
+  bench.run_aot(fv.config, [d for d in counts if d <= jax.device_count()], memory)
+  rest = _without_flag(argv[1:], "--devices")
+  for d in (d for d in counts if d > jax.device_count()):
+    bench.in_child_with_devices(["-m", "flaxvae.cli", "bench", *rest, f"--devices={d}"], d,
+                                bench.AOT_CHILD)
 
 
 def _without_flag(args, name):
