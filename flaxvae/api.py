@@ -24,6 +24,7 @@ from flaxvae.errors import CheckpointError, ConfigError, one_line
 from flaxvae.eval import diagnostics, evaluation, sampling
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.models import contract
+from flaxvae.models.noise import NoiseSource
 from flaxvae.run import Run
 from flaxvae.train import checkpoint as checkpoint_lib
 
@@ -169,7 +170,7 @@ class Model:
     keep = len(self.latent_shapes) if keep_layers is None else keep_layers
     sampling.check_keep_layers(keep, len(self.latent_shapes))
     return np.asarray(self.likelihood.mean(model.reconstruct(
-        self._x(x), sampling.KeyNoise(key, len(x)), keep)))
+        self._x(x), NoiseSource.from_key(key, len(x)), keep)))
 
   def elbo(self, x, key, num_samples=1):
     """The ELBO per example, estimated with `num_samples` posterior draws."""

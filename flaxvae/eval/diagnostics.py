@@ -22,6 +22,7 @@ from flax import nnx
 
 from flaxvae.data import protocols
 from flaxvae.models import contract
+from flaxvae.models.noise import NoiseSource
 from flaxvae.objectives import bounds, estimators, gaussian
 
 # Streams folded into an example's key for the diagnostics' own draws.
@@ -40,19 +41,11 @@ def stream_keys(keys, stream):
   return jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)
 
 
-class SampleNoise:
-  """Noise for samples `index` [n] of each example: sample i of example e draws layer 0 from
-  fold_in(key_e, i) and layer l > 0 from fold_in(fold_in(key_e, i), l)."""
-
-  def __init__(self, keys, index):
-    self.keys, self.index, self.num_samples = keys, index, index.shape[0]
-
-  def normal(self, layer, shape):
-    def draw(key, i):
-      key = jax.random.fold_in(key, i)
-      return jax.random.normal(key if layer == 0 else jax.random.fold_in(key, layer), shape)
-    eps = jax.vmap(lambda k: jax.vmap(lambda i: draw(k, i))(self.index))(self.keys)
-    return jnp.swapaxes(eps, 0, 1)  # [n, batch, *shape]
+def per_example_inputs(graphdef, protocol, params, rng, images, ids):
+  """What each per-example diagnostic starts from: the model with `params`, the examples as the
+  model scores them (the data protocol's targets) and each example's key, by id."""
+  return (nnx.merge(graphdef, params), protocols.eval_targets(images, ids, protocol),
+          example_keys(rng, ids))
 
 
 def chunk_size(num_samples, examples_per_device):
@@ -63,7 +56,7 @@ def chunk_partials(terms_of, keys, index, num_samples):
   """Sums over the samples `index` [n] of one chunk, per example: the logsumexp and the sum of
   the log weights, log p(x|z), each layer's KL and posterior mean, and the weights themselves
   ([n, batch]; -inf for indices past num_samples)."""
-  terms = terms_of(SampleNoise(keys, index))
+  terms = terms_of(NoiseSource.per_example(keys, index))
   valid = (index < num_samples)[:, None]
   log_w = jnp.where(valid, bounds.log_weights(terms), -jnp.inf)
   zero = lambda v: jnp.where(valid.reshape(valid.shape + (1,) * (v.ndim - 2)), v, 0.0)
@@ -106,9 +99,9 @@ def merge_chunk(total, part, offset):
 def importance_pass(terms_of, x, keys, num_samples, chunk=None, keep_log_w=False):
   """log p(x) >= IWAE_K, the K-sample ELBO and per-layer figures, per example, from K draws.
 
-  `terms_of(noise)` gives the model's Terms for a SampleNoise. Samples are drawn and scored
-  `chunk` at a time in a lax.scan that keeps a running logsumexp, so memory does not grow
-  with K (unless `keep_log_w`, which returns every log weight [K, batch] for Pareto k-hat).
+  `terms_of(noise)` gives the model's Terms for a NoiseSource.per_example. Samples are drawn
+  and scored `chunk` at a time in a lax.scan that keeps a running logsumexp, so memory does not
+  grow with K (unless `keep_log_w`, which returns every log weight [K, batch] for Pareto k-hat).
   Sample k of an example uses key fold_in(key, k). Returns a dict of [batch] arrays (and
   [batch, L] / [batch, units] per layer): iwae = log mean_k w_k and elbo = mean_k log w_k with
   w = p(x, z)/q(z|x), so iwae >= elbo on every example (Jensen), equal when K = 1.
@@ -154,10 +147,9 @@ def importance_fn(graphdef, protocol, num_samples):
   weights are too heavy-tailed for the estimate to be trusted (Vehtari et al.).
   """
   def fn(params, rng, images, ids):
-    model = nnx.merge(graphdef, params)
-    x = protocols.eval_targets(images, ids, protocol)
-    keys = stream_keys(example_keys(rng, ids), IMPORTANCE_STREAM)
-    out = importance_pass(_terms_of(model, x), x, keys, num_samples, keep_log_w=True)
+    model, x, keys = per_example_inputs(graphdef, protocol, params, rng, images, ids)
+    out = importance_pass(_terms_of(model, x), x, stream_keys(keys, IMPORTANCE_STREAM),
+                          num_samples, keep_log_w=True)
     return importance_row(out, estimators.psis_khat(out.pop("log_w")))
   return fn
 
@@ -168,11 +160,9 @@ def importance_chunk_fn(graphdef, protocol, num_samples, chunk):
   (first_chunk, merge_chunk): the same figures as
   importance_fn without a loop on the device (convolutions in rolled loops are slow on CPU)."""
   def fn(params, rng, images, ids, chunk_index):
-    model = nnx.merge(graphdef, params)
-    x = protocols.eval_targets(images, ids, protocol)
-    keys = stream_keys(example_keys(rng, ids), IMPORTANCE_STREAM)
-    part = chunk_partials(_terms_of(model, x), keys, chunk_index * chunk + jnp.arange(chunk),
-                          num_samples)
+    model, x, keys = per_example_inputs(graphdef, protocol, params, rng, images, ids)
+    part = chunk_partials(_terms_of(model, x), stream_keys(keys, IMPORTANCE_STREAM),
+                          chunk_index * chunk + jnp.arange(chunk), num_samples)
     part["log_w"] = part["log_w"].T  # [batch, n]: the evaluator splits batches on axis 0
     return part
   return fn
@@ -212,8 +202,8 @@ def log_mixture_density(z, means, logvars, chunk=1024):
 def posterior_fn(graphdef, protocol):
   """Per example: the Gaussian q(z|x) as (mean, logvar): the input of ELBO surgery."""
   def fn(params, rng, images, ids):
-    model = nnx.merge(graphdef, params)
-    mean, logvar = model.encode(protocols.eval_targets(images, ids, protocol))
+    model, x, _ = per_example_inputs(graphdef, protocol, params, rng, images, ids)
+    mean, logvar = model.encode(x)
     return dict(mean=mean, logvar=logvar)
   return fn
 
@@ -277,9 +267,7 @@ def amortization_fn(graphdef, protocol, num_steps, learning_rate, num_train_samp
   their difference (the amortization gap) has little noise.
   """
   def fn(params, rng, images, ids):
-    model = nnx.merge(graphdef, params)
-    keys = example_keys(rng, ids)
-    x = protocols.eval_targets(images, ids, protocol)
+    model, x, keys = per_example_inputs(graphdef, protocol, params, rng, images, ids)
     encoder_q = model.encode_local(x)
     train_keys = stream_keys(keys, AMORTIZATION_STREAM)
     eval_keys = stream_keys(keys, AMORTIZED_ELBO_STREAM)
@@ -316,7 +304,8 @@ def _ais_start(model, x, key, num_chains, init):
   use_q = init == "posterior" or (init == "auto" and contract.has(model,
                                                                    contract.POSTERIOR_DENSITY))
   if use_q:
-    terms = model.terms(xc, SampleNoise(jax.random.split(key, num_chains), jnp.arange(1)))
+    noise = NoiseSource.per_example(jax.random.split(key, num_chains), jnp.arange(1))
+    terms = model.terms(xc, noise)
     return tuple(layer.z[0] for layer in terms.layers), lambda zs: model.log_posterior(xc, zs)
   return model.prior_sample(key, num_chains), model.log_prior
 
@@ -329,10 +318,9 @@ def ais_fn(graphdef, protocol, num_steps, num_chains, num_leapfrog, init="auto")
   the log. A stochastic lower bound of log p(x), far tighter than IWAE for the same compute
   where the posterior is multimodal or heavy-tailed. Keyed per example id."""
   def fn(params, rng, images, ids):
-    model = nnx.merge(graphdef, params)
-    x = protocols.eval_targets(images, ids, protocol)
-    keys = stream_keys(example_keys(rng, ids), AIS_STREAM)
-    return ais_log_px(model, x, keys, num_steps, num_chains, num_leapfrog, init)
+    model, x, keys = per_example_inputs(graphdef, protocol, params, rng, images, ids)
+    return ais_log_px(model, x, stream_keys(keys, AIS_STREAM), num_steps, num_chains,
+                      num_leapfrog, init)
   return fn
 
 

@@ -15,18 +15,8 @@ from flax import nnx
 
 from flaxvae.data import protocols
 from flaxvae.errors import UsageError
+from flaxvae.models.noise import NoiseSource
 from flaxvae.train import outputs
-
-
-class KeyNoise:
-  """Noise for a batch of `batch` examples from one key: layer l draws from fold_in(key, l)."""
-
-  def __init__(self, key, batch, num_samples=1):
-    self.key, self.batch, self.num_samples = key, batch, num_samples
-
-  def normal(self, layer, shape):
-    return jax.random.normal(jax.random.fold_in(self.key, layer),
-                             (self.num_samples, self.batch, *shape))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -38,7 +28,8 @@ def _sample(graphdef, params, key, n, temperature):
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _reconstruct(graphdef, params, x, key, keep_layers):
   model = nnx.merge(graphdef, params)
-  return model.likelihood.mean(model.reconstruct(x, KeyNoise(key, x.shape[0]), keep_layers))
+  noise = NoiseSource.from_key(key, x.shape[0])
+  return model.likelihood.mean(model.reconstruct(x, noise, keep_layers))
 
 
 def samples(run, params, key, n, temperature=1.0):

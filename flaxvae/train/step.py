@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from flaxvae.data import protocols
+from flaxvae.models.noise import NoiseSource
 from flaxvae.objectives import bounds
 from flaxvae.runtime import parallel
 from flaxvae.runtime.parallel import AXIS, FSDP
@@ -114,32 +115,6 @@ def step_config(config):
                     ema_decay=config.ema_decay, **values)
 
 
-class GlobalBatchNoise:
-  """Draws noise for the whole global batch from one key and keeps this device's rows."""
-
-  def __init__(self, key, local_batch, num_samples, axes=AXIS):
-    self.key, self.local_batch, self.num_samples = key, local_batch, num_samples
-    self.first = jax.lax.axis_index(axes) * local_batch
-    self.global_batch = local_batch * jax.lax.axis_size(axes)
-
-  def rows(self, start, size):
-    """The noise of this device's rows [start, start + size): a microbatch's."""
-    view = object.__new__(GlobalBatchNoise)
-    view.__dict__.update(self.__dict__, first=self.first + start, local_batch=size)
-    return view
-
-  def _rows(self, draw, stream, shape, axis):
-    full = draw(jax.random.fold_in(self.key, stream), shape)
-    return jax.lax.dynamic_slice_in_dim(full, self.first, self.local_batch, axis)
-
-  def uniform(self, event_shape):
-    return self._rows(jax.random.uniform, 0, (self.global_batch, *event_shape), 0)
-
-  def normal(self, layer, shape):
-    return self._rows(jax.random.normal, 1 + layer,
-                      (self.num_samples, self.global_batch, *shape), 1)
-
-
 def ema_decay_at(step, decay):
   """The EMA's decay at `step`: min(decay, (1 + step) / (10 + step)), the warm-up of TF's
   ExponentialMovingAverage with num_updates. A fixed 0.999 from the initial parameters keeps
@@ -151,8 +126,9 @@ def ema_decay_at(step, decay):
 
 def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState, images):
   """One optimizer update from this device's slice of the global batch."""
-  noise = GlobalBatchNoise(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
-                           images.shape[0], cfg.num_samples, layout.batch_axes)
+  noise = NoiseSource.per_global_batch(
+      jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), images.shape[0],
+      cfg.num_samples, layout.batch_axes)
   uniform = noise.uniform(images.shape[1:]) if cfg.protocol.dynamic else None
   x = protocols.train_targets(images, uniform, cfg.protocol)
   kl_scale = bounds.kl_weight(state.step, cfg.beta, cfg.kl_warmup_steps)

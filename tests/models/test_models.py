@@ -14,9 +14,9 @@ from flax import nnx
 import flaxvae
 from flaxvae import api, data, defaults, models
 from flaxvae.errors import ConfigError, ModelContractError
-from flaxvae.eval.diagnostics import SampleNoise
 from flaxvae.models import contract, layers
 from flaxvae.models.ladder import LadderMLPVAE
+from flaxvae.models.noise import NoiseSource
 from flaxvae.objectives import bounds, gaussian, likelihoods
 from flaxvae.run import Run
 
@@ -35,7 +35,7 @@ def binary_images(n=5, seed=0):
 
 
 def noise(batch, k, seed=1):
-  return SampleNoise(jax.random.split(jax.random.key(seed), batch), jnp.arange(k))
+  return NoiseSource.per_example(jax.random.split(jax.random.key(seed), batch), jnp.arange(k))
 
 
 MODELS = [("mlp", dict(hidden=(16,), latent_dim=3)),

@@ -10,7 +10,7 @@ from flax import nnx
 
 from flaxvae import defaults, models
 from flaxvae.data import ArrayDataset
-from flaxvae.eval.diagnostics import SampleNoise
+from flaxvae.models.noise import NoiseSource
 from flaxvae.objectives import bounds, likelihoods
 from flaxvae.train import checkpoint as checkpoint_lib
 from flaxvae.train.trainer import train
@@ -32,7 +32,7 @@ def build(**keys):
 
 def x_and_noise(k=2, n=3):
   x = (np.random.default_rng(0).random((n, *SHAPE)) < 0.4).astype(np.float32)
-  return x, SampleNoise(jax.random.split(jax.random.key(1), n), jnp.arange(k))
+  return x, NoiseSource.per_example(jax.random.split(jax.random.key(1), n), jnp.arange(k))
 
 
 def jitted(model, method, *args, **static):
