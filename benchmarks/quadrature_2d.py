@@ -16,10 +16,12 @@ import json
 import math
 import time
 
-import jax
-import numpy as np
-
 import flaxvae
+
+flaxvae.apply_process_defaults()  # the XLA flags `flaxvae` runs with, before JAX starts
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def quadrature(model, x, radius, cells):
