@@ -252,13 +252,21 @@ class VDVAE(nnx.Module):
           h = self.enc_proj[i](h)
     return acts
 
-  def _decode(self, batch, acts, eps, given, use_posterior, temperature):
+  def _decode(self, batch, *, eps, acts=None, given=None, use_posterior=None,
+              temperature=None):
     """The top-down pass over `batch` rows; returns (raw likelihood parameters, per-layer stats).
 
-    eps / given: per layer [batch, r, r, c] (given latents replace the samples when not None);
-    use_posterior: per-layer floats, 1 to sample q (needs acts), 0 to sample the prior at
-    `temperature` (per layer). Stats per layer: z, log_q, log_p, kl, q_mean ([batch, ...]).
+    eps: per layer [batch, r, r, c] standard-normal noise; acts: the encoder's activations
+    (encode_activations), without which q is not computed; given: per-layer latents that
+    replace the samples; use_posterior: per-layer floats, 1 to sample q (needs acts), 0 to
+    sample the prior (default: q wherever acts are given); temperature: per-layer scales of the
+    prior's standard deviations (default 1). Stats per layer: z, log_q, log_p, kl, q_mean
+    ([batch, ...]).
     """
+    if use_posterior is None:
+      use_posterior = [1.0 if acts is not None else 0.0] * self.num_layers
+    if temperature is None:
+      temperature = [1.0] * self.num_layers
     x, first, stats = None, 0, []
     for g, ((r, n), group) in enumerate(zip(self.dec_spec, self.dec_groups)):
       bias = self.dec_bias[g]
@@ -320,8 +328,7 @@ class VDVAE(nnx.Module):
   def terms(self, x, noise):
     k, b = noise.num_samples, x.shape[0]
     acts = self._repeat(self.encode_activations(x), k)
-    ones = [1.0] * self.num_layers
-    raw, stats = self._decode(k * b, acts, self._eps(noise), None, ones, ones)
+    raw, stats = self._decode(k * b, eps=self._eps(noise), acts=acts)
     log_px_z = self.likelihood.log_prob(raw.reshape(k, b, *raw.shape[1:]), x)
     unflat = lambda a: a.reshape(k, b, *a.shape[1:])
     layers_out = tuple(contract.LatentLayer(*(unflat(s[f]) for f in contract.LatentLayer._fields))
@@ -330,9 +337,7 @@ class VDVAE(nnx.Module):
 
   def _given(self, zs):
     """The top-down pass with every latent given: (raw, stats)."""
-    ones = [1.0] * self.num_layers
-    return self._decode(zs[0].shape[0], None, [jnp.zeros_like(z) for z in zs], list(zs),
-                        [0.0] * self.num_layers, ones)
+    return self._decode(zs[0].shape[0], eps=[jnp.zeros_like(z) for z in zs], given=list(zs))
 
   def log_joint(self, x, zs):
     raw, stats = self._given(zs)
@@ -347,16 +352,12 @@ class VDVAE(nnx.Module):
   def prior_sample(self, key, n):
     keys = jax.random.split(key, self.num_layers)
     eps = [jax.random.normal(kk, (n, *s)) for kk, s in zip(keys, self.latent_shapes)]
-    ones = [1.0] * self.num_layers
-    _, stats = self._decode(n, None, eps, None, [0.0] * self.num_layers, ones)
+    _, stats = self._decode(n, eps=eps)
     return tuple(s["z"] for s in stats)
 
   def log_posterior(self, x, zs):
-    b = x.shape[0]
-    acts = self.encode_activations(x)
-    zeros = [jnp.zeros_like(z) for z in zs]
-    _, stats = self._decode(b, acts, zeros, list(zs), [1.0] * self.num_layers,
-                            [1.0] * self.num_layers)
+    _, stats = self._decode(x.shape[0], eps=[jnp.zeros_like(z) for z in zs],
+                            acts=self.encode_activations(x), given=list(zs))
     return sum(s["log_q"] for s in stats)
 
   def _temperatures(self, temperature):
@@ -369,13 +370,12 @@ class VDVAE(nnx.Module):
   def sample(self, key, n, temperature=1.0):
     keys = jax.random.split(key, self.num_layers)
     eps = [jax.random.normal(kk, (n, *s)) for kk, s in zip(keys, self.latent_shapes)]
-    raw, _ = self._decode(n, None, eps, None, [0.0] * self.num_layers,
-                          self._temperatures(temperature))
+    raw, _ = self._decode(n, eps=eps, temperature=self._temperatures(temperature))
     return raw
 
   def reconstruct(self, x, noise, keep_layers=None):
     keep = self.num_layers if keep_layers is None else keep_layers
     select = [1.0 if l < keep else 0.0 for l in range(self.num_layers)]
-    raw, _ = self._decode(x.shape[0], self.encode_activations(x), self._eps(noise), None,
-                          select, [1.0] * self.num_layers)
+    raw, _ = self._decode(x.shape[0], eps=self._eps(noise), acts=self.encode_activations(x),
+                          use_posterior=select)
     return raw
