@@ -1,9 +1,11 @@
 """The config, checked once at the top before anything is read or written.
 
-`validate(config)` raises one ConfigError naming the first problem and what to do instead.
-`migrate(saved)` turns a config written by an earlier flaxvae into today's keys, so old
-checkpoints load.
+`validate(settings)` raises one ConfigError naming the first problem and what to do instead;
+settings.resolve runs it on the typed settings of a ConfigDict. `migrate(saved)` turns a
+config written by an earlier flaxvae into today's keys, so old checkpoints load;
+`with_defaults` reads it as a ConfigDict, which settings.resolve then resolves.
 """
+import functools
 import importlib.metadata
 import json
 
@@ -24,9 +26,10 @@ FREE_BITS_GROUPS = ("unit", "layer")
 BINARIZATION_TO_PROTOCOL = {"none": "grey", "dynamic": "binarized", "static": "static_binarized"}
 
 
-def likelihood_of(config):
-  """The likelihood config.objective names, with the options that family takes."""
-  o = config.objective
+def likelihood_of(objective):
+  """The likelihood `objective` (settings.ObjectiveSettings) names, with the options that
+  family takes."""
+  o = objective
   options = {"gaussian": dict(gaussian_logvar=o.gaussian_logvar),
              "mixture_logistic": dict(num_mixtures=o.num_mixtures)}.get(o.likelihood, {})
   try:
@@ -35,43 +38,44 @@ def likelihood_of(config):
     raise ConfigError(f"objective.likelihood: {e}") from None
 
 
-def validate(config):
-  """Fails fast, before anything is read or written, on settings that cannot work."""
+def validate(settings):
+  """Fails fast, before anything is read or written, on settings that cannot work.
+
+  `settings`: settings.Settings (settings.resolve calls this on what it resolved)."""
   for key in ("num_steps", "batch_size", "steps_per_dispatch", "scan_unroll", "log_every_steps"):
-    if config[key] <= 0:
-      raise ConfigError(f"{key} must be positive, got {config[key]}")
+    if getattr(settings, key) <= 0:
+      raise ConfigError(f"{key} must be positive, got {getattr(settings, key)}")
   for key in ("checkpoint.every_steps", "eval.every_steps", "max_consecutive_skips",
               "time_budget_s"):
-    section, _, name = key.rpartition(".")
-    value = config[section][name] if section else config[name]
+    value = functools.reduce(getattr, key.split("."), settings)
     if value < 0:
       raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
-  if config.dtype == "float16":
+  if settings.dtype == "float16":
     raise ConfigError("dtype float16 needs loss scaling, which flaxvae does not do: use bfloat16 "
                       "(same memory, float32's range) or float32")
-  if config.dtype not in DTYPES:
-    raise ConfigError(f"unknown dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
-  _validate_objective(config.objective)
-  protocols.PROTOCOLS.get(config.data.protocol)
-  likelihood_of(config)
-  models.check_config(config.model)
-  _validate_eval(config.eval)
-  optimizer.create_optimizer(config.optimizer, config.num_steps)
-  if config.parallel.backend not in parallel.BACKENDS:
-    raise ConfigError(f"unknown parallel.backend {config.parallel.backend!r}: use "
+  if settings.dtype not in DTYPES:
+    raise ConfigError(f"unknown dtype {settings.dtype!r}: choose one of {', '.join(DTYPES)}")
+  _validate_objective(settings.objective)
+  protocols.PROTOCOLS.get(settings.data.protocol)
+  likelihood_of(settings.objective)
+  models.check_config(settings.model)
+  _validate_eval(settings.eval)
+  optimizer.create_optimizer(settings.optimizer, settings.num_steps)
+  if settings.parallel.backend not in parallel.BACKENDS:
+    raise ConfigError(f"unknown parallel.backend {settings.parallel.backend!r}: use "
                       f"{' or '.join(parallel.BACKENDS)}")
-  accumulate = config.optimizer.accumulate_steps
+  accumulate = settings.optimizer.accumulate_steps
   if accumulate <= 0:
     raise ConfigError(f"optimizer.accumulate_steps must be positive, got {accumulate}")
-  if accumulate > 1 and config.objective.free_bits:
+  if accumulate > 1 and settings.objective.free_bits:
     raise ConfigError("objective.free_bits floors the batch mean of the KL, which microbatches "
                       "would change: use optimizer.accumulate_steps=1 with free bits")
-  if "fsdp" in config.parallel.mesh and config.optimizer.name == "lamb":
+  if "fsdp" in settings.parallel.mesh and settings.optimizer.name == "lamb":
     raise ConfigError("lamb scales each parameter by its own norm, which a slice cannot know: "
                       "use adam, adamw or adamax with an fsdp mesh")
-  if config.parallel.wait_timeout_s <= 0:
+  if settings.parallel.wait_timeout_s <= 0:
     raise ConfigError(f"parallel.wait_timeout_s must be positive, got "
-                      f"{config.parallel.wait_timeout_s}")
+                      f"{settings.parallel.wait_timeout_s}")
 
 
 def _validate_objective(o):
@@ -84,8 +88,9 @@ def _validate_objective(o):
   if o.free_bits_per not in FREE_BITS_GROUPS:
     raise ConfigError(f"unknown objective.free_bits_per {o.free_bits_per!r}: use unit or layer")
   if o.name == "iwae":
-    ignored = [f"{k}={o[k]}" for k, default in (("beta", 1.0), ("kl_warmup_steps", 0),
-                                                ("free_bits", 0.0)) if o[k] != default]
+    ignored = [f"{k}={getattr(o, k)}" for k, default in (("beta", 1.0), ("kl_warmup_steps", 0),
+                                                         ("free_bits", 0.0))
+               if getattr(o, k) != default]
     if ignored:
       raise ConfigError(f"objective.name=iwae has no KL term, so {', '.join(ignored)} would be "
                         "ignored: use objective.name=elbo with them (num_samples k gives the "
@@ -93,23 +98,24 @@ def _validate_objective(o):
 
 
 def _validate_eval(c):
+  value = lambda key: getattr(c, key)
   for key in ("batch_size", "num_importance_samples", "final_num_importance_samples"):
-    if c[key] <= 0:
-      raise ConfigError(f"eval.{key} must be positive, got {c[key]}")
+    if value(key) <= 0:
+      raise ConfigError(f"eval.{key} must be positive, got {value(key)}")
   for key in ("num_examples", "final_num_examples", "amortization_examples", "amortization_steps"):
-    if c[key] < 0:
+    if value(key) < 0:
       raise ConfigError(f"eval.{key} must be >= 0 (0: {'all' if 'num_' in key else 'off'}), "
-                        f"got {c[key]}")
+                        f"got {value(key)}")
   for key, choices in (("log_px_estimator", ("iwae", "ais")),
                        ("ais_init", ("auto", "posterior", "prior")), ("schedule", ("every", "log"))):
-    if c[key] not in choices:
-      raise ConfigError(f"unknown eval.{key} {c[key]!r}: use {' or '.join(choices)}")
+    if value(key) not in choices:
+      raise ConfigError(f"unknown eval.{key} {value(key)!r}: use {' or '.join(choices)}")
   for key in ("ais_steps", "ais_chains", "ais_leapfrog", "log_points"):
-    if c[key] <= 0:
-      raise ConfigError(f"eval.{key} must be positive, got {c[key]}")
+    if value(key) <= 0:
+      raise ConfigError(f"eval.{key} must be positive, got {value(key)}")
   for key in ("ais_examples", "bdmc_examples"):
-    if c[key] < 0:
-      raise ConfigError(f"eval.{key} must be >= 0, got {c[key]}")
+    if value(key) < 0:
+      raise ConfigError(f"eval.{key} must be >= 0, got {value(key)}")
   if c.amortization_learning_rate <= 0:
     raise ConfigError(f"eval.amortization_learning_rate must be positive, got "
                       f"{c.amortization_learning_rate}")

@@ -24,29 +24,29 @@ def model_options(name):
           if p.kind == p.KEYWORD_ONLY and k not in COMMON}
 
 
-def check_config(model_config):
-  """ConfigError for an unknown model or model key, naming the model's keys."""
-  options = model_options(model_config.name)
-  unknown = sorted(set(model_config.keys()) - set(options) - {"name"})
+def check_config(model):
+  """ConfigError for an unknown model or model key, naming the model's keys (`model`:
+  settings.ModelSettings)."""
+  options, given = model_options(model.name), model.kwargs()
+  unknown = sorted(set(given) - set(options))
   if unknown:
-    raise ConfigError(f"model {model_config.name!r} has no key(s) {', '.join(unknown)}: its keys "
+    raise ConfigError(f"model {model.name!r} has no key(s) {', '.join(unknown)}: its keys "
                       f"are {', '.join(sorted(options))}")
-  activation = model_config.get("activation")
+  activation = given.get("activation")
   if activation is not None and activation not in layers.ACTIVATIONS:
     raise ConfigError(f"unknown model.activation {activation!r}: choose one of "
                       f"{', '.join(sorted(layers.ACTIVATIONS))}")
 
 
-def create_model(model_config, *, image_shape, likelihood, seed=0, dtype=jnp.float32,
+def create_model(model, *, image_shape, likelihood, seed=0, dtype=jnp.float32,
                  abstract=False):
-  """Builds the registered model `model_config.name` for images of `image_shape`; `abstract`:
-  from shapes alone (nnx.eval_shape: parameters are ShapeDtypeStructs, nothing is allocated)."""
-  check_config(model_config)
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in model_config.items()
-            if k != "name"}
-  build = lambda: MODELS.get(model_config.name)(
+  """Builds the registered model `model.name` (settings.ModelSettings) for images of
+  `image_shape`; `abstract`: from shapes alone (nnx.eval_shape: parameters are
+  ShapeDtypeStructs, nothing is allocated)."""
+  check_config(model)
+  build = lambda: MODELS.get(model.name)(
       image_shape=tuple(image_shape), likelihood=likelihood, rngs=nnx.Rngs(seed), dtype=dtype,
-      **kwargs)
+      **model.kwargs())
   if not abstract:
     return build()
   with layers.shapes_only():

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import flaxvae
-from flaxvae import api, data, defaults, models
+from flaxvae import api, data, defaults, models, settings
 from flaxvae.errors import ConfigError, ModelContractError
 from flaxvae.models import contract, layers
 from flaxvae.models.ladder import LadderMLPVAE
@@ -26,8 +26,9 @@ FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def build(name, seed=0, likelihood=BERNOULLI, abstract=False, **keys):
-  return models.create_model(defaults.model_config(name, **keys), image_shape=SHAPE,
-                             likelihood=likelihood, seed=seed, abstract=abstract)
+  return models.create_model(settings.resolve_model(defaults.model_config(name, **keys)),
+                             image_shape=SHAPE, likelihood=likelihood, seed=seed,
+                             abstract=abstract)
 
 
 def binary_images(n=5, seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxvae import defaults, models
+from flaxvae import defaults, models, settings
 from flaxvae.data import ArrayDataset
 from flaxvae.models.noise import NoiseSource
 from flaxvae.objectives import bounds, likelihoods
@@ -17,21 +17,25 @@ from flaxvae.train.trainer import train
 from tests.conftest import load_config, random_images, set_keys
 
 # Deep conv models compile for tens of seconds each on XLA:CPU: `make test-slow` (and CI) runs
-# these, `make test` stays under 10 minutes.
-pytestmark = pytest.mark.slow
+# the tests marked slow, `make test` stays under 10 minutes with a tiny model's scan check.
+slow = pytest.mark.slow
 
 SHAPE = (12, 12, 1)
 SMALL = dict(dec_layers="1:2,4:3,16:2", enc_blocks="16:2,4:1,1:1", widths="16:8,4:12,1:16",
              bottleneck=0.5, latent_channels=3, pad_to=16)
+TINY_SHAPE = (4, 4, 1)
+TINY = dict(dec_layers="1:2,4:2", enc_blocks="4:2,1:1", widths="8", bottleneck=0.5,
+            latent_channels=2, pad_to=4)
 
 
-def build(**keys):
-  return models.create_model(defaults.model_config("vdvae", **{**SMALL, **keys}),
-                             image_shape=SHAPE, likelihood=likelihoods.get_likelihood("bernoulli"))
+def build(shape=SHAPE, base=SMALL, **keys):
+  model = settings.resolve_model(defaults.model_config("vdvae", **{**base, **keys}))
+  return models.create_model(model, image_shape=shape,
+                             likelihood=likelihoods.get_likelihood("bernoulli"))
 
 
-def x_and_noise(k=2, n=3):
-  x = (np.random.default_rng(0).random((n, *SHAPE)) < 0.4).astype(np.float32)
+def x_and_noise(k=2, n=3, shape=SHAPE):
+  x = (np.random.default_rng(0).random((n, *shape)) < 0.4).astype(np.float32)
   return x, NoiseSource.per_example(jax.random.split(jax.random.key(1), n), jnp.arange(k))
 
 
@@ -48,6 +52,24 @@ def loss_and_grads(model, x, noise):
   return jax.jit(jax.value_and_grad(loss)).lower(params).compile(), params
 
 
+def test_a_tiny_scanned_model_has_the_unrolled_loss_and_gradients():
+  """The scan path, the default on accelerators, in `make test`: the same parameters, loss and
+  gradients as the unrolled layers, with and without remat."""
+  x, noise = x_and_noise(k=2, n=4, shape=TINY_SHAPE)
+  variants = [build(TINY_SHAPE, TINY, scan_blocks=scan, remat=remat)
+              for scan, remat in (("unroll", False), ("scan", False), ("scan", True))]
+  compiled = [loss_and_grads(model, x, noise) for model in variants]
+  # XLA keeps a scan as a while loop; unrolled layers leave none.
+  assert ["while" in c.as_text() for c, _ in compiled] == [False, True, True]
+  (value, grads), *others = [c(params) for c, params in compiled]
+  for other_value, other_grads in others:
+    np.testing.assert_allclose(other_value, value, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 other_grads, grads)
+  jax.tree.map(np.testing.assert_array_equal, compiled[1][1], compiled[0][1])
+
+
+@slow
 def test_scanned_and_unrolled_layers_compute_the_same_model():
   unrolled, scanned = build(scan_blocks="unroll"), build(scan_blocks="scan")
   assert jax.tree.all(jax.tree.map(lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)),
@@ -59,6 +81,7 @@ def test_scanned_and_unrolled_layers_compute_the_same_model():
     np.testing.assert_allclose(la.kl, lb.kl, rtol=1e-4, atol=1e-6)
 
 
+@slow
 def test_remat_changes_memory_not_numbers():
   x, noise = x_and_noise(k=1, n=8)
   results = {}
@@ -72,6 +95,7 @@ def test_remat_changes_memory_not_numbers():
   assert results[True][2] < results[False][2]  # activations recomputed, not stored
 
 
+@slow
 def test_prior_at_zero_is_standard_and_temperature_scales_the_samples():
   model = build()
   x, noise = x_and_noise(k=1)
@@ -89,6 +113,7 @@ def test_prior_at_zero_is_standard_and_temperature_scales_the_samples():
     model.sample(jax.random.key(0), 4, temperature=[1.0, 0.5])
 
 
+@slow
 def test_keeping_layers_moves_reconstructions_from_the_prior_to_the_posterior():
   model = build()
   x, noise = x_and_noise(k=1)
@@ -104,6 +129,7 @@ SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3), "imagenet32": (3
           "imagenet64": (64, 64, 3), "ffhq256": (256, 256, 3)}
 
 
+@slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_shipped_config_trains_two_steps_on_data_of_its_shape(name, tmp_path,
                                                                      compilation_cache):
@@ -115,6 +141,7 @@ def test_every_shipped_config_trains_two_steps_on_data_of_its_shape(name, tmp_pa
   assert row["is_probability_model"]  # each shipped protocol and likelihood is a pmf
 
 
+@slow
 def test_vdvae_trains_the_same_on_one_and_eight_devices_and_resumes_bitwise(tmp_path,
                                                                             compilation_cache):
   def tiny(**changes):
