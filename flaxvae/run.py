@@ -1,5 +1,8 @@
-"""A run's pieces, assembled once from a validated config: what the trainer, evaluation, the
+"""A run's pieces, assembled once from resolved settings: what the trainer, evaluation, the
 API and the benchmarks all use, so they never assemble them differently.
+
+A ConfigDict is resolved here (settings.resolve: checked once, typed, frozen); the run keeps
+`run.settings` and hands each part its own section, never the ConfigDict.
 
     run = Run(config)                      # data from config.data, on disk
     run = Run(config, dataset=ArrayDataset({"train": x, "test": y}))   # arrays in memory
@@ -13,6 +16,7 @@ from flax import nnx
 from flaxvae import config as config_lib
 from flaxvae import data as data_lib
 from flaxvae import models
+from flaxvae import settings as settings_lib
 from flaxvae.data import feeds, protocols
 from flaxvae.errors import ConfigError
 from flaxvae.runtime import parallel
@@ -23,56 +27,57 @@ from flaxvae.train import step as step_lib
 class Run:
   """Model (graphdef and initial params), likelihood, protocol, devices, data and optimizer."""
 
-  def __init__(self, config, dataset=None, *, for_training=True, image_shape=None,
+  def __init__(self, settings, dataset=None, *, for_training=True, image_shape=None,
                abstract=False):
-    config_lib.validate(config)
+    """`settings`: settings.Settings, or a ConfigDict (resolved here)."""
+    s = self.settings = settings_lib.of(settings)
     self.abstract = abstract
     if abstract:  # nothing is read or allocated: parameters are ShapeDtypeStructs
       for_training = False
       dataset = dataset or data_lib.ArrayDataset({})
-    self.config = config
-    self.dataset = data_lib.open_dataset(config.data) if dataset is None else dataset
-    self.likelihood = config_lib.likelihood_of(config)
-    self.protocol = protocols.PROTOCOLS.get(config.data.protocol)
-    self.step_cfg = step_lib.step_config(config)
+    self.dataset = data_lib.open_dataset(s.data) if dataset is None else dataset
+    self.likelihood = config_lib.likelihood_of(s.objective)
+    self.protocol = protocols.PROTOCOLS.get(s.data.protocol)
+    self.step_cfg = step_lib.step_config(s)
     if for_training:
-      self.runner = parallel.create_runner(config.parallel, config.batch_size)
-      per_device = config.batch_size // self.runner.num_devices
-      if per_device % config.optimizer.accumulate_steps:
+      self.runner = parallel.create_runner(s.parallel, s.batch_size)
+      per_device = s.batch_size // self.runner.num_devices
+      if per_device % s.optimizer.accumulate_steps:
         raise ConfigError(f"each device's {per_device} examples do not split into "
-                          f"optimizer.accumulate_steps={config.optimizer.accumulate_steps} "
+                          f"optimizer.accumulate_steps={s.optimizer.accumulate_steps} "
                           "microbatches: make batch_size / devices a multiple of it")
-      self.pipeline = data_lib.choose_pipeline(config.data, self.dataset, config.data.train_split)
+      self.pipeline = data_lib.choose_pipeline(s.data, self.dataset, s.data.train_split)
     else:
-      self.runner = parallel.inference_runner(config.parallel)
+      self.runner = parallel.inference_runner(s.parallel)
       self.pipeline = None
     self.train_images = self.train_split = None
     if self.pipeline == "in_memory":
-      self.train_images = self.dataset.images(config.data.train_split)
-      feeds.check_batch_size(config.batch_size, len(self.train_images), jax.process_count(),
-                             config.data.train_split)
+      self.train_images = self.dataset.images(s.data.train_split)
+      feeds.check_batch_size(s.batch_size, len(self.train_images), jax.process_count(),
+                             s.data.train_split)
     elif self.pipeline == "streaming":
-      self.train_split = self.dataset.open_split(config.data.train_split)
-      feeds.check_batch_size(config.batch_size, self.train_split.num_examples,
-                             jax.process_count(), config.data.train_split)
+      self.train_split = self.dataset.open_split(s.data.train_split)
+      feeds.check_batch_size(s.batch_size, self.train_split.num_examples,
+                             jax.process_count(), s.data.train_split)
     self._eval_images = None
     if image_shape is None:
       image_shape = (self.train_images.shape[1:] if self.train_images is not None else
                      self.train_split.image_shape if self.train_split is not None else
                      self.eval_images.shape[1:])
     self.image_shape = tuple(image_shape)
-    self.model = models.create_model(config.model, image_shape=self.image_shape,
-                                     likelihood=self.likelihood, seed=config.seed,
-                                     dtype=config_lib.DTYPES[config.dtype], abstract=abstract)
+    self.model = models.create_model(s.model, image_shape=self.image_shape,
+                                     likelihood=self.likelihood, seed=s.seed,
+                                     dtype=config_lib.DTYPES[s.dtype], abstract=abstract)
     self.graphdef, params = nnx.split(self.model)
     self.params = nnx.to_pure_dict(params)
-    if config.init.params_from and not abstract:
-      self.params = self._with_trained(self.params, config.init)
-    self.tx, self.schedule = optimizer.create_optimizer(config.optimizer, config.num_steps)
+    if s.init.params_from and not abstract:
+      self.params = self._with_trained(self.params, s.init)
+    self.tx, self.schedule = optimizer.create_optimizer(s.optimizer, s.num_steps)
 
   @staticmethod
   def _with_trained(params, init):
-    """`params` with the groups init.param_groups (all if empty) from a trained run."""
+    """`params` with the groups init.param_groups (all if empty) from a trained run (`init`:
+    settings.InitSettings)."""
     trained = checkpoint.trained_params(init.params_from)
     groups = tuple(init.param_groups) or tuple(params)
     missing = [g for g in groups if g not in trained or g not in params]
@@ -93,7 +98,7 @@ class Run:
   def eval_images(self):
     """The evaluation split's uint8 images (read on first use)."""
     if self._eval_images is None:
-      self._eval_images = self.dataset.images(self.config.data.eval_split)
+      self._eval_images = self.dataset.images(self.settings.data.eval_split)
     return self._eval_images
 
   def initial_state(self):
@@ -103,7 +108,7 @@ class Run:
     return self._initial_state(self.params)
 
   def _initial_state(self, params):
-    c = self.config
+    c = self.settings
     return step_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
         ema_params=params if c.ema_decay else (),
@@ -113,7 +118,7 @@ class Run:
 
   def eval_params(self, state):
     """The parameters evaluation uses: the EMA when the run keeps one."""
-    return state.ema_params if self.config.ema_decay else state.params
+    return state.ema_params if self.settings.ema_decay else state.params
 
   def model_with(self, params):
     """The model with `params` (host or device arrays), for sampling and inspection."""
@@ -122,13 +127,13 @@ class Run:
   def train_fn(self, inputs="indices", runner=None):
     """The jitted train function the trainer dispatches (train/step.py builds it)."""
     return step_lib.build_train_fn(runner or self.runner, self.graphdef, self.tx, self.step_cfg,
-                                   self.config.scan_unroll, self.initial_state(), inputs)
+                                   self.settings.scan_unroll, self.initial_state(), inputs)
 
   def create_feed(self, data_state=None):
     """The feed of this run's training data, resumed at `data_state` if given."""
     if self.pipeline is None:
       raise ConfigError("this run was assembled for inference: it has no training feed")
-    c = self.config
+    c = self.settings
     data = self.train_images if self.pipeline == "in_memory" else self.train_split
     return feeds.create_feed(data, self.runner, seed=c.seed, batch_size=c.batch_size,
                              read_threads=c.data.read_threads,

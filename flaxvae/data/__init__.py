@@ -9,7 +9,7 @@
   order.py          the example order, a pure function of (seed, epoch)
   feeds.py          the in-memory and streaming paths to the devices
 
-A `Dataset` is what a run reads: `PreparedDataset(config.data)` on disk, or `ArrayDataset` for
+A `Dataset` is what a run reads: `PreparedDataset(settings.data)` on disk, or `ArrayDataset` for
 arrays already in memory (notebooks, tests). A new dataset is one file that prepares it in
 flaxvae's raw schema (records.write_dataset) and registers its entry in registry.DATASETS (see
 registry.py), imported below; `prepare-data NAME` and `data.name=NAME` then know it. Any other
@@ -26,16 +26,17 @@ PIPELINES = ("auto", "in_memory", "streaming")
 class PreparedDataset:
   """A prepared dataset on disk, named by `data.name` (Fashion-MNIST is prepared on first use)."""
 
-  def __init__(self, data_config):
-    self.config, self.name = data_config, data_config.name
+  def __init__(self, settings):
+    """`settings`: settings.DataSettings."""
+    self.settings, self.name = settings, settings.name
     self.entry = registry.entry_of(self.name)
     self._builder_dir = None
 
   @property
   def builder_dir(self):
     if self._builder_dir is None:
-      self._builder_dir = self.entry.builder_dir(catalog.data_dir_of(self.config),
-                                                 self.config.source_dir or None)
+      self._builder_dir = self.entry.builder_dir(catalog.data_dir_of(self.settings),
+                                                 self.settings.source_dir or None)
     return self._builder_dir
 
   def open_split(self, split):
@@ -50,7 +51,7 @@ class PreparedDataset:
     """(H, W, C): known without reading for registered datasets (and FOLDER_SHAPES)."""
     if self.entry.image_shape:
       return tuple(self.entry.image_shape)
-    return tuple(self.open_split(self.config.train_split).image_shape)
+    return tuple(self.open_split(self.settings.train_split).image_shape)
 
   def split_bytes(self, split):
     """Bytes of the split's images; known without reading for registered datasets."""
@@ -81,17 +82,19 @@ class ArrayDataset:
     raise DataError("arrays in memory have no streaming split: set data.pipeline=in_memory")
 
 
-def open_dataset(data_config):
-  return PreparedDataset(data_config)
+def open_dataset(settings):
+  """The prepared dataset settings.DataSettings names."""
+  return PreparedDataset(settings)
 
 
-def choose_pipeline(data_config, dataset, split):
-  """"in_memory" or "streaming" for `split`: data.pipeline, or by size when it is "auto"."""
-  choice = data_config.pipeline
+def choose_pipeline(settings, dataset, split):
+  """"in_memory" or "streaming" for `split`: data.pipeline, or by size when it is "auto"
+  (`settings`: settings.DataSettings)."""
+  choice = settings.pipeline
   if choice not in PIPELINES:
     raise ConfigError(f"unknown data.pipeline {choice!r}: use {', '.join(PIPELINES)}")
   if choice != "auto":
     return choice
   if isinstance(dataset, ArrayDataset):
     return "in_memory"
-  return "in_memory" if dataset.split_bytes(split) <= data_config.in_memory_max_bytes else "streaming"
+  return "in_memory" if dataset.split_bytes(split) <= settings.in_memory_max_bytes else "streaming"

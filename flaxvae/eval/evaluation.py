@@ -40,9 +40,10 @@ def summarize(values: dict):
   return out
 
 
-def eval_rng(config):
-  """The key evaluation draws from: examples are keyed by id, so any subset scores the same."""
-  return jax.random.key_data(jax.random.key(config.seed + 1))
+def eval_rng(seed):
+  """The key evaluation draws from (`seed`: the run's): examples are keyed by id, so any subset
+  scores the same."""
+  return jax.random.key_data(jax.random.key(seed + 1))
 
 
 def likelihood_note(protocol, likelihood):
@@ -58,14 +59,16 @@ def likelihood_note(protocol, likelihood):
 
 
 def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, final=False,
-             progress=False):
+             progress=False, eval_settings=None):
   """Every diagnostic the model supports over the first `num_examples` (None: all).
 
   The importance pass, then the optional diagnostics (evaluators.EVALUATORS) in their order.
-  `final` adds what config.eval keeps for the final evaluation: log p(x) by the configured
+  `final` adds what the eval settings keep for the final evaluation: log p(x) by the chosen
   estimator (AIS replaces IWAE's figures where it ran; IWAE's stay as *_iwae), BDMC on
-  simulated data, and the amortization gap.
+  simulated data, and the amortization gap. `eval_settings` (settings.EvalSettings) defaults
+  to the run's.
   """
+  eval_settings = eval_settings or run.settings.eval
   start = time.perf_counter()
   k, protocol = num_importance_samples, run.protocol
   label = (lambda what: f"{what}:") if progress else (lambda what: None)
@@ -77,7 +80,7 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, 
   for name, evaluate in EVALUATORS.items():
     found = evaluate(run=run, evaluator=evaluator, params=params, rng=rng, values=values,
                      num_examples=num_examples, num_importance_samples=k, final=final,
-                     label=label)
+                     label=label, eval_settings=eval_settings)
     if isinstance(found, str):
       skipped[name] = found
       continue
@@ -114,7 +117,7 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, 
   row.update(summarize({k_: v for k_, v in values.items() if len(v) != n}))  # over fewer examples
   row.update(fields)
   if skipped:
-    row["skipped"] = {name: (f"model {run.config.model.name!r} {why}" if "capability" in why
+    row["skipped"] = {name: (f"model {run.settings.model.name!r} {why}" if "capability" in why
                              else why) for name, why in skipped.items()}
   row["seconds"] = time.perf_counter() - start
   return row
@@ -124,7 +127,7 @@ def importance_values(run, evaluator, params, rng, num_examples, k, progress):
   """Per-example importance figures (diagnostics.importance_fn). Where the backend wants it
   (runtime/backend.py: convolutional models on XLA:CPU), chunks of samples are dispatched from
   the host instead of scanned on the device: the same draws and figures."""
-  rows = backend.host_chunk_rows(run.config.model.name)
+  rows = backend.host_chunk_rows(run.settings.model.name)
   if rows is None:
     return evaluator.per_example(f"importance_{k}",
                                  diagnostics.importance_fn(run.graphdef, run.protocol, k),
@@ -154,33 +157,37 @@ def importance_values(run, evaluator, params, rng, num_examples, k, progress):
 
 
 def periodic_evaluation(run, evaluator, params, rng):
-  """The cheaper evaluation run every config.eval.every_steps."""
-  c = run.config.eval
+  """The cheaper evaluation run every eval.every_steps."""
+  c = run.settings.eval
   return diagnose(run, evaluator, params, rng, c.num_examples or None, c.num_importance_samples)
 
 
-def final_settings(config, num_examples=None, num_importance_samples=None):
-  """(examples (None: all), K) of the final evaluation, or of an ad-hoc one that names them."""
-  c = config.eval
+def final_settings(eval_settings, num_examples=None, num_importance_samples=None):
+  """(examples (None: all), K) of the final evaluation (`eval_settings`:
+  settings.EvalSettings), or of an ad-hoc one that names them."""
+  c = eval_settings
   if num_examples is None:
     num_examples = c.final_num_examples
   return num_examples or None, num_importance_samples or c.final_num_importance_samples
 
 
-def final_evaluation(run, evaluator, params, rng, settings=None):
-  """The full evaluation: config.eval.final_* (whole split, K = 5000) and the amortization gap.
+def final_evaluation(run, evaluator, params, rng, settings=None, eval_settings=None):
+  """The full evaluation: eval.final_* (whole split, K = 5000) and the amortization gap.
 
   `settings` (examples or None for all, K), as `final_settings` resolves them, overrides the
-  config's."""
-  n, k = settings or final_settings(run.config)
-  return diagnose(run, evaluator, params, rng, n, k, final=True, progress=True)
+  eval settings'; `eval_settings` (settings.EvalSettings) replaces the run's."""
+  eval_settings = eval_settings or run.settings.eval
+  n, k = settings or final_settings(eval_settings)
+  return diagnose(run, evaluator, params, rng, n, k, final=True, progress=True,
+                  eval_settings=eval_settings)
 
 
-def result_file(config, split, num_examples, num_importance_samples):
-  """eval.json for the config's own final evaluation; eval_<split>_K<k>_N<n>.json otherwise,
-  so an ad-hoc evaluation never replaces the one `report` and `make run` rely on."""
-  final_n, final_k = final_settings(config)
-  if (split == config.data.eval_split and num_importance_samples == final_k
+def result_file(eval_settings, eval_split, split, num_examples, num_importance_samples):
+  """eval.json for the run's own final evaluation (of `eval_settings` on `eval_split`);
+  eval_<split>_K<k>_N<n>.json otherwise, so an ad-hoc evaluation never replaces the one
+  `report` and `make run` rely on."""
+  final_n, final_k = final_settings(eval_settings)
+  if (split == eval_split and num_importance_samples == final_k
       and num_examples == final_n):
     return FINAL_FILE
   return f"eval_{split}_K{num_importance_samples}_N{num_examples or 'all'}.json"

@@ -5,8 +5,9 @@ Each is one function called with these keyword arguments, of which it names thos
   run, evaluator, params, rng   the run, its evaluator.Evaluator, the parameters, the key
   num_examples                  the evaluated examples (None: all)
   num_importance_samples        the importance pass's K
-  final                         whether this is the final evaluation (config.eval keeps the
-                                costly diagnostics for it)
+  final                         whether this is the final evaluation (the eval settings keep
+                                the costly diagnostics for it)
+  eval_settings                 the eval section (settings.EvalSettings): what to run, how
   label                         label(what): the progress label, None when quiet
   values                        the per-example figures so far; values["log_px"] is the best
                                 estimate of log p(x) yet
@@ -45,9 +46,9 @@ def elbo_surgery(run, evaluator, params, rng, num_examples, **_):
 
 
 @EVALUATORS.register("ais")
-def ais(run, evaluator, params, rng, values, final, label, **_):
+def ais(run, evaluator, params, rng, values, final, label, eval_settings, **_):
   """log p(x) by AIS on the first eval.ais_examples, in place of IWAE's (kept as *_iwae)."""
-  c = run.config.eval
+  c = eval_settings
   if not final or c.log_px_estimator != "ais":
     return {}
   m = min(c.ais_examples or len(values["elbo"]), len(values["elbo"]))
@@ -62,9 +63,9 @@ def ais(run, evaluator, params, rng, values, final, label, **_):
 
 
 @EVALUATORS.register("bdmc")
-def bdmc(run, evaluator, params, rng, final, label, **_):
+def bdmc(run, evaluator, params, rng, final, label, eval_settings, **_):
   """The BDMC sandwich of log p(x) on eval.bdmc_examples simulated from the model."""
-  c = run.config.eval
+  c = eval_settings
   if not final or not c.bdmc_examples:
     return {}
   found = evaluator.per_example(
@@ -76,9 +77,9 @@ def bdmc(run, evaluator, params, rng, final, label, **_):
 
 @EVALUATORS.register("amortization_gap")
 def amortization_gap(run, evaluator, params, rng, values, num_importance_samples, final, label,
-                     **_):
+                     eval_settings, **_):
   """The amortization and approximation gaps (Cremer et al. 2018) on eval.amortization_examples."""
-  c = run.config.eval
+  c = eval_settings
   examples = min(c.amortization_examples, len(values["log_px"])) if final else 0
   if not examples or not c.amortization_steps:
     return {}

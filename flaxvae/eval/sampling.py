@@ -60,12 +60,12 @@ def layer_grid(run, params, images_uint8, key, keep_layers):
   return np.concatenate(rows)
 
 
-def save_image_grids(run, params, workdir, step):
-  """Test reconstructions (originals above their reconstructions) and prior samples."""
+def save_image_grids(run, params, workdir, step, n, seed):
+  """`n` prior samples (eval.num_image_samples) and as many test reconstructions (originals
+  above their reconstructions), drawn from `seed` (the run's)."""
   if not outputs.is_writer():
     return
   params = jax.tree.map(jnp.asarray, params)
-  n, seed = run.config.eval.num_image_samples, run.config.seed
   columns = max(1, n // 4)
   x, recon = reconstructions(run, params, run.eval_images[:2 * columns], jax.random.key(seed))
   pairs = np.concatenate([x[:columns], recon[:columns], x[columns:], recon[columns:]])

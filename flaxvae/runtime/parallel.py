@@ -233,11 +233,11 @@ class Runner:
     return jax.jit(mapped, donate_argnums=donate_argnums)
 
 
-def create_runner(parallel_config, batch_size):
-  """The training runner for `config.parallel`, after checking the batch splits over devices
-  and the mesh (`parallel.mesh`, e.g. "data:2,fsdp:4") covers them."""
+def create_runner(settings, batch_size):
+  """The training runner for `settings` (settings.ParallelSettings), after checking the batch
+  splits over devices and the mesh (`parallel.mesh`, e.g. "data:2,fsdp:4") covers them."""
   devices = jax.devices()
-  wanted = parallel_config.num_devices or len(devices)
+  wanted = settings.num_devices or len(devices)
   if wanted > len(devices):
     raise ConfigError(f"parallel.num_devices={wanted} but JAX sees only {len(devices)} devices: "
                       "lower it or set 0 for all")
@@ -247,20 +247,21 @@ def create_runner(parallel_config, batch_size):
     raise ConfigError(f"batch_size {batch_size} does not divide evenly over {wanted} devices: "
                       f"use a multiple of {wanted} (e.g. {(batch_size // wanted + 1) * wanted}) "
                       "or set parallel.num_devices")
-  if parallel_config.backend == "pmap" and jax.process_count() > 1 and wanted != len(devices):
+  if settings.backend == "pmap" and jax.process_count() > 1 and wanted != len(devices):
     raise ConfigError("parallel.num_devices must be 0 with the pmap backend on several processes")
-  _, fsdp = parse_mesh(parallel_config.mesh, wanted)
-  return Runner(parallel_config.backend, devices[:wanted], parallel_config.wait_timeout_s, fsdp)
+  _, fsdp = parse_mesh(settings.mesh, wanted)
+  return Runner(settings.backend, devices[:wanted], settings.wait_timeout_s, fsdp)
 
 
-def inference_runner(parallel_config):
-  """A runner for evaluation and inference on whatever devices this machine has.
+def inference_runner(settings):
+  """A runner for evaluation and inference on whatever devices this machine has (`settings`:
+  settings.ParallelSettings).
 
   Unlike training, nothing has to divide the training batch (evaluation pads its batches),
   and a run pinned to more devices than are here still evaluates, on all of them.
   """
   devices = jax.devices()
-  wanted = min(parallel_config.num_devices or len(devices), len(devices))
-  if parallel_config.backend == "pmap" and jax.process_count() > 1:
+  wanted = min(settings.num_devices or len(devices), len(devices))
+  if settings.backend == "pmap" and jax.process_count() > 1:
     wanted = len(devices)
-  return Runner(parallel_config.backend, devices[:wanted], parallel_config.wait_timeout_s)
+  return Runner(settings.backend, devices[:wanted], settings.wait_timeout_s)

@@ -1,4 +1,5 @@
-"""Optax optimizers and learning-rate schedules built from `config.optimizer`, by name.
+"""Optax optimizers and learning-rate schedules built from the optimizer section of the
+settings (settings.OptimizerSettings), by name.
 
 Schedules: `constant`; `warmup_constant` (linear warm-up, then flat: VDVAE); `warmup_cosine`
 (linear warm-up over `warmup_steps`, flat until `decay_start`, then cosine decay to
@@ -30,8 +31,8 @@ OPTIMIZERS.register("lamb")(lambda lr, c: optax.lamb(lr, b1=c.b1, b2=c.b2, eps=c
                                                      weight_decay=c.weight_decay))
 
 
-def learning_rate_schedule(opt_config, num_steps):
-  c, lr = opt_config, opt_config.learning_rate
+def learning_rate_schedule(optimizer, num_steps):
+  c, lr = optimizer, optimizer.learning_rate
   if c.schedule == "constant":
     return optax.constant_schedule(lr)
   warmup = optax.linear_schedule(0.0, lr, max(c.warmup_steps, 1))
@@ -49,20 +50,21 @@ def learning_rate_schedule(opt_config, num_steps):
   raise ConfigError(f"unknown optimizer.schedule {c.schedule!r}: use {', '.join(SCHEDULES)}")
 
 
-def create_optimizer(opt_config, num_steps):
-  """The gradient transformation, and the schedule (so the trainer can log the rate).
+def create_optimizer(optimizer, num_steps):
+  """The gradient transformation of `optimizer` (settings.OptimizerSettings), and the schedule
+  (so the trainer can log the rate).
 
   Groups in `optimizer.frozen` (top-level parameter keys) get zero updates: trained as a
   fixed part of the model (the encoder-only experiment freezes the decoder). Gradient
   clipping happens in the train step, which knows the norm of sharded gradients.
   """
-  make = OPTIMIZERS.get(opt_config.name)
-  if not opt_config.learning_rate > 0:
-    raise ConfigError(f"optimizer.learning_rate must be positive, got {opt_config.learning_rate}")
-  schedule = learning_rate_schedule(opt_config, num_steps)
-  tx = make(schedule, opt_config)
-  if opt_config.frozen:
-    frozen = set(opt_config.frozen)
+  make = OPTIMIZERS.get(optimizer.name)
+  if not optimizer.learning_rate > 0:
+    raise ConfigError(f"optimizer.learning_rate must be positive, got {optimizer.learning_rate}")
+  schedule = learning_rate_schedule(optimizer, num_steps)
+  tx = make(schedule, optimizer)
+  if optimizer.frozen:
+    frozen = set(optimizer.frozen)
     mask = lambda params: {k: jax.tree.map(lambda _: k in frozen, v) for k, v in params.items()}
     tx = optax.chain(tx, optax.masked(optax.set_to_zero(), mask))
   return tx, schedule

@@ -40,7 +40,7 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32 scalar: updates attempted so far
   params: Any  # pure dict of float32 arrays (nnx.to_pure_dict of the model state)
   opt_state: Any
-  ema_params: Any  # same tree as params when config.ema_decay > 0, else ()
+  ema_params: Any  # same tree as params when ema_decay > 0, else ()
   rng: jax.Array  # raw uint32 PRNG key data, so checkpoints hold plain arrays
   skipped: jax.Array  # int32: steps skipped for non-finite loss/gradients, in total
   consecutive_skips: jax.Array  # int32: skipped in a row up to now
@@ -105,14 +105,17 @@ class Layout(NamedTuple):
     squares = lambda gs: sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g in gs), 0.0)
     return jnp.sqrt(jax.lax.psum(squares(split), FSDP) + squares(whole))
 
-def step_config(config):
-  """StepConfig from the resolved config: objective.* and optimizer.* keys of the same names."""
-  names = {f.name for f in dataclasses.fields(StepConfig)}
-  values = {k: v for part in (config.objective, config.optimizer) for k, v in part.items()
-            if k in names}
-  values["objective"] = config.objective.name
-  return StepConfig(protocol=protocols.PROTOCOLS.get(config.data.protocol),
-                    ema_decay=config.ema_decay, **values)
+def step_config(s):
+  """StepConfig from settings.Settings `s`, every field named: a setting renamed on either side
+  fails here, never falls back to StepConfig's default."""
+  o, opt = s.objective, s.optimizer
+  return StepConfig(
+      protocol=protocols.PROTOCOLS.get(s.data.protocol), objective=o.name,
+      num_samples=o.num_samples, beta=o.beta, kl_warmup_steps=o.kl_warmup_steps,
+      free_bits=o.free_bits, free_bits_per=o.free_bits_per, ema_decay=s.ema_decay,
+      skip_nonfinite=opt.skip_nonfinite, skip_threshold=opt.skip_threshold,
+      adaptive_skip=opt.adaptive_skip, adaptive_skip_quantile=opt.adaptive_skip_quantile,
+      grad_clip_norm=opt.grad_clip_norm, accumulate_steps=opt.accumulate_steps)
 
 
 def ema_decay_at(step, decay):

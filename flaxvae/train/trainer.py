@@ -19,47 +19,48 @@ from jax.experimental import multihost_utils
 
 from flaxvae import config as config_lib
 from flaxvae import console
+from flaxvae import settings as settings_lib
 from flaxvae.errors import DeviceTimeout, Diverged
 from flaxvae.eval import evaluation, sampling
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.run import Run
 from flaxvae.runtime import dispatch, jax_private
 from flaxvae.train import checkpoint as checkpoint_lib
-from flaxvae.train import outputs, preemption
+from flaxvae.train import outputs, preemption, workdir_lock
 
 log = logging.getLogger("flaxvae")
 
 
-def event_boundaries(config):
+def event_boundaries(settings):
   """Steps at which the host must act: log, evaluate, checkpoint or stop."""
-  return [s for s in (config.log_every_steps, config.eval.every_steps,
-                      config.checkpoint.every_steps) if s > 0]
+  return [s for s in (settings.log_every_steps, settings.eval.every_steps,
+                      settings.checkpoint.every_steps) if s > 0]
 
 
-def scheduled_evaluations(config):
+def scheduled_evaluations(eval_settings, num_steps):
   """Steps evaluated besides the multiples of eval.every_steps: with eval.schedule "log", step
   0 and about eval.log_points log-spaced steps up to num_steps, so the report shows how the
   distances to the prior and to the posterior move early in training."""
-  if config.eval.schedule != "log":
+  if eval_settings.schedule != "log":
     return frozenset()
-  points = np.geomspace(1, config.num_steps, config.eval.log_points)
-  return frozenset({0} | {int(round(p)) for p in points if round(p) < config.num_steps})
+  points = np.geomspace(1, num_steps, eval_settings.log_points)
+  return frozenset({0} | {int(round(p)) for p in points if round(p) < num_steps})
 
 
-def next_dispatch_size(step, config, evaluations=frozenset()):
+def next_dispatch_size(step, settings, evaluations=frozenset()):
   """Steps to run in the next dispatch: steps_per_dispatch, or the largest power of two that
   does not pass an event (log, evaluation, checkpoint, a scheduled evaluation) or the end.
 
   So a remainder runs in a few dispatches (400 steps with 500 per dispatch: 256 + 128 + 16),
   and the train function compiles for at most 1 + log2(steps_per_dispatch) sizes.
   """
-  limit = min(config.steps_per_dispatch, config.num_steps - step)
-  for every in event_boundaries(config):
+  limit = min(settings.steps_per_dispatch, settings.num_steps - step)
+  for every in event_boundaries(settings):
     limit = min(limit, every - step % every)
   for event in evaluations:
     if event > step:
       limit = min(limit, event - step)
-  return limit if limit == config.steps_per_dispatch else 1 << (limit.bit_length() - 1)
+  return limit if limit == settings.steps_per_dispatch else 1 << (limit.bit_length() - 1)
 
 
 def check_no_recompilation(train_fn, sizes_run):
@@ -76,19 +77,23 @@ def every(step, interval):
   return interval > 0 and step % interval == 0
 
 
+@workdir_lock.single_writer  # one writer per workdir: a second is refused
 def train(config, workdir, dataset=None):
   """Trains (or resumes) the run in `workdir`; returns the final evaluation row.
 
-  `dataset` (data.ArrayDataset, ...) replaces the one `config.data` names.
+  `dataset` (data.ArrayDataset, ...) replaces the one `config.data` names. The ConfigDict is
+  resolved here, once (settings.resolve); below, each part gets its own section of the
+  settings, and the config itself is only written out (config.json, the checkpoints' JSON).
   """
   started = time.perf_counter()
   # --------------------------------------------------------------------------
   # Setup: every check that can refuse the run happens here, before anything
   # in the workdir is written (a refused resume leaves it exactly as it was).
   # --------------------------------------------------------------------------
-  run = Run(config, dataset)
+  settings = settings_lib.resolve(config)
+  run = Run(settings, dataset)
   runner = run.runner
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, settings.checkpoint)
   config_json = dict(config_lib.to_json(config), image_shape=list(run.image_shape))
   state, data_state = run.initial_state(), None
   target = checkpoint_lib.abstract_like(state, runner.state_shardings(state)
@@ -108,27 +113,28 @@ def train(config, workdir, dataset=None):
   if outputs.is_writer():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  writer = outputs.MetricWriter(workdir)
+  writer = outputs.MetricWriter(workdir, resumed_from=restored[0] if restored else 0)
   log.info("devices: %d x %s (%s backend), processes: %d; input pipeline: %s",
-           runner.num_devices, runner.devices[0].device_kind, config.parallel.backend,
+           runner.num_devices, runner.devices[0].device_kind, settings.parallel.backend,
            jax.process_count(), feed.name)
 
   # --------------------------------------------------------------------------
   # Compile: the multi-step train function, with the state donated.
   # --------------------------------------------------------------------------
   train_fn = run.train_fn("indices" if feed.gathers else "batches")
-  evaluator = Evaluator(runner, run.eval_images, config.eval.batch_size)
-  eval_rng = evaluation.eval_rng(config)
+  evaluator = Evaluator(runner, run.eval_images, settings.eval.batch_size)
+  eval_rng = evaluation.eval_rng(settings.seed)
 
   def run_eval(step, final=False):
     params = runner.get(run.eval_params(state))
     diagnose = evaluation.final_evaluation if final else evaluation.periodic_evaluation
     row = diagnose(run, evaluator, params, eval_rng)
-    writer.write(step, dict(row, final=final), split=config.data.eval_split)
+    writer.write(step, dict(row, final=final), split=settings.data.eval_split)
     if final:
       evaluation.write_json(workdir, evaluation.FINAL_FILE,
-                            dict(row, step=step, split=config.data.eval_split))
-    sampling.save_image_grids(run, params, workdir, step)
+                            dict(row, step=step, split=settings.data.eval_split))
+    sampling.save_image_grids(run, params, workdir, step, settings.eval.num_image_samples,
+                              settings.seed)
     return row
 
   # --------------------------------------------------------------------------
@@ -139,42 +145,44 @@ def train(config, workdir, dataset=None):
   pending, window_start, window_step = [], time.perf_counter(), step
   sizes_run = set()
   in_flight = dispatch.InFlight(runner.wait_timeout_s)
-  progress = console.Progress(config.num_steps, "step", "steps", plain_every_s=0.0,
+  progress = console.Progress(settings.num_steps, "step", "steps", plain_every_s=0.0,
                               start_done=step)
-  evaluations = scheduled_evaluations(config)
+  evaluations = scheduled_evaluations(settings.eval, settings.num_steps)
   if step == 0 and 0 in evaluations:
     run_eval(0)
   watcher = preemption.Watcher(checkpointer.manager)
   try:
-    while step < config.num_steps:
-      n = next_dispatch_size(step, config, evaluations)
+    while step < settings.num_steps:
+      n = next_dispatch_size(step, settings, evaluations)
       state, metrics = train_fn(state, *feed.args(n))  # async: the next batches overlap compute
       in_flight.add(metrics)  # at most two dispatches queued: see runtime/dispatch.py
       pending.append((n, metrics))
       sizes_run.add(n)
       step += n
-      logged = step % config.log_every_steps == 0 or step == config.num_steps
+      logged = step % settings.log_every_steps == 0 or step == settings.num_steps
       if logged:
         check_no_recompilation(train_fn, sizes_run)
         row = _mean_rows([(k, runner.get(m)) for k, m in pending])
         now = time.perf_counter()
-        row["examples_per_s"] = (step - window_step) * config.batch_size / (now - window_start)
+        row["examples_per_s"] = (step - window_step) * settings.batch_size / (now - window_start)
         row["learning_rate"] = float(run.schedule(step))
         row["epoch"] = feed.epoch
         row["wall_s"] = now - started  # since train() began: setup, compile, evals, saves
         writer.write(step, row)
         progress.update(step, f"loss {row['loss']:.2f}, rate {row['rate']:.2f}, "
                               f"{row['examples_per_s']:,.0f} ex/s")
-        _check_skips(runner.get(state.consecutive_skips), config, step, checkpointer)
+        _check_skips(runner.get(state.consecutive_skips), settings.max_consecutive_skips, step,
+                     checkpointer)
         pending, window_start, window_step = [], time.perf_counter(), step
       eval_row = None
-      if (every(step, config.eval.every_steps) or step in evaluations) and step < config.num_steps:
+      if ((every(step, settings.eval.every_steps) or step in evaluations)
+          and step < settings.num_steps):
         eval_row = run_eval(step)
       stop = watcher.should_stop(step)
-      out_of_time = logged and config.time_budget_s and _all_agree(
-          time.perf_counter() - started >= config.time_budget_s)
-      if (stop or out_of_time or step == config.num_steps
-          or every(step, config.checkpoint.every_steps)):
+      out_of_time = logged and settings.time_budget_s and _all_agree(
+          time.perf_counter() - started >= settings.time_budget_s)
+      if (stop or out_of_time or step == settings.num_steps
+          or every(step, settings.checkpoint.every_steps)):
         checkpointer.save(step, runner.unreplicate(state), feed.state(), config_json, eval_row)
         log.info("checkpoint step %d: save() blocked the loop %.1f ms", step,
                  1e3 * checkpointer.last_blocked_s)
@@ -186,7 +194,7 @@ def train(config, workdir, dataset=None):
         raise preemption.Preempted(watcher.signum, step)
       if out_of_time:
         log.info("time_budget_s=%s reached at step %d: evaluating that checkpoint",
-                 config.time_budget_s, step)
+                 settings.time_budget_s, step)
         break
   except DeviceTimeout:
     watcher.close()  # the runtime is wedged: waiting for a save would hang too
@@ -207,15 +215,15 @@ def train(config, workdir, dataset=None):
   # Final: wait for the last checkpoint, evaluate on the whole split.
   # --------------------------------------------------------------------------
   checkpointer.close()
-  final = _already_evaluated(workdir, config, step) if step == first_step else None
+  final = _already_evaluated(workdir, settings, step) if step == first_step else None
   if final is None:
     final = run_eval(step, final=True)
   writer.close()
   return final
 
 
-def _already_evaluated(workdir, config, step):
-  """eval.json of a finished run when it matches this config's final evaluation, else None.
+def _already_evaluated(workdir, settings, step):
+  """eval.json of a finished run when it matches these settings' final evaluation, else None.
 
   Rerunning a finished run (a second `make run`) then costs seconds, not the K=5000 pass.
   """
@@ -224,8 +232,8 @@ def _already_evaluated(workdir, config, step):
       row = json.load(f)
   except (OSError, ValueError):
     return None
-  num_examples, k = evaluation.final_settings(config)
-  if (row.get("step") != step or row.get("split") != config.data.eval_split
+  num_examples, k = evaluation.final_settings(settings.eval)
+  if (row.get("step") != step or row.get("split") != settings.data.eval_split
       or row.get("num_importance_samples") != k
       or (num_examples and row.get("num_examples") != num_examples)):
     return None
@@ -249,8 +257,8 @@ def _mean_rows(pending):
   return {k: v.tolist() if np.ndim(v) else float(v) for k in keys for v in [mean(k)]}
 
 
-def _check_skips(consecutive, config, step, checkpointer):
-  if config.max_consecutive_skips and consecutive >= config.max_consecutive_skips:
+def _check_skips(consecutive, max_consecutive_skips, step, checkpointer):
+  if max_consecutive_skips and consecutive >= max_consecutive_skips:
     raise Diverged(
         f"{int(consecutive)} consecutive steps up to step {step} were skipped (non-finite loss "
         f"or gradients, or a gradient norm over the guard's threshold); last good checkpoint: "

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from flaxvae import settings
 from flaxvae.train import checkpoint as checkpoint_lib
 from flaxvae.train import trainer
 from tests.conftest import FLAXVAE, REPO, load_config, set_keys
@@ -142,9 +143,10 @@ def test_sigterm_to_one_process_stops_all_at_one_committed_step(tmp_path, data_d
   # A dispatch boundary: a multiple of steps_per_dispatch, or a step the config's log-spaced
   # schedule evaluates (23 of the endless run's 100,000 steps, reached when the machine is slow
   # to deliver the signal).
-  endless = set_keys(load_config("fashion_mnist_mlp"), num_steps=100000)
+  endless = settings.resolve(set_keys(load_config("fashion_mnist_mlp"), num_steps=100000))
   assert max(steps) == stopped
-  assert stopped % 4 == 0 or stopped in trainer.scheduled_evaluations(endless), stopped
+  assert (stopped % 4 == 0 or stopped in trainer.scheduled_evaluations(endless.eval,
+                                                                       endless.num_steps)), stopped
   result = launch(2, 2, workdir, data_dir, "--config.checkpoint.allow_config_change=True",
                   f"--config.num_steps={stopped + 4}")
   assert result.returncode == 0, result.stderr[-3000:]

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from flaxvae import settings
 from flaxvae.errors import ConfigError, DataError
 from flaxvae.run import Run
 from flaxvae.runtime import parallel
@@ -19,9 +20,9 @@ from tests.conftest import (FLAXVAE, array_dataset, load_config, set_keys, tiny_
 
 
 def sizes(num_steps, steps_per_dispatch, log=1000, evaluate=0, save=0):
-  config = tiny_config(num_steps=num_steps, steps_per_dispatch=steps_per_dispatch,
-                       log_every_steps=log, **{"eval.every_steps": evaluate,
-                                               "checkpoint.every_steps": save})
+  config = settings.resolve(tiny_config(
+      num_steps=num_steps, steps_per_dispatch=steps_per_dispatch, log_every_steps=log,
+      **{"eval.every_steps": evaluate, "checkpoint.every_steps": save}))
   step, out = 0, []
   while step < num_steps:
     out.append(trainer.next_dispatch_size(step, config))
