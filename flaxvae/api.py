@@ -10,6 +10,8 @@ file does not change what `load` returns), with the same pieces the trainer uses
 on whatever devices this machine has. Evaluation uses the EMA parameters when the run kept
 them.
 """
+import dataclasses
+import json
 import logging
 import os
 
@@ -46,29 +48,35 @@ def _checkpoint_manager(workdir):
     raise CheckpointError(f"no checkpoints in {directory}: train first "
                           "(flaxvae train --config ... --workdir DIR) or check --workdir")
   logging.getLogger("absl").addFilter(_NO_READ_ONLY_NOTICE)  # once: the same filter object
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, read_only=True, save_interval_steps=0))
+  manager = checkpoint_lib.read_only_manager(directory)
   if manager.latest_step() is None:
     raise CheckpointError(f"no finished checkpoint in {directory}: train longer "
                           "(checkpoint.every_steps) or check --workdir")
   return manager
 
 
-def _chosen_step(manager, step):
-  if step is None:
-    return manager.latest_step()
-  if step not in manager.all_steps():
-    raise CheckpointError(f"no checkpoint for step {step} in {manager.directory}: "
-                          f"available steps are {sorted(manager.all_steps())}")
-  return step
+def _newest_readable(workdir, step, read):
+  """(step, read(manager, step)) of the newest readable checkpoint (or of `step`), read-only:
+  the trainer's fallback (checkpoint.newest_readable), so a run may be writing meanwhile."""
+  manager = _checkpoint_manager(workdir)
+  try:
+    found, value, _ = checkpoint_lib.newest_readable(
+        manager.directory, manager.all_steps(), lambda s: read(manager, s), step)
+  finally:
+    manager.close()
+  return found, value
+
+
+def _read_config(manager, step):
+  saved = checkpoint_lib.restore_items(manager, step, config=ocp.args.JsonRestore())["config"]
+  if not isinstance(saved, dict):
+    raise ValueError(f"its config item holds {type(saved).__name__}, not a config")
+  return saved
 
 
 def saved_config_json(workdir, step=None):
-  manager = _checkpoint_manager(workdir)
-  step = _chosen_step(manager, step)
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  manager.close()
-  return saved
+  """The resolved config (JSON) saved with checkpoint `step` (default: the newest readable)."""
+  return _newest_readable(workdir, step, _read_config)[1]
 
 
 def saved_config(workdir, step=None):
@@ -89,9 +97,11 @@ class Model:
   """A trained VAE. Inputs `x` are preprocessed floats [batch, H, W, C] (see `load_dataset`);
   uint8 images go through the run's data protocol first. Per-example values are in nats."""
 
-  def __init__(self, run, params, step):
+  def __init__(self, run, params, step, config=None):
+    """`config`: the ConfigDict the run was loaded from (`model.config`, for users); the model
+    itself reads only `run.settings`."""
     self.run, self.params, self.step = run, jax.tree.map(jnp.asarray, params), step
-    self.config, self.likelihood = run.config, run.likelihood
+    self.config, self.settings, self.likelihood = config, run.settings, run.likelihood
     self.latent_shapes = run.model.latent_shapes
     self.capabilities = tuple(getattr(run.model, "CAPABILITIES", ()))
 
@@ -120,7 +130,7 @@ class Model:
   def _require(self, capability, what):
     if capability not in self.capabilities:
       raise ConfigError(f"{what} needs a model with the {capability} capability; model "
-                        f"{self.config.model.name!r} has {list(self.capabilities) or 'none'}")
+                        f"{self.settings.model.name!r} has {list(self.capabilities) or 'none'}")
 
   def encode(self, x):
     """The Gaussian posterior q(z|x) as (mean, logvar), each [batch, latent]."""
@@ -139,7 +149,7 @@ class Model:
                                                      else (zs,)))
     shapes = [tuple(z.shape[1:]) for z in zs]
     if shapes != [tuple(s) for s in self.latent_shapes]:
-      raise ConfigError(f"model {self.config.model.name!r} takes latents of shapes "
+      raise ConfigError(f"model {self.settings.model.name!r} takes latents of shapes "
                         f"{[list(s) for s in self.latent_shapes]} (a tuple, top layer first, "
                         f"each [batch, *shape]); got {[list(s) for s in shapes]}")
     return zs
@@ -187,7 +197,7 @@ class Model:
       return self._bounds(self.params, x, key, int(num_samples))[0]
     if estimator != "ais":
       raise ConfigError(f"unknown estimator {estimator!r}: use iwae or ais")
-    c = self.config.eval
+    c = self.settings.eval
     steps, leapfrog = int(ais_steps or c.ais_steps), int(ais_leapfrog or c.ais_leapfrog)
     setting = (steps, leapfrog, int(num_samples))
     if setting not in self._ais:
@@ -198,25 +208,32 @@ class Model:
 
 
 def load(workdir, step=None) -> Model:
-  """The model of `workdir` at checkpoint `step` (default: the latest), on this machine's devices."""
-  saved = saved_config_json(workdir, step)
-  config = config_lib.with_defaults(saved)
-  run = Run(config, for_training=False, image_shape=_image_shape(saved, config))
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.checkpoint)
-  step = _chosen_step(checkpointer.manager, step)
-  target = checkpoint_lib.abstract_like(run.initial_state(), run.runner.sharding())
-  try:
-    state, _, _ = checkpointer.restore(step, target)
-  except ValueError as e:  # orbax: the saved tree differs from this version's TrainState
-    raise CheckpointError(
-        f"cannot read checkpoint step {step} in {checkpointer.directory}: it was written by "
-        f"flaxvae {config.flaxvae_version} and this is flaxvae {config_lib.version()} "
-        f"({one_line(e, 120)}): retrain, or load it with flaxvae "
-        f"{config.flaxvae_version}") from None
-  finally:
-    checkpointer.close()
+  """The model of `workdir` at checkpoint `step` (default: the newest readable one, with a
+  warning for each newer one skipped), on this machine's devices."""
+  runs = {}  # one Run per distinct saved config: falling back to an older step rebuilds none
+
+  def read(manager, candidate):
+    saved = _read_config(manager, candidate)
+    key = json.dumps(saved, sort_keys=True)
+    if key not in runs:
+      config = config_lib.with_defaults(saved)
+      runs[key] = config, Run(config, for_training=False, image_shape=_image_shape(saved, config))
+    config, run = runs[key]
+    target = checkpoint_lib.abstract_like(run.initial_state(), run.runner.sharding())
+    try:
+      return run, config, checkpoint_lib.restore_state(manager, candidate, target)
+    except ValueError as e:  # orbax: the saved tree differs from this version's TrainState
+      written_by = saved.get("flaxvae_version", "0.1.0")  # the one version that did not stamp
+      if written_by == config_lib.version():
+        raise  # the same version: the checkpoint is damaged, and the fallback says so
+      raise CheckpointError(
+          f"cannot read checkpoint step {candidate} in {manager.directory}: it was written by "
+          f"flaxvae {written_by} and this is flaxvae {config_lib.version()} "
+          f"({one_line(e, 120)}): retrain, or load it with flaxvae {written_by}") from None
+
+  step, (run, config, state) = _newest_readable(workdir, step, read)
   params = jax.tree.map(np.asarray, run.eval_params(state))
-  return Model(run, params, int(step))
+  return Model(run, params, int(step), config)
 
 
 def load_dataset(config_or_workdir, split):
@@ -243,21 +260,24 @@ def evaluate(workdir, split=None, num_importance_samples=None, max_examples=None
   if max_examples is not None and max_examples < 0:
     raise ConfigError(f"--max_examples must be >= 0 (0: the whole split), got {max_examples}")
   model = load(workdir, step)
-  run, config = model.run, model.run.config
-  adhoc = {}
-  with config.unlocked():
-    if log_px_estimator and log_px_estimator != config.eval.log_px_estimator:
-      config.eval.log_px_estimator = adhoc["estimator"] = log_px_estimator
-    if bdmc_examples is not None and bdmc_examples != config.eval.bdmc_examples:
-      config.eval.bdmc_examples = adhoc["bdmc"] = bdmc_examples
-  split = split or config.data.eval_split
-  images = run.eval_images if split == config.data.eval_split else run.dataset.images(split)
-  evaluator = Evaluator(run.runner, images, config.eval.batch_size)
-  n, k = evaluation.final_settings(config, max_examples, num_importance_samples)
-  row = evaluation.final_evaluation(run, evaluator, model.params, evaluation.eval_rng(config),
-                                    (n, k))
+  run, settings = model.run, model.settings
+  adhoc = {}  # what differs from the run's eval settings, which stay as they are
+  if log_px_estimator and log_px_estimator != settings.eval.log_px_estimator:
+    adhoc["estimator"] = log_px_estimator
+  if bdmc_examples is not None and bdmc_examples != settings.eval.bdmc_examples:
+    adhoc["bdmc"] = bdmc_examples
+  eval_settings = dataclasses.replace(
+      settings.eval, log_px_estimator=adhoc.get("estimator", settings.eval.log_px_estimator),
+      bdmc_examples=adhoc.get("bdmc", settings.eval.bdmc_examples))
+  eval_split = settings.data.eval_split
+  split = split or eval_split
+  images = run.eval_images if split == eval_split else run.dataset.images(split)
+  evaluator = Evaluator(run.runner, images, eval_settings.batch_size)
+  n, k = evaluation.final_settings(eval_settings, max_examples, num_importance_samples)
+  row = evaluation.final_evaluation(run, evaluator, model.params,
+                                    evaluation.eval_rng(settings.seed), (n, k), eval_settings)
   row = dict(row, step=model.step, split=split)
-  name = evaluation.result_file(config, split, n, k)
+  name = evaluation.result_file(eval_settings, eval_split, split, n, k)
   if adhoc:
     name = (name if name != evaluation.FINAL_FILE else f"eval_{split}_K{k}_N{n or 'all'}.json")
     name = name.replace(".json", "".join(f"_{key}{value}" for key, value in adhoc.items()) + ".json")

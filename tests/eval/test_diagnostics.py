@@ -1,4 +1,5 @@
 """Diagnostics against closed forms (a linear-Gaussian VAE), and on a briefly trained MLP VAE."""
+import dataclasses
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 
 import flaxvae
-from flaxvae import cli, defaults
+from flaxvae import cli, defaults, settings
 from flaxvae import data as data_lib
 from flaxvae.data import folder, protocols
 from flaxvae.eval import diagnostics, evaluation
@@ -103,7 +104,7 @@ def importance(setup, k):
   run = setup["run"]
   fn = diagnostics.importance_fn(run.graphdef, run.protocol, k)
   return setup["evaluator"].per_example(f"importance_{k}", fn, setup["params"],
-                                        evaluation.eval_rng(run.config))
+                                        evaluation.eval_rng(run.settings.seed))
 
 
 def test_log_px_converges_to_the_exact_marginal_and_the_gap_to_the_exact_kl(linear):
@@ -177,7 +178,7 @@ def test_amortization_gap_matches_the_best_diagonal_gaussian(linear):
   run = linear["run"]
   fn = diagnostics.amortization_fn(run.graphdef, run.protocol, 300, 0.05, num_eval_samples=500)
   gaps = linear["evaluator"].per_example("amortization", fn, linear["params"],
-                                         evaluation.eval_rng(run.config))
+                                         evaluation.eval_rng(run.settings.seed))
   exact = linear["exact_kl"] - linear["optimal_kl"]  # KL(q || p(z|x)) - KL(q* || p(z|x))
   np.testing.assert_allclose(np.mean(gaps["elbo_optimized"] - gaps["elbo_encoder"]), np.mean(exact),
                              atol=0.05)
@@ -193,7 +194,7 @@ def test_elbo_surgery_adds_up_and_matches_the_gaussian_closed_form(linear):
   means, logvars = (x @ a + 0.2).astype(np.float32), np.tile(np.log(q_var), (n, 1)).astype(np.float32)
   evaluator = Evaluator(linear["run"].runner, x, 1000)
   values = evaluator.per_example("aggregate", diagnostics.aggregate_fn(num_samples=8),
-                                 (means, logvars), evaluation.eval_rng(linear["run"].config),
+                                 (means, logvars), evaluation.eval_rng(linear["run"].settings.seed),
                                  rows=np.stack([means, logvars], axis=1))
   rate = np.asarray(gaussian.kl_to_standard(means, logvars))
   np.testing.assert_allclose(values["mutual_info"] + values["marginal_kl"], rate, rtol=1e-5, atol=1e-4)
@@ -368,15 +369,16 @@ def test_api_evaluate_names_the_result_file_by_its_settings(trained):
 
 
 def test_result_file_names():
-  config = set_keys(defaults.base_config(), **{"eval.final_num_examples": 48,
-                                               "eval.final_num_importance_samples": 10})
-  assert evaluation.result_file(config, "test", 48, 10) == evaluation.FINAL_FILE
-  assert evaluation.result_file(config, "test", 32, 10) == "eval_test_K10_N32.json"
-  assert evaluation.result_file(config, "test", 48, 100) == "eval_test_K100_N48.json"
-  assert evaluation.result_file(config, "train", 48, 10) == "eval_train_K10_N48.json"
-  whole = set_keys(defaults.base_config(), **{"eval.final_num_examples": 0})
-  assert evaluation.result_file(whole, "test", None, 5000) == evaluation.FINAL_FILE
-  assert evaluation.result_file(whole, "test", None, 100) == "eval_test_K100_Nall.json"
+  final = settings.resolve(set_keys(defaults.base_config(), **{
+      "eval.final_num_examples": 48, "eval.final_num_importance_samples": 10})).eval
+  name = lambda *args: evaluation.result_file(final, "test", *args)
+  assert name("test", 48, 10) == evaluation.FINAL_FILE
+  assert name("test", 32, 10) == "eval_test_K10_N32.json"
+  assert name("test", 48, 100) == "eval_test_K100_N48.json"
+  assert name("train", 48, 10) == "eval_train_K10_N48.json"
+  whole = dataclasses.replace(final, final_num_examples=0, final_num_importance_samples=5000)
+  assert evaluation.result_file(whole, "test", "test", None, 5000) == evaluation.FINAL_FILE
+  assert evaluation.result_file(whole, "test", "test", None, 100) == "eval_test_K100_Nall.json"
 
 
 def test_max_examples_zero_evaluates_the_whole_split(trained):
@@ -398,14 +400,14 @@ def test_ais_through_the_model_contract_finds_the_exact_marginal(linear):
   fn = diagnostics.ais_fn(run.graphdef, run.protocol, num_steps=100, num_chains=8,
                           num_leapfrog=5)
   values = linear["evaluator"].per_example("ais", fn, linear["params"],
-                                           evaluation.eval_rng(run.config), 16)
+                                           evaluation.eval_rng(run.settings.seed), 16)
   error = values["log_px_ais"] - linear["exact_log_px"][:16]
   assert abs(np.mean(error)) < 0.05 and np.max(np.abs(error)) < 0.3, error
   assert np.all((values["ais_accept_rate"] > 0.3) & (values["ais_accept_rate"] <= 1.0))
   # From the prior: a worse start, the same answer.
   fn = diagnostics.ais_fn(run.graphdef, run.protocol, 200, 8, 5, init="prior")
   values = linear["evaluator"].per_example("ais_prior", fn, linear["params"],
-                                           evaluation.eval_rng(run.config), 16)
+                                           evaluation.eval_rng(run.settings.seed), 16)
   assert abs(np.mean(values["log_px_ais"] - linear["exact_log_px"][:16])) < 0.1
 
 
@@ -427,7 +429,7 @@ def test_bdmc_sandwiches_the_marginal_of_simulated_data(linear):
   run = linear["run"]
   fn = diagnostics.bdmc_fn(run.graphdef, num_steps=200, num_leapfrog=5)
   values = linear["evaluator"].per_example("bdmc", fn, linear["params"],
-                                           evaluation.eval_rng(run.config),
+                                           evaluation.eval_rng(run.settings.seed),
                                            rows=np.zeros((16, 1), np.float32))
   gap = values["bdmc_upper"] - values["bdmc_lower"]
   # Both bounds hold in expectation; one chain each, so single examples scatter by ~0.3 nats.

@@ -1,6 +1,7 @@
 """The evaluation row: diagnostics a model lacks the capability for are skipped (and said so),
 per-layer figures come per layer, and NLL / bits per dim appear only where log p(x) is a
 log-likelihood of the scored data (protocol and likelihood agree)."""
+import dataclasses
 import math
 
 import numpy as np
@@ -26,14 +27,14 @@ def run_and_evaluator(config):
 
 def final_row(config):
   run, evaluator = run_and_evaluator(config)
-  return evaluation.final_evaluation(run, evaluator, run.params, evaluation.eval_rng(config))
+  return evaluation.final_evaluation(run, evaluator, run.params, evaluation.eval_rng(config.seed))
 
 
 def test_a_model_without_the_capabilities_skips_those_diagnostics_and_says_why():
   config = tiny_config("ladder_mlp", **{"eval.amortization_examples": 4,
                                         "eval.amortization_steps": 2})
   run, evaluator = run_and_evaluator(config)
-  rng = evaluation.eval_rng(config)
+  rng = evaluation.eval_rng(config.seed)
   row = evaluation.final_evaluation(run, evaluator, run.params, rng)
   assert set(row["skipped"]) - {"khat"} == {"elbo_surgery", "amortization_gap"}
   assert "aggregate_posterior" in row["skipped"]["elbo_surgery"]
@@ -54,6 +55,17 @@ def test_a_model_without_the_capabilities_skips_those_diagnostics_and_says_why()
   periodic = evaluation.periodic_evaluation(run, evaluator, run.params, rng)
   assert set(periodic["skipped"]) - {"khat"} == {"elbo_surgery"}
   assert len(periodic["rate_by_layer"]) == 2 == len(periodic["active_units_by_layer"])
+
+
+def test_a_replaced_eval_section_runs_ais_and_leaves_the_run_settings_as_they_are():
+  """What `flaxvae evaluate --log_px_estimator=ais` does: no config is written to."""
+  run, evaluator = run_and_evaluator(tiny_config(**{"eval.ais_steps": 2, "eval.ais_chains": 1,
+                                                     "eval.ais_examples": 4}))
+  ais = dataclasses.replace(run.settings.eval, log_px_estimator="ais")
+  row = evaluation.final_evaluation(run, evaluator, run.params,
+                                    evaluation.eval_rng(run.settings.seed), eval_settings=ais)
+  assert row["log_px_estimator"] == "ais" and row["ais_examples"] == 4
+  assert run.settings.eval.log_px_estimator == "iwae"
 
 
 def test_a_model_with_the_capabilities_skips_nothing():
@@ -138,7 +150,7 @@ def test_host_dispatched_chunks_give_the_scanned_figures_from_one_running_total(
   assert backend.host_chunk_rows("conv") and evaluator.batch_size == 16
   assert run.runner.num_devices == 8  # tests run on 8 simulated devices
   assert [evaluator.batch_for(n) for n in (1, 5, 9, 100)] == [8, 8, 16, 16]
-  rng, k, n = evaluation.eval_rng(config), 30, 5
+  rng, k, n = evaluation.eval_rng(config.seed), 30, 5
   traced = []
   real_merge = diagnostics.merge_chunk
   with pytest.MonkeyPatch.context() as patch:  # the merge is jitted once, then run per chunk
