@@ -5,7 +5,6 @@ Periodic evaluations (few examples, small K) are drawn as lines with bands of
 markers, since its estimators are tighter (log p(x) higher, the mutual
 information cap log N larger).
 """
-import json
 import os
 
 import matplotlib
@@ -40,12 +39,9 @@ def evaluation_rows(workdir):
   rows = [r for r in outputs.read_metrics(workdir) if r.get("split") != "train" and "log_px" in r]
   periodic = [r for r in rows if not r.get("final")]
   final = [r for r in rows if r.get("final")]
-  path = os.path.join(workdir, "eval.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      extra = json.load(f)
-    if "log_px" in extra and all(r["step"] != extra.get("step") for r in final):
-      final.append(extra)
+  extra = outputs.read_json(os.path.join(workdir, "eval.json"), "the final evaluation") or {}
+  if "log_px" in extra and all(r["step"] != extra.get("step") for r in final):
+    final.append(extra)
   if not periodic and not final:
     raise ConfigError(f"no evaluations in {workdir}: train with eval.every_steps > 0, "
                       "or run flaxvae evaluate --workdir DIR first")

@@ -12,8 +12,16 @@ then a background thread writes `<step>.orbax-checkpoint-tmp-*` and renames it t
 `<step>` when every item is complete, so a half-written step is never listed. Kept:
 the last `checkpoint.max_to_keep` steps plus the `checkpoint.keep_best` steps with
 the highest eval ELBO (steps saved together with an evaluation). A state with a NaN
-or inf is never saved. On restore, a step that cannot be read (truncated, corrupt)
-is renamed `<step>.unreadable-<time>` and the previous step is used, with a warning.
+or inf is never saved.
+
+One fallback serves the trainer and every reader (`flaxvae evaluate`, `sample`,
+`flaxvae.load`, init.params_from): `newest_readable` opens the newest step that reads, with
+one warning line per newer step skipped naming it and why (a truncated file, a missing item
+or metadata file, an empty folder). Readers open the manager read-only and change nothing
+(a run may be writing the workdir meanwhile); only the trainer, which holds the workdir's
+lock (workdir_lock.py), renames an unreadable step `<step>.unreadable-<time>`, since its next
+save must be newer than every listed step. A reader's `--step N` that is absent or
+unreadable, or a workdir without a readable step, is a one-line CheckpointError (exit 2).
 
 Opening a checkpoint with orbax-checkpoint alone (no flaxvae, any device count):
 
@@ -37,6 +45,7 @@ second signal forced an immediate exit (only the last committed checkpoint count
 import json
 import logging
 import os
+import re
 import time
 
 import jax
@@ -45,7 +54,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from flaxvae import config as config_lib
-from flaxvae.errors import CheckpointError, ConfigError, Diverged, one_line
+from flaxvae.errors import CheckpointError, ConfigError, Diverged, FlaxvaeError, one_line
 
 log = logging.getLogger("flaxvae")
 
@@ -247,32 +256,24 @@ class Checkpointer:
     """(step, state, data_state, config_json) of the newest readable step, or None if none.
 
     `current_config` (resolved JSON) is checked against each step's saved config first, so a
-    refused change raises ConfigError before any array is read. Unreadable steps are set
-    aside (renamed, never deleted) with a warning naming them and the step used instead.
+    refused change raises ConfigError before any array is read. Unreadable steps are skipped
+    by `newest_readable` (the readers' fallback too) and then set aside (renamed, never
+    deleted), so the next save, which must be newer than the latest step, can proceed.
     """
-    steps = sorted(self.all_steps(), reverse=True)
-    bad = []
-    for i, step in enumerate(steps):
-      try:
-        saved = self.read_config(step)
-        if current_config is not None:
-          check_resumable(saved, current_config, step, self.directory)
-        state, data_state, config_json = self.restore(step, abstract_state)
-        if not _all_finite(state):
-          raise ValueError("it holds a NaN or inf")
-      except ConfigError:
-        raise
-      except Exception as e:  # any read failure means this step is unusable
-        fallback = steps[i + 1] if i + 1 < len(steps) else None
-        log.warning("checkpoint step %d in %s is unreadable (%s); %s", step, self.directory,
-                    one_line(e), f"falling back to step {fallback}" if fallback is not None
-                    else "no earlier checkpoint: starting from scratch")
-        bad.append(step)
-        continue
-      self._set_aside(bad)
-      return step, state, data_state, config_json
-    self._set_aside(bad)
-    return None
+    def read(step):
+      saved = self.read_config(step)
+      if current_config is not None:
+        check_resumable(saved, current_config, step, self.directory)
+      state, data_state, config_json = self.restore(step, abstract_state)
+      if not _all_finite(state):
+        raise ValueError("it holds a NaN or inf")
+      return state, data_state, config_json
+
+    step, restored, skipped = newest_readable(
+        self.directory, self.all_steps(), read,
+        none_left="no earlier checkpoint: starting from scratch", required=False)
+    self._set_aside(skipped)
+    return None if step is None else (step, *restored)
 
   def _set_aside(self, steps):
     """Renames unreadable steps so new saves (which must be newer than the latest) can proceed."""
@@ -287,6 +288,98 @@ class Checkpointer:
     self.manager.reload()
 
 
+# -- the one fallback: the trainer and every reader open checkpoints through it ----------
+ITEMS = ("state", "data", "config")
+
+
+def newest_readable(directory, steps, read, step=None, none_left="no earlier checkpoint",
+                    required=True):
+  """(step, read(step), skipped steps) for the newest of `steps` that `read` opens.
+
+  Each step `read` fails on (a truncated file, a missing item or metadata file, an empty
+  folder) is skipped with one warning line naming it, why, and the step tried next. With
+  `step`, only that one is tried, and an absent or unreadable one is a CheckpointError. When
+  none can be read: a CheckpointError if `required` (readers), else (None, None, skipped)
+  (the trainer starts from scratch). Nothing in `directory` is changed here: only the
+  trainer sets unreadable steps aside. Errors flaxvae raises on purpose (a refused config
+  change, data that is missing) are not damage and pass through.
+  """
+  steps = sorted(steps, reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise CheckpointError(f"no checkpoint for step {step} in {directory}: available steps "
+                            f"are {sorted(steps)}")
+    try:
+      return step, read(step), []
+    except FlaxvaeError:
+      raise
+    except Exception as e:  # whatever orbax, tensorstore or the OS raised: this step is damaged
+      why = why_unreadable(directory, step, e)
+      raise CheckpointError(
+          f"checkpoint step {step} in {directory} is unreadable ({why}): choose another --step "
+          f"(steps there: {sorted(steps)}), or leave --step out to use the newest readable "
+          "one") from None
+  skipped = []
+  for i, candidate in enumerate(steps):
+    try:
+      return candidate, read(candidate), skipped
+    except FlaxvaeError:
+      raise
+    except Exception as e:  # whatever orbax, tensorstore or the OS raised: this step is damaged
+      fallback = steps[i + 1] if i + 1 < len(steps) else None
+      log.warning("checkpoint step %d in %s is unreadable (%s); %s", candidate, directory,
+                  why_unreadable(directory, candidate, e),
+                  f"falling back to step {fallback}" if fallback is not None else none_left)
+      skipped.append(candidate)
+  if required:
+    raise CheckpointError(
+        f"no readable checkpoint in {directory}" + (
+            f": step(s) {', '.join(map(str, skipped))} are unreadable (the warnings above say "
+            "why)" if skipped else "") + ". Train it again (flaxvae train --config ... "
+        "--workdir DIR), or restore checkpoints/ from a copy")
+  return None, None, skipped
+
+
+def why_unreadable(directory, step, error):
+  """What is wrong with checkpoint `step`, in a few words: a missing piece if one is missing,
+  else the innermost error (a truncated file shows as OUT_OF_RANGE or DATA_LOSS)."""
+  step_dir = os.path.join(directory, str(step))
+  if not os.path.isdir(step_dir):
+    return "its folder is gone (deleted while it was read?)"
+  if not os.listdir(step_dir):
+    return "its folder is empty"
+  missing = [item for item in ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
+  if missing:
+    return f"item(s) {', '.join(missing)} missing"
+  for item, name in (("state", "_METADATA"), ("config", "metadata"), ("data", "metadata")):
+    if not os.path.exists(os.path.join(step_dir, item, name)):
+      return f"its {item} item lacks its {name} file"
+  while error.__cause__ is not None:  # orbax wraps tensorstore's error, which names the file
+    error = error.__cause__
+  text = one_line(re.sub(r' in OCDBT database at local file "[^"]*"', "", str(error) or type(error).__name__), 200)
+  if "OUT_OF_RANGE" in text or "DATA_LOSS" in text:
+    text = f"a file is truncated or corrupt: {text}"
+  return text
+
+
+def read_only_manager(directory):
+  """An Orbax manager over `directory` that never writes (readers; a run may be writing)."""
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True, save_interval_steps=0))
+
+
+def restore_items(manager, step, **items):
+  """The named items of `step` (e.g. config=ocp.args.JsonRestore()), as a dict."""
+  return dict(manager.restore(int(step), args=ocp.args.Composite(**items)))
+
+
+def restore_state(manager, step, abstract_state):
+  """The `state` item of `step` alone, laid out (and typed) as `abstract_state`."""
+  as_dict = hasattr(abstract_state, "_asdict")
+  restored = restore_items(manager, step, state=ocp.args.StandardRestore(
+      dict(abstract_state._asdict()) if as_dict else abstract_state))["state"]
+  return type(abstract_state)(**restored) if as_dict else restored
+
 def read_state(state_dir):
   """A checkpoint's `state` item as host arrays, whatever topology wrote it (orbax alone)."""
   checkpointer = ocp.StandardCheckpointer()
@@ -297,14 +390,15 @@ def read_state(state_dir):
 
 
 def trained_params(workdir):
-  """The parameters evaluation uses (the EMA when kept) of a run's latest checkpoint."""
+  """The parameters evaluation uses (the EMA when kept) of a run's newest readable checkpoint."""
   directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(p) for p in os.listdir(directory) if p.isdigit()) if os.path.isdir(
+  steps = [int(p) for p in os.listdir(directory) if p.isdigit()] if os.path.isdir(
       directory) else []
   if not steps:
     raise CheckpointError(f"init.params_from={workdir}: no checkpoint in {directory}; train "
                           "that run first")
-  state = read_state(os.path.join(directory, str(steps[-1]), "state"))
+  _, state, _ = newest_readable(directory, steps, lambda step: read_state(
+      os.path.join(directory, str(step), "state")))
   return state["ema_params"] if state.get("ema_params") else state["params"]
 
 

@@ -1,8 +1,21 @@
 """What a run leaves in its workdir: metrics.jsonl, TensorBoard events, PNG image grids.
 
 Only process 0 writes, so multi-host runs produce one copy.
+
+metrics.jsonl survives kills. A kill can cut the last row short (no newline, not JSON):
+readers (`read_metrics`, so `flaxvae report` and the Python API) skip such a line with a
+warning, and a resumed run drops it, with a warning, before it appends (never onto it). A run
+killed after its last checkpoint logged rows past it that the resumed run logs again: the
+resume marks those rows (step > the resumed step; every row when it starts from step 0)
+`"superseded": true`, rewriting the file atomically, and readers skip them, so each step's
+row appears once and a report draws one trajectory. TensorBoard gets the same through
+`SummaryWriter(purge_step=...)`: the resumed run first writes a SessionLog START event at
+the resumed step + 1, and TensorBoard, on reading it, discards the events of that run
+(tensorboard/ folder) with a step at or beyond it that came before it in the event files; the
+files themselves keep them.
 """
 import json
+import logging
 import math
 import os
 
@@ -11,8 +24,10 @@ import numpy as np
 import PIL.Image
 from tensorboardX import SummaryWriter  # writes event files without TensorFlow
 
-from flaxvae.errors import OutputError
+from flaxvae.errors import OutputError, one_line
 
+log = logging.getLogger("flaxvae")
+METRICS_FILE = "metrics.jsonl"
 
 def is_writer():
   return jax.process_index() == 0
@@ -21,11 +36,18 @@ def is_writer():
 class MetricWriter:
   """Appends one JSON object per row to metrics.jsonl and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+  def __init__(self, workdir, resumed_from=None):
+    """`resumed_from`: the step a (re)started run continues from (0 from scratch); rows and
+    TensorBoard events logged beyond it by an earlier, killed run are superseded."""
+    self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
     if is_writer():
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+      events, purge_step = os.path.join(workdir, "tensorboard"), None
+      if resumed_from is not None:
+        settle_metrics(self.path, resumed_from)
+        if resumed_from or (os.path.isdir(events) and os.listdir(events)):
+          purge_step = resumed_from + 1 if resumed_from else 0
+      self._tb = SummaryWriter(events, flush_secs=30, purge_step=purge_step)
 
   def write(self, step, row, split="train"):
     if not is_writer():
@@ -52,13 +74,101 @@ def _plain(value):
   return round(value, 6) if isinstance(value, float) else value
 
 
-def read_metrics(workdir):
-  """The rows of metrics.jsonl (empty if the run has not logged yet)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+def _parse(text):
+  """[(line number, row or None when the line is not one complete JSON object)] of the
+  non-blank lines of metrics.jsonl's `text`."""
+  parsed = []
+  for number, line in enumerate(text.split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError:
+      row = None
+    parsed.append((number, line, row if isinstance(row, dict) else None))
+  return parsed
+
+
+def _torn_warning(path, numbers, action):
+  lines = ", ".join(map(str, numbers[:10])) + (" ..." if len(numbers) > 10 else "")
+  log.warning("%s: %s (a write cut short by a kill?): %s", path,
+              f"line {lines} is not a complete JSON row" if len(numbers) == 1 else
+              f"lines {lines} are not complete JSON rows", action)
+
+
+def settle_metrics(path, resumed_from):
+  """Readies metrics.jsonl for a run resuming from step `resumed_from` (0: from scratch):
+  torn lines are dropped and rows logged past that step marked superseded, with a warning
+  each; the file is rewritten atomically (temporary file, then rename), and only if needed."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return
+  except OSError as e:
+    raise OutputError(f"could not read {path}: {e.strerror or one_line(e)}. Fix permissions, "
+                      "then rerun the same command") from None
+  kept, torn, superseded = [], [], 0
+  for number, line, row in _parse(text):
+    if row is None:
+      torn.append(number)
+    elif not row.get("superseded") and (resumed_from == 0 or row.get("step", 0) > resumed_from):
+      kept.append(json.dumps(dict(row, superseded=True)))
+      superseded += 1
+    else:
+      kept.append(line)
+  if not torn and not superseded and (text.endswith("\n") or not text):
+    return
+  if torn:
+    _torn_warning(path, torn, "dropped before this run appends")
+  if superseded:
+    log.warning("%s: %d row(s) logged %s by an earlier run marked superseded, as this run "
+                "logs those steps again", path, superseded,
+                f"after step {resumed_from}" if resumed_from else "before this run started "
+                "from step 0")
+  temporary = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(temporary, "w") as f:
+      f.write("".join(line + "\n" for line in kept))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except OSError as e:
+    raise OutputError(f"could not rewrite {path}: {e.strerror or one_line(e)}. Free space or "
+                      "fix permissions, then rerun the same command") from None
+
+
+def read_metrics(workdir, superseded=False):
+  """The rows of metrics.jsonl (empty if the run has not logged yet). Lines that are not
+  complete JSON rows (a kill mid-write) are skipped with a warning, and rows a resumed run
+  superseded are left out unless `superseded`."""
+  path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    parsed = _parse(f.read())
+  torn = [number for number, _, row in parsed if row is None]
+  if torn:
+    _torn_warning(path, torn, "skipped")
+  return [row for _, _, row in parsed
+          if row is not None and (superseded or not row.get("superseded"))]
+
+
+def read_json(path, what):
+  """The JSON object in `path`; None (with a warning naming `what` is left out) when the file
+  is absent, unreadable or not a JSON object."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      value = json.load(f)
+    if isinstance(value, dict):
+      return value
+    reason = f"it holds {type(value).__name__}, not a JSON object"
+  except (OSError, ValueError) as e:
+    reason = one_line(e, 120)
+  log.warning("%s is unreadable (%s): %s is left out", path, reason, what)
+  return None
 
 
 def image_grid(images, columns=None):
