@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from flaxvae import cli
 from flaxvae import config as config_lib
 from flaxvae import data as data_lib
 from flaxvae.data import protocols
@@ -27,7 +28,7 @@ from flaxvae.errors import CheckpointError, ConfigError, Diverged
 from flaxvae.objectives import bounds
 from flaxvae.run import Run
 from flaxvae.train import checkpoint as checkpoint_lib
-from flaxvae.train import guards, preemption
+from flaxvae.train import guards, preemption, workdir_lock
 from flaxvae.train import step as step_lib
 from flaxvae.train.trainer import train as train_run
 from tests import conftest
@@ -136,7 +137,7 @@ from flaxvae import cli
 from flaxvae.data import feeds
 if {slow}:  # fault injection: a slow input feed, so a signal lands mid-run
   args = feeds.InMemoryFeed.args
-  feeds.InMemoryFeed.args = lambda self, n: (time.sleep(0.4), args(self, n))[1]
+  feeds.InMemoryFeed.args = lambda self, n: (time.sleep(0.4 * {slow}), args(self, n))[1]
 sys.exit(cli.main(["flaxvae", "train", "--config", {config!r}, "--workdir", {workdir!r}]))
 """
 
@@ -182,6 +183,28 @@ def test_sigterm_saves_and_resume_matches(tmp_path, tiny_data_dir):
   output = proc.communicate(timeout=120)[0]
   assert proc.returncode == 0, output
   assert_bitwise(saved_state(workdir, 12), saved_state(reference, 12))
+
+
+def test_a_running_trainer_refuses_a_second_and_serves_readers(tmp_path, tiny_data_dir, capsys):
+  """The issue-36 scenario: a second `flaxvae train` on a running run's workdir is refused in
+  one line, while `flaxvae sample` reads the running run's newest complete checkpoint."""
+  workdir = tmp_path / "run"
+  proc = start_trainer(tmp_path, workdir, slow=4, data_dir=tiny_data_dir)  # 1.6 s a dispatch
+  try:
+    wait_for_training(proc, workdir)
+    capsys.readouterr()
+    status = cli.main(["flaxvae", "train", f"--config={tmp_path / 'tiny_config.py'}",
+                       f"--workdir={workdir}"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err, err
+    assert f"is in use by another flaxvae train: process {proc.pid} on host" in err, err
+    while not (workdir / "checkpoints" / str(STOP_AT)).is_dir() and proc.poll() is None:
+      time.sleep(0.05)
+    assert cli.main(["flaxvae", "sample", f"--workdir={workdir}", "--n=4"]) == 0
+  finally:
+    output = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, output  # the first run was never disturbed
+  assert not (workdir / workdir_lock.LOCK_NAME).exists()  # released at its end
 
 
 def test_second_signal_exits_at_once_keeping_the_last_checkpoint(tmp_path, tiny_data_dir):
@@ -287,7 +310,7 @@ def test_read_only_workdir_fails_cleanly_leaving_checkpoints(reference, tmp_path
   shutil.copytree(reference, workdir)
   before = conftest.tree_digest(workdir)
   with read_only(workdir):
-    with pytest.raises(checkpoint_lib.CheckpointError, match="could not write checkpoints"):
+    with pytest.raises(checkpoint_lib.CheckpointError, match="could not lock .* for writing"):
       train(tiny_config(num_steps=18, **{"checkpoint.allow_config_change": True}),
                   str(workdir))
   assert conftest.tree_digest(workdir) == before
