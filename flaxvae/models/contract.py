@@ -131,16 +131,11 @@ CAPABILITY_PROTOCOLS = {LOCAL_POSTERIOR: LocalPosterior, AGGREGATE_POSTERIOR: Ag
                         POSTERIOR_DENSITY: PosteriorDensity}
 
 
-def members(protocol):
-  """The names a protocol asks for, in the order it declares them."""
-  names = [*getattr(protocol, "__annotations__", {}), *vars(protocol)]
-  return tuple(dict.fromkeys(n for n in names if not n.startswith("_")))
-
-
 def _lacking(cls, protocol):
-  """The protocol's methods that `cls` does not define (the protocol's own stubs do not count)."""
-  return [n for n in members(protocol) if n in vars(protocol)
-          and getattr(cls, n, None) in (None, vars(protocol)[n])]
+  """The protocol's methods that `cls` does not define (the protocol's own stubs do not count),
+  in the order the protocol declares them."""
+  return [name for name, stub in vars(protocol).items()
+          if not name.startswith("_") and getattr(cls, name, None) in (None, stub)]
 
 
 def check_model_class(name, cls):
