@@ -159,13 +159,13 @@ class Checkpointer:
     if self._manager is None:
       if not os.path.isdir(self.directory):
         return None
-      self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+      self._manager = _open_manager(self.directory, self._options)
     return self._manager
 
   def start_writing(self):
     """Creates the checkpoint directory (once every start-up check has passed)."""
     if self._manager is None:
-      self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+      self._manager = _open_manager(self.directory, self._options)
 
   def check_writable(self):
     """Fails at start, not at the first save, when the workdir cannot take checkpoints."""
@@ -292,6 +292,23 @@ class Checkpointer:
 ITEMS = ("state", "data", "config")
 
 
+class _MissingMetadataNotice(logging.Filter):
+  """Orbax's own line for a step folder without its metadata file, printed when a manager lists
+  its steps: the warning of `newest_readable`, naming the step and why it is skipped, says it
+  instead (and a step that only lacks that file still reads)."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+_MISSING_METADATA_NOTICE = _MissingMetadataNotice()
+
+
+def _open_manager(directory, options):
+  logging.getLogger("absl").addFilter(_MISSING_METADATA_NOTICE)  # once: the same filter object
+  return ocp.CheckpointManager(directory, options=options)
+
+
 def newest_readable(directory, steps, read, step=None, none_left="no earlier checkpoint",
                     required=True):
   """(step, read(step), skipped steps) for the newest of `steps` that `read` opens.
@@ -332,11 +349,13 @@ def newest_readable(directory, steps, read, step=None, none_left="no earlier che
                   f"falling back to step {fallback}" if fallback is not None else none_left)
       skipped.append(candidate)
   if required:
-    raise CheckpointError(
-        f"no readable checkpoint in {directory}" + (
-            f": step(s) {', '.join(map(str, skipped))} are unreadable (the warnings above say "
-            "why)" if skipped else "") + ". Train it again (flaxvae train --config ... "
-        "--workdir DIR), or restore checkpoints/ from a copy")
+    which = ", ".join(map(str, skipped))
+    which = ("" if not skipped else
+             f": step {which} is unreadable (the warning above says why)" if len(skipped) == 1
+             else f": steps {which} are unreadable (the warnings above say why)")
+    raise CheckpointError(f"no readable checkpoint in {directory}{which}. Train it again "
+                          "(flaxvae train --config ... --workdir DIR), or restore checkpoints/ "
+                          "from a copy")
   return None, None, skipped
 
 
@@ -356,7 +375,8 @@ def why_unreadable(directory, step, error):
       return f"its {item} item lacks its {name} file"
   while error.__cause__ is not None:  # orbax wraps tensorstore's error, which names the file
     error = error.__cause__
-  text = one_line(re.sub(r' in OCDBT database at local file "[^"]*"', "", str(error) or type(error).__name__), 200)
+  text = re.sub(r' in OCDBT database at local file "[^"]*"', "", str(error))  # the step's path
+  text = one_line(text or type(error).__name__, 200)
   if "OUT_OF_RANGE" in text or "DATA_LOSS" in text:
     text = f"a file is truncated or corrupt: {text}"
   return text
@@ -364,7 +384,7 @@ def why_unreadable(directory, step, error):
 
 def read_only_manager(directory):
   """An Orbax manager over `directory` that never writes (readers; a run may be writing)."""
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+  return _open_manager(directory, ocp.CheckpointManagerOptions(
       create=False, read_only=True, save_interval_steps=0))
 
 
