@@ -2,7 +2,6 @@
 checked on tiny fake data (and on the real files where Debian's package is installed)."""
 import gzip
 import os
-import time
 
 import numpy as np
 import pytest
@@ -104,10 +103,9 @@ def test_prepare_is_idempotent(prepared, tmp_path):
   _, builder_dir = prepared
   mtimes = {f: os.stat(os.path.join(builder_dir, f)).st_mtime_ns for f in os.listdir(builder_dir)}
   data_dir = os.path.dirname(os.path.dirname(builder_dir))
-  start = time.perf_counter()
-  # The source is not even read again: a missing one does not matter once prepared.
+  # The source is not even read again: a missing one does not matter once prepared, and the
+  # files written before are left as they were.
   assert fashion_mnist.prepare_fashion_mnist(str(tmp_path / "gone"), data_dir) == builder_dir
-  assert time.perf_counter() - start < 1.0
   assert mtimes == {f: os.stat(os.path.join(builder_dir, f)).st_mtime_ns
                     for f in os.listdir(builder_dir)}
 
