@@ -19,6 +19,7 @@ if mode == "unbounded":  # the trainer as before the fix: no bound on dispatches
   dispatch.InFlight.__init__.__defaults__ = (10**9, "a train dispatch")
 from flaxvae.train.trainer import train
 from flaxvae import bench, defaults
+from flaxvae.train import outputs
 c = defaults.load_config_file(os.path.join(ROOT, "configs", "fashion_mnist_mlp.py"))
 with c.unlocked():
   c.num_steps, c.log_every_steps = 8000, 1000
@@ -27,7 +28,7 @@ with c.unlocked():
   c.eval.final_num_examples, c.eval.final_num_importance_samples = 100, 10
 w = tempfile.mkdtemp()
 train(c, w)
-rows = [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
+rows = outputs.read_metrics(w)
 rates = [r["examples_per_s"] for r in rows if r["split"] == "train"][1:]
 row = bench.time_trainer(c, windows=3)
 print(json.dumps(dict(mode=mode, trainer=round(statistics.median(rates)), windows=[round(r) for r in rates], bench_default=round(row["examples_per_s"]))))

@@ -39,6 +39,8 @@ import sys
 import tempfile
 import time
 
+from flaxvae.train import outputs  # skips torn and superseded metrics rows, as users' readers do
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER = os.path.join(ROOT, "benchmarks", "peer_mlp_vae.py")
 CASES = os.path.join(ROOT, "benchmarks", "cases.py")
@@ -129,7 +131,7 @@ def trainer_throughput(config=PEER_PROTOCOL_CONFIG):
                   "--config.eval.amortization_examples=0"],
                  check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
   wall = time.perf_counter() - start
-  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  rows = outputs.read_metrics(workdir)
   train_rows = [r for r in rows if r["split"] == "train"]
   rates = [r["examples_per_s"] for r in train_rows[1:]] or [train_rows[0]["examples_per_s"]]
   return dict(examples_per_s=statistics.median(rates), window_rates=[round(r) for r in rates],

@@ -7,6 +7,7 @@ its `exit_status`.
       ConfigError      a bad config value or combination, a bad flag
       DataError        missing, damaged or mismatched data
       CheckpointError  checkpoints that cannot be read or written, or do not fit this run
+        WorkdirInUse     another live `flaxvae train` holds the workdir's lock
       OutputError      metrics or other outputs that cannot be written
     ModelContractError  exit 1: a model class that does not fulfil the model contract
     RunError         exit 1: the run itself failed; the last committed checkpoint is intact
@@ -49,6 +50,11 @@ class DataError(UsageError):
 
 class CheckpointError(UsageError):
   """Checkpoints cannot be written or read; the one-line message says what to do."""
+
+
+class WorkdirInUse(CheckpointError):
+  """Another live `flaxvae train` holds the workdir (train/workdir_lock.py); the message names
+  the holder and what to do."""
 
 
 class OutputError(UsageError):

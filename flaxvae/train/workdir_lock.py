@@ -57,7 +57,7 @@ import time
 import jax
 import numpy as np
 
-from flaxvae.errors import CheckpointError, UsageError, one_line
+from flaxvae.errors import CheckpointError, WorkdirInUse, one_line
 
 log = logging.getLogger("flaxvae")
 
@@ -65,10 +65,6 @@ LOCK_NAME = ".flaxvae-lock"
 HEARTBEAT_S = 30.0  # how often a holder rewrites its heartbeat
 STALE_AFTER_S = 600.0  # another host's lock with an older heartbeat is stale (20 missed beats)
 _MESSAGE_BYTES = 2048  # room for the refusal's text when it is sent to the other processes
-
-
-class WorkdirInUse(UsageError):
-  """Another live `flaxvae train` holds the workdir; the message names it and what to do."""
 
 
 def _now():
