@@ -17,6 +17,7 @@ import difflib
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -24,7 +25,7 @@ from ml_collections import config_flags
 from flaxvae.errors import DeviceTimeout, FlaxvaeError, UsageError, one_line
 from flaxvae.runtime import malloc, xla_flags
 
-COMMANDS = {}
+COMMANDS: dict[str, Callable[[list[str]], None]] = {}
 RENAMED_KEYS = {"data.binarization": "data.protocol (binarized, static_binarized, 8bit or grey)"}
 
 

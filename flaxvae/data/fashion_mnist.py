@@ -11,6 +11,7 @@ import gzip
 import logging
 import os
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 log = logging.getLogger("flaxvae")
 
 # IDX type codes (third magic byte) -> big-endian numpy dtypes.
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path) -> np.ndarray:

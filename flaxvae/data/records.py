@@ -206,7 +206,8 @@ def load_or_build_order(split: Split):
 # ----------------------------------------------------------------------------
 # Writing: flaxvae's own datasets (folders, derived crops) and test fixtures, TF-free.
 # ----------------------------------------------------------------------------
-class _ImageDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+# TFDS takes skip_registration in its builders' __init_subclass__, which its stubs do not declare.
+class _ImageDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
   """Writes {split: callable yielding (image uint8 HWC, label)} as a TFDS dataset."""
   VERSION = tfds.core.Version(FOLDER_VERSION)
 

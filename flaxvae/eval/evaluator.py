@@ -6,6 +6,7 @@ gets a batch of their size), keeps at most two dispatches queued on the devices,
 padding and returns numpy arrays over the examples.
 """
 import math
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,7 +22,7 @@ class Evaluator:
     self.runner, self.images = runner, images
     per_device = max(1, math.ceil(batch_size / runner.num_devices))
     self.batch_size = per_device * runner.num_devices
-    self._compiled = {}
+    self._compiled: dict[Any, Any] = {}
 
   def batch_for(self, num_examples=None):
     """The global batch that evaluates `num_examples` (None: the whole split): batch_size, or

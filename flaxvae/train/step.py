@@ -235,6 +235,7 @@ def build_train_fn(runner: parallel.Runner, graphdef, tx, cfg: StepConfig, unrol
   """
   R, batch = parallel.REPLICATED, parallel.batch_axis
   layout = layout_of(runner, state.params)
+  kinds: tuple[Any, ...]
   if inputs == "indices":
     fn, kinds = functools.partial(gather_train_steps, graphdef, tx, cfg, layout, unroll), (R, batch(1))
   elif inputs == "batches":
