@@ -8,7 +8,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 RUN_DIR ?= runs/fashion_mnist_mlp
 export FLAXVAE_DATA_DIR ?= $(CURDIR)/data/tfds
 
-.PHONY: install venv data run test test-slow test-bench bench clean
+.PHONY: install venv data run lint test test-slow test-bench bench clean
 
 install: venv data
 
@@ -42,7 +42,13 @@ run: install
 # `make test` (under 10 minutes) leaves out the tests marked slow: deep VDVAE compiles,
 # multi-process runs and variants the fast tests already cover; `make test-slow` runs those,
 # and CI runs both. The benchmark scripts' own tests (benchmarks/tests) run in `make test-bench`.
-test: install
+# Lint and format (ruff) and types (mypy), configured in pyproject.toml; part of `make test`.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 test-slow: install

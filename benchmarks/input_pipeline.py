@@ -7,6 +7,7 @@ Prints one JSON line: examples/s of the in-memory feed (indices plus the on-devi
 of the streaming feed, and with --with_training the end-to-end train examples/s on each path
 and on synthetic device-resident batches (the ceiling any input pipeline can reach).
 """
+
 import os
 import sys
 
@@ -15,19 +16,19 @@ import flaxvae
 if __name__ == "__main__":  # before JAX starts: the process defaults `flaxvae` runs with
   flaxvae.apply_process_defaults(malloc=True)
 
-import json  # noqa: E402
+import json
 
-import jax  # noqa: E402
-from absl import flags  # noqa: E402
+import jax
+from absl import flags
 
-from flaxvae import bench  # noqa: E402
-from flaxvae import data as data_lib  # noqa: E402
-from flaxvae.data import feeds  # noqa: E402
-from flaxvae.run import Run  # noqa: E402
-from flaxvae.runtime import parallel, timing  # noqa: E402
+from flaxvae import bench
+from flaxvae import data as data_lib
+from flaxvae.data import feeds
+from flaxvae.run import Run
+from flaxvae.runtime import parallel, timing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import cases  # noqa: E402
+import cases
 
 
 def bench_input(config, seconds=5.0, dispatch_steps=None):
@@ -42,13 +43,15 @@ def bench_input(config, seconds=5.0, dispatch_steps=None):
   split = dataset.open_split(config.data.train_split)
   images = split.read_all()
   gather = jax.jit(lambda data, idx: data[idx])
-  options = dict(seed=config.seed, batch_size=config.batch_size,
-                 read_threads=config.data.read_threads,
-                 prefetch_batches=config.data.prefetch_batches)
+  options = dict(
+    seed=config.seed,
+    batch_size=config.batch_size,
+    read_threads=config.data.read_threads,
+    prefetch_batches=config.data.prefetch_batches,
+  )
 
   def measure(produce):  # the warm-up call compiles and starts the feed's threads
-    measured = timing.time_calls(produce, wait=jax.block_until_ready, windows=0,
-                                 seconds=seconds)
+    measured = timing.time_calls(produce, wait=jax.block_until_ready, windows=0, seconds=seconds)
     return len(measured.window_s) * n * config.batch_size / sum(measured.window_s)
 
   results = {}
@@ -57,11 +60,15 @@ def bench_input(config, seconds=5.0, dispatch_steps=None):
   del feed
   feed = feeds.create_feed(split, runner, **options)
   results["streaming"] = measure(lambda: feed.args(n))
-  results.update(dataset=config.data.name, examples=split.num_examples,
-                 image_shape=list(split.image_shape), batch_size=config.batch_size,
-                 steps_per_dispatch=n, read_threads=config.data.read_threads,
-                 default_pipeline=data_lib.choose_pipeline(config.data, dataset,
-                                                           config.data.train_split))
+  results.update(
+    dataset=config.data.name,
+    examples=split.num_examples,
+    image_shape=list(split.image_shape),
+    batch_size=config.batch_size,
+    steps_per_dispatch=n,
+    read_threads=config.data.read_threads,
+    default_pipeline=data_lib.choose_pipeline(config.data, dataset, config.data.train_split),
+  )
   return results
 
 
@@ -78,9 +85,9 @@ def bench_training(config, dispatches=3):
     feed = run.create_feed()
     if path == "synthetic":
       data = run.train_images
-      batches = data[:n * c.batch_size].reshape(n, c.batch_size, *data.shape[1:])
-      fixed = (run.runner.put(batches[:, feed.lo:feed.hi], parallel.batch_axis(1)),)
-      fn, next_args = run.train_fn("batches"), lambda: fixed
+      batches = data[: n * c.batch_size].reshape(n, c.batch_size, *data.shape[1:])
+      fixed = (run.runner.put(batches[:, feed.lo : feed.hi], parallel.batch_axis(1)),)
+      fn, next_args = run.train_fn("batches"), lambda fixed=fixed: fixed
     else:
       fn = run.train_fn("indices" if feed.gathers else "batches")
       next_args = lambda feed=feed: feed.args(n)
@@ -90,8 +97,10 @@ def bench_training(config, dispatches=3):
       nonlocal state
       state, metrics = fn(state, *next_args())  # async: the next args are made meanwhile
       return metrics
-    results[path] = timing.time_calls(dispatch, wait=jax.block_until_ready,
-                                      calls_per_window=dispatches).median_rate(n * c.batch_size)
+
+    results[path] = timing.time_calls(
+      dispatch, wait=jax.block_until_ready, calls_per_window=dispatches
+    ).median_rate(n * c.batch_size)
   for path in ("in_memory", "streaming"):
     results[f"{path}_fraction_of_synthetic"] = results[path] / results["synthetic"]
   return results
@@ -100,8 +109,13 @@ def bench_training(config, dispatches=3):
 def main(argv):
   def define(fv):
     flags.DEFINE_float("seconds", 5.0, "time per pipeline", flag_values=fv)
-    flags.DEFINE_boolean("with_training", False, "also train end to end on each path and on "
-                         "synthetic device-resident batches", flag_values=fv)
+    flags.DEFINE_boolean(
+      "with_training",
+      False,
+      "also train end to end on each path and on synthetic device-resident batches",
+      flag_values=fv,
+    )
+
   fv = cases.parse_flags(argv, define, __doc__)
   result = bench_input(fv.config, fv.seconds)
   if fv.with_training:

@@ -2,6 +2,7 @@
 measured on different CPUs do not compare), glibc's malloc tunables and the kernel's
 transparent-huge-page mode (a streaming step depends on both: flaxvae/runtime/malloc.py).
 Standard library only, so the PyTorch twins' environment can import it too."""
+
 import os
 import platform
 
@@ -10,8 +11,10 @@ def cpu_model():
   """The host CPU's model name."""
   try:
     with open("/proc/cpuinfo") as f:
-      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                  platform.processor())
+      return next(
+        (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+        platform.processor(),
+      )
   except OSError:
     return platform.processor() or platform.machine()
 
@@ -28,5 +31,8 @@ def transparent_hugepages():
 
 def machine():
   """The fields every flaxvae row of BENCHMARKS.md carries after its devices and versions."""
-  return dict(cpu=cpu_model(), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
-              transparent_hugepages=transparent_hugepages())
+  return dict(
+    cpu=cpu_model(),
+    glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),
+    transparent_hugepages=transparent_hugepages(),
+  )

@@ -4,6 +4,7 @@ grouped by kind of op and by instruction (`benchmarks/cases.py --cases profile`)
 The process must start its backend with TRACE_THUNKS in XLA_FLAGS, so cases.py runs the
 profile in a child process.
 """
+
 import glob
 import os
 import re
@@ -18,8 +19,14 @@ TRACE_THUNKS = "--xla_cpu_enable_xprof_traceme=true"  # each thunk becomes a tra
 
 
 # ----------------------------------------------------------------------------
-OP_KINDS = ("convolution", "dot", "layout transpose or copy", "elementwise fusion",
-            "control flow", "other")
+OP_KINDS = (
+  "convolution",
+  "dot",
+  "layout transpose or copy",
+  "elementwise fusion",
+  "control flow",
+  "other",
+)
 
 
 def op_kind(name):
@@ -100,8 +107,9 @@ def trace_ops(dispatch, shapes, dispatches):
   ran ops. The process must have started its backend with TRACE_THUNKS in XLA_FLAGS."""
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
-    wall = timing.time_calls(dispatch, wait=jax.block_until_ready, warmup=0,
-                             calls_per_window=dispatches).window_s[0]
+    wall = timing.time_calls(
+      dispatch, wait=jax.block_until_ready, warmup=0, calls_per_window=dispatches
+    ).window_s[0]
     jax.profiler.stop_trace()
     files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     profile = jax.profiler.ProfileData.from_file(files[0])
@@ -114,8 +122,10 @@ def trace_ops(dispatch, shapes, dispatches):
       for name, ns in self_times(events):
         per_op[name] = per_op.get(name, 0) + ns
   if not per_op:
-    raise RuntimeError("the trace holds no XLA:CPU thunk events: was the profile case run "
-                       f"without {TRACE_THUNKS} in XLA_FLAGS before JAX started?")
+    raise RuntimeError(
+      "the trace holds no XLA:CPU thunk events: was the profile case run "
+      f"without {TRACE_THUNKS} in XLA_FLAGS before JAX started?"
+    )
   waited, other_ns = untraced_waits(spans, lambda n: op_kind(n) == "convolution")
   for name, ns in waited.items():
     per_op[name] += ns
@@ -132,8 +142,10 @@ def op_profile(config, dispatches=3, top=12, dataset=None):
   for it (trace_ops), so a convolution's time is thread time plus wall time: shares of the
   step, not of core time."""
   if jax.default_backend() != "cpu":
-    raise RuntimeError("--cases profile reads XLA:CPU's thunk trace: on an accelerator, trace "
-                       "with jax.profiler and read it in TensorBoard or Perfetto")
+    raise RuntimeError(
+      "--cases profile reads XLA:CPU's thunk trace: on an accelerator, trace "
+      "with jax.profiler and read it in TensorBoard or Perfetto"
+    )
   config = bench.with_keys(config, **{"parallel.num_devices": 1})
   _, compiled, state, data, indices, _ = bench.compiled_trainer(config, dataset)
   shapes = _hlo_instructions(compiled)
@@ -142,6 +154,7 @@ def op_profile(config, dispatches=3, top=12, dataset=None):
     nonlocal state
     state, metrics = compiled(state, data, indices())
     return metrics
+
   # warm-up, untraced: first runs, allocations
   timing.time_calls(dispatch, wait=jax.block_until_ready, warmup=2, windows=0)
   per_op, async_ns, other_ns, wall, threads = trace_ops(dispatch, shapes, dispatches)
@@ -154,11 +167,17 @@ def op_profile(config, dispatches=3, top=12, dataset=None):
   busy = sum(per_op.values()) - async_ns
   total = sum(by_kind.values())
   heaviest = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
-  return dict(case="profile", model=config.model.name, batch_size=config.batch_size,
-              steps_per_dispatch=config.steps_per_dispatch, steps=steps, threads=threads,
-              wall_ms_per_step=round(1000 * wall / steps, 3), busy_ms_per_step=ms(busy),
-              convolution_wait_ms_per_step=ms(async_ns),
-              ms_per_step_by_kind={k: ms(v) for k, v in by_kind.items()},
-              share_by_kind={k: round(v / total, 4) for k, v in by_kind.items()},
-              heaviest=[dict(op=n, kind=op_kind(n), shape=shapes[n], ms_per_step=ms(v))
-                        for n, v in heaviest])
+  return dict(
+    case="profile",
+    model=config.model.name,
+    batch_size=config.batch_size,
+    steps_per_dispatch=config.steps_per_dispatch,
+    steps=steps,
+    threads=threads,
+    wall_ms_per_step=round(1000 * wall / steps, 3),
+    busy_ms_per_step=ms(busy),
+    convolution_wait_ms_per_step=ms(async_ns),
+    ms_per_step_by_kind={k: ms(v) for k, v in by_kind.items()},
+    share_by_kind={k: round(v / total, 4) for k, v in by_kind.items()},
+    heaviest=[dict(op=n, kind=op_kind(n), shape=shapes[n], ms_per_step=ms(v)) for n, v in heaviest],
+  )

@@ -17,6 +17,7 @@ first_epoch_s, test_neg_elbo (nats per test image, one posterior sample) and epo
 timing loop is flaxvae's own (flaxvae/runtime/timing.py, standard library only), so this
 script imports neither JAX nor flaxvae's dependencies when it runs the torch peer.
 """
+
 import argparse
 import gzip
 import json
@@ -27,7 +28,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from flaxvae.runtime import timing  # noqa: E402
+from flaxvae.runtime import timing
 
 BATCH, HIDDEN, LATENT, PIXELS, LEARNING_RATE = 128, 400, 20, 784, 1e-3
 IMPLS = ("torch", "flax_nojit", "flax_jit", "flax_scan")
@@ -44,9 +45,9 @@ def read_images(folder, split):
 
 def torch_peer(train, test):
   """(per-epoch callable, test loss callable) of the PyTorch example."""
-  import torch  # noqa: PLC0415  (only in the torch environment)
-  from torch import nn  # noqa: PLC0415
-  from torch.nn import functional  # noqa: PLC0415
+  import torch
+  from torch import nn
+  from torch.nn import functional
 
   torch.manual_seed(0)
 
@@ -70,8 +71,12 @@ def torch_peer(train, test):
 
   model = MlpVae()
   optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-  batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(train)),
-                                        batch_size=BATCH, shuffle=True, drop_last=True)
+  batches = torch.utils.data.DataLoader(
+    torch.utils.data.TensorDataset(torch.from_numpy(train)),
+    batch_size=BATCH,
+    shuffle=True,
+    drop_last=True,
+  )
 
   def epoch():
     for (x,) in batches:
@@ -82,15 +87,16 @@ def torch_peer(train, test):
   def test_loss():
     with torch.no_grad():
       return float(neg_elbo(model, torch.from_numpy(test))) / len(test)
+
   return epoch, lambda _: None, test_loss
 
 
 def flax_peer(impl, train, test):
   """(per-epoch callable, what to wait on, test loss callable) of a Flax Linen peer."""
-  import jax  # noqa: PLC0415  (only in flaxvae's environment)
-  import jax.numpy as jnp  # noqa: PLC0415
-  import optax  # noqa: PLC0415
-  from flax import linen  # noqa: PLC0415
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import linen
 
   class MlpVae(linen.Module):
     @linen.compact
@@ -126,10 +132,13 @@ def flax_peer(impl, train, test):
     @jax.jit
     def whole_epoch(carry, key):
       key_order, key_steps = jax.random.split(key)
-      batches = jax.random.permutation(key_order, len(train))[:steps * BATCH]
+      batches = jax.random.permutation(key_order, len(train))[: steps * BATCH]
       batches = batches.reshape(steps, BATCH)
-      carry, _ = jax.lax.scan(lambda c, a: step(c, (split[a[0]], a[1])), carry,
-                              (batches, jax.random.split(key_steps, steps)))
+      carry, _ = jax.lax.scan(
+        lambda c, a: step(c, (split[a[0]], a[1])),
+        carry,
+        (batches, jax.random.split(key_steps, steps)),
+      )
       return carry
 
     def epoch():
@@ -142,21 +151,25 @@ def flax_peer(impl, train, test):
       shuffled = order.permutation(len(train))
       for i in range(steps):
         state["key"], key = jax.random.split(state["key"])
-        batch = train[shuffled[i * BATCH:(i + 1) * BATCH]]
+        batch = train[shuffled[i * BATCH : (i + 1) * BATCH]]
         state["carry"], _ = one_step(state["carry"], (batch, key))
 
   def test_loss():
     return float(neg_elbo(state["carry"][0], jnp.asarray(test), state["key"]))
+
   return epoch, lambda _: jax.block_until_ready(state["carry"]), test_loss
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("impl", choices=IMPLS)
-  parser.add_argument("--data", default=os.environ.get("FMNIST_DIR",
-                                                       "/usr/share/datasets/fashion-mnist"),
-                      help="folder of Fashion-MNIST's IDX files")
+  parser.add_argument(
+    "--data",
+    default=os.environ.get("FMNIST_DIR", "/usr/share/datasets/fashion-mnist"),
+    help="folder of Fashion-MNIST's IDX files",
+  )
   parser.add_argument("--epochs", type=int, default=3, help="the first one compiles")
   args = parser.parse_args()
   train, test = read_images(args.data, "train"), read_images(args.data, "test")
@@ -167,9 +180,17 @@ def main():
   measured = timing.time_calls(epoch, wait=wait, windows=max(args.epochs - 1, 0))
   steady = measured.window_s or (measured.warmup_s,)
   examples = (len(train) // BATCH) * BATCH * len(steady)
-  print(json.dumps({"impl": args.impl, "examples_per_s": round(examples / sum(steady)),
-                    "first_epoch_s": round(measured.warmup_s, 2),
-                    "test_neg_elbo": round(test_loss(), 2), "epochs": args.epochs}))
+  print(
+    json.dumps(
+      {
+        "impl": args.impl,
+        "examples_per_s": round(examples / sum(steady)),
+        "first_epoch_s": round(measured.warmup_s, 2),
+        "test_neg_elbo": round(test_loss(), 2),
+        "epochs": args.epochs,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ trained decoder can be multimodal, which is where IWAE with q(z|x) as its propos
 AIS (flaxvae's eval.log_px_estimator=ais) should agree with the grid. Prints one JSON line per
 image and a summary line.
 """
+
 import argparse
 import json
 import math
@@ -20,8 +21,8 @@ import flaxvae
 
 flaxvae.apply_process_defaults()  # the XLA flags `flaxvae` runs with, before JAX starts
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 
 def quadrature(model, x, radius, cells):
@@ -36,7 +37,7 @@ def quadrature(model, x, radius, cells):
   for xi in x:
     parts = []
     for start in range(0, len(grid), 65536):
-      z = grid[start:start + 65536]
+      z = grid[start : start + 65536]
       xs = np.broadcast_to(xi, (len(z), *xi.shape))
       parts.append(np.asarray(model.log_likelihood(xs, z), np.float64))
     log_joint = np.concatenate(parts) + log_prior + log_cell
@@ -46,8 +47,9 @@ def quadrature(model, x, radius, cells):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--images", type=int, default=12)
   parser.add_argument("--radius", type=float, default=7.0)
@@ -58,9 +60,10 @@ def main():
   args = parser.parse_args()
   model = flaxvae.load(args.workdir)
   if model.latent_shapes != ((2,),):
-    raise SystemExit(f"{args.workdir} has latents {model.latent_shapes}: quadrature needs one "
-                     "2-D layer")
-  x = flaxvae.load_dataset(args.workdir, model.config.data.eval_split)[:args.images]
+    raise SystemExit(
+      f"{args.workdir} has latents {model.latent_shapes}: quadrature needs one 2-D layer"
+    )
+  x = flaxvae.load_dataset(args.workdir, model.config.data.eval_split)[: args.images]
   start = time.perf_counter()
   exact = quadrature(model, x, args.radius, args.cells)
   quad_s = time.perf_counter() - start
@@ -68,20 +71,40 @@ def main():
   iwae = np.asarray(model.log_marginal(x, jax.random.key(0), args.iwae_samples))
   iwae_s = time.perf_counter() - start
   start = time.perf_counter()
-  ais = np.asarray(model.log_marginal(x, jax.random.key(1), args.ais_chains, estimator="ais",
-                                      ais_steps=args.ais_steps))
+  ais = np.asarray(
+    model.log_marginal(
+      x, jax.random.key(1), args.ais_chains, estimator="ais", ais_steps=args.ais_steps
+    )
+  )
   ais_s = time.perf_counter() - start
   for i in range(len(x)):
-    print(json.dumps(dict(image=i, quadrature=round(float(exact[i]), 4),
-                          iwae=round(float(iwae[i]), 4), ais=round(float(ais[i]), 4))))
-  print(json.dumps(dict(
-      workdir=args.workdir, images=len(x), grid=f"{args.cells}^2 over +-{args.radius}",
-      iwae_samples=args.iwae_samples, ais_chains=args.ais_chains, ais_steps=args.ais_steps,
-      mean_abs_error_iwae=round(float(np.mean(np.abs(iwae - exact))), 4),
-      max_abs_error_iwae=round(float(np.max(np.abs(iwae - exact))), 4),
-      mean_abs_error_ais=round(float(np.mean(np.abs(ais - exact))), 4),
-      max_abs_error_ais=round(float(np.max(np.abs(ais - exact))), 4),
-      seconds=dict(quadrature=round(quad_s, 1), iwae=round(iwae_s, 1), ais=round(ais_s, 1)))))
+    print(
+      json.dumps(
+        dict(
+          image=i,
+          quadrature=round(float(exact[i]), 4),
+          iwae=round(float(iwae[i]), 4),
+          ais=round(float(ais[i]), 4),
+        )
+      )
+    )
+  print(
+    json.dumps(
+      dict(
+        workdir=args.workdir,
+        images=len(x),
+        grid=f"{args.cells}^2 over +-{args.radius}",
+        iwae_samples=args.iwae_samples,
+        ais_chains=args.ais_chains,
+        ais_steps=args.ais_steps,
+        mean_abs_error_iwae=round(float(np.mean(np.abs(iwae - exact))), 4),
+        max_abs_error_iwae=round(float(np.max(np.abs(iwae - exact))), 4),
+        mean_abs_error_ais=round(float(np.mean(np.abs(ais - exact))), 4),
+        max_abs_error_ais=round(float(np.max(np.abs(ais - exact))), 4),
+        seconds=dict(quadrature=round(quad_s, 1), iwae=round(iwae_s, 1), ais=round(ais_s, 1)),
+      )
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ neighbour can slow one run by 20%, so the compared runs alternate over `--rounds
 rounds and each implementation is credited with its best round (noise only ever
 slows a run down); every round's figure is kept in the raw results.
 """
+
 import argparse
 import hashlib
 import json
@@ -107,9 +108,11 @@ CACHE = Cache(None)
 def json_lines(cmd, env=None, round_index=0):
   def measure():
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, **(env or {}))).stdout
+    out = subprocess.run(
+      cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **(env or {}))
+    ).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
   key = " ".join(os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd)
   return CACHE.get(f"{key} #round{round_index}", measure)
 
@@ -126,17 +129,34 @@ def trainer_throughput(config=PEER_PROTOCOL_CONFIG):
   final evaluation; steady-state examples/s from metrics.jsonl."""
   workdir = tempfile.mkdtemp(prefix="flaxvae-bench-")
   start = time.perf_counter()
-  subprocess.run([FLAXVAE, "train", "--config", config, "--workdir",
-                  workdir, "--config.eval.final_num_importance_samples=10",
-                  "--config.eval.amortization_examples=0"],
-                 check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+  subprocess.run(
+    [
+      FLAXVAE,
+      "train",
+      "--config",
+      config,
+      "--workdir",
+      workdir,
+      "--config.eval.final_num_importance_samples=10",
+      "--config.eval.amortization_examples=0",
+    ],
+    check=True,
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+  )
   wall = time.perf_counter() - start
   rows = outputs.read_metrics(workdir)
   train_rows = [r for r in rows if r["split"] == "train"]
   rates = [r["examples_per_s"] for r in train_rows[1:]] or [train_rows[0]["examples_per_s"]]
-  return dict(examples_per_s=statistics.median(rates), window_rates=[round(r) for r in rates],
-              steps=train_rows[-1]["step"], train_phase_s=train_rows[-1]["wall_s"],
-              process_wall_s=wall, workdir=workdir, config=config)
+  return dict(
+    examples_per_s=statistics.median(rates),
+    window_rates=[round(r) for r in rates],
+    steps=train_rows[-1]["step"],
+    train_phase_s=train_rows[-1]["wall_s"],
+    process_wall_s=wall,
+    workdir=workdir,
+    config=config,
+  )
 
 
 VDVAE = "configs/fashion_mnist_vdvae.py"
@@ -153,11 +173,18 @@ def aot_plan():
   for name in AOT_CONFIGS:
     plan += [(name, 1, []), (name, 8, [])]
     if name in FSDP_AOT_CONFIGS:
-      plan += [(name, 8, ["--mesh=fsdp:8"]),
-               (name, 8, ["--mesh=fsdp:8", "--config.model.remat=True", "--device_memory=80GB"]),
-               *[(name, 64, ["--config.batch_size=128", *v])  # FFHQ's 32 over 64 devices
-                 for v in ([], ["--mesh=data:8,fsdp:8"],
-                           ["--mesh=data:8,fsdp:8", "--config.model.remat=True"])]]
+      plan += [
+        (name, 8, ["--mesh=fsdp:8"]),
+        (name, 8, ["--mesh=fsdp:8", "--config.model.remat=True", "--device_memory=80GB"]),
+        *[
+          (name, 64, ["--config.batch_size=128", *v])  # FFHQ's 32 over 64 devices
+          for v in (
+            [],
+            ["--mesh=data:8,fsdp:8"],
+            ["--mesh=data:8,fsdp:8", "--config.model.remat=True"],
+          )
+        ],
+      ]
   return plan
 
 
@@ -170,8 +197,18 @@ def aot_rows():
   for name, num_devices, flags in aot_plan():
     if name not in configs or str(num_devices) not in devices:
       continue
-    measured = json_lines([FLAXVAE, "bench", "--aot", "--config", f"configs/{name}.py",
-                           f"--devices={num_devices}", *flags, "--config.model.scan_blocks=scan"])
+    measured = json_lines(
+      [
+        FLAXVAE,
+        "bench",
+        "--aot",
+        "--config",
+        f"configs/{name}.py",
+        f"--devices={num_devices}",
+        *flags,
+        "--config.model.scan_blocks=scan",
+      ]
+    )
     when = CACHE.rows[CACHE.used[-1]]["measured"]
     rows += [dict(r, config=name, measured=when) for r in measured]
   return rows
@@ -180,8 +217,9 @@ def aot_rows():
 def aot_identity(row):
   """What an aot row measures; rows from before rows carried their config name are told
   apart by image shape (only ImageNet-64 and FFHQ-256 were measured then)."""
-  config = row.get("config") or {64: "imagenet64_vdvae", 256: "ffhq256_vdvae"}[
-      row["image_shape"][0]]
+  config = (
+    row.get("config") or {64: "imagenet64_vdvae", 256: "ffhq256_vdvae"}[row["image_shape"][0]]
+  )
   return (config, row["num_devices"], row["mesh"], row["remat"], row["batch_size"])
 
 
@@ -191,8 +229,9 @@ def merge_aot(new_rows, earlier_rows):
   fresh = {aot_identity(r) for r in new_rows}
   rows = [r for r in earlier_rows if aot_identity(r) not in fresh] + list(new_rows)
   order = {name: i for i, name in enumerate(AOT_CONFIGS)}
-  return sorted(rows, key=lambda r: (order[aot_identity(r)[0]], r["num_devices"], r["mesh"],
-                                     r["remat"]))
+  return sorted(
+    rows, key=lambda r: (order[aot_identity(r)[0]], r["num_devices"], r["mesh"], r["remat"])
+  )
 
 
 def table(header, rows):
@@ -204,9 +243,15 @@ def table(header, rows):
 PARTS = ("mlp", "conv", "vdvae", "eval", "depth", "aot")
 # Each part's section heading starts so (how an earlier report's sections are found again);
 # "cases" is the table of every bench case, drawn from the mlp and conv parts.
-HEADINGS = {"mlp": "## MLP VAE", "conv": "## Conv VAE", "vdvae": "## VDVAE",
-            "eval": "## The final evaluation", "depth": "## Depth:", "aot": "## Ahead of time",
-            "cases": "## Every bench case"}
+HEADINGS = {
+  "mlp": "## MLP VAE",
+  "conv": "## Conv VAE",
+  "vdvae": "## VDVAE",
+  "eval": "## The final evaluation",
+  "depth": "## Depth:",
+  "aot": "## Ahead of time",
+  "cases": "## Every bench case",
+}
 RAW_HEADING = "## Raw results"
 
 
@@ -233,7 +278,6 @@ def earlier_report(path):
   return {p: (sections[p], raw.get(p, [])) for p in sections}
 
 
-
 def best(runs):
   return max(runs, key=lambda x: x["examples_per_s"])
 
@@ -241,18 +285,29 @@ def best(runs):
 def measure_mlp(rounds):
   """Peers and the trainer (on their protocol, and on the default one) alternate over rounds;
   then every MLP bench case once."""
-  runs = {k: [] for k in ("torch", "flax_jit", "flax_scan", "flaxvae_train",
-                          "flaxvae_train_binarized")}
+  runs = {
+    k: [] for k in ("torch", "flax_jit", "flax_scan", "flaxvae_train", "flaxvae_train_binarized")
+  }
   for r in range(rounds):
     for impl in ("torch", "flax_jit", "flax_scan"):
       python = TORCH_PY if impl == "torch" else PY
-      runs[impl].append(json_lines([python, PEER, impl, "--epochs", str(ARGS.peer_epochs)],
-                                   round_index=r)[0])
-    runs["flaxvae_train"].append(dict(CACHE.get(
-        f"trainer {PEER_PROTOCOL_CONFIG} #round{r}", trainer_throughput), impl="flaxvae_train"))
-    runs["flaxvae_train_binarized"].append(dict(CACHE.get(
-        f"trainer {DEFAULT_CONFIG} #round{r}", lambda: trainer_throughput(DEFAULT_CONFIG)),
-        impl="flaxvae_train_binarized"))
+      runs[impl].append(
+        json_lines([python, PEER, impl, "--epochs", str(ARGS.peer_epochs)], round_index=r)[0]
+      )
+    runs["flaxvae_train"].append(
+      dict(
+        CACHE.get(f"trainer {PEER_PROTOCOL_CONFIG} #round{r}", trainer_throughput),
+        impl="flaxvae_train",
+      )
+    )
+    runs["flaxvae_train_binarized"].append(
+      dict(
+        CACHE.get(
+          f"trainer {DEFAULT_CONFIG} #round{r}", lambda: trainer_throughput(DEFAULT_CONFIG)
+        ),
+        impl="flaxvae_train_binarized",
+      )
+    )
   mlp = json_lines([PY, CASES, "--config", DEFAULT_CONFIG])
   return runs, mlp
 
@@ -265,37 +320,64 @@ def mlp_section(runs, mlp):
   compute_s = trainer["steps"] * 128 / scan  # the same steps in the peer's bare scan loop
   per_round = {k: [round(x["examples_per_s"]) for x in v] for k, v in runs.items()}
   return [
-      "## MLP VAE (784-400-20, batch 128): the trainer against the peers", "",
-      f"The peers train a Bernoulli on grey levels, so `flaxvae train` runs "
-      f"`{PEER_PROTOCOL_CONFIG}` (the same model, protocol and batch) against them; the default "
-      f"`{DEFAULT_CONFIG}` (`binarized`: one uniform drawn per pixel per step) is timed beside it.",
-      "", f"Examples/s per round: {json.dumps(per_round)}.", "",
-      table(["implementation", "examples/s", "flaxvae train / it"],
-            [["`flaxvae train`, grey protocol (metrics.jsonl, windows after the first)",
-              round(t), "1.00"]] +
-            [[f"peer {k}", v["examples_per_s"], f"{t / v['examples_per_s']:.2f}"]
-             for k, v in peers.items()] +
-            [["`flaxvae train`, default `binarized` protocol", round(b), f"{t / b:.2f}"]]), "",
-      f"- trainer / flax_scan = **{t / scan:.2f}** (goal >= 0.95); "
-      f"trainer / torch = **{t / torch_mlp:.2f}** (goal >= 2).",
-      f"- Dynamic binarization (the default protocol) costs {100 * (1 - b / t):.0f}% of the "
-      f"grey-protocol rate: the per-pixel uniform draw, not the model.",
-      f"- `make run`'s training phase ({trainer['steps']} steps, evaluations every "
-      f"5000 steps, checkpoints): {trainer['train_phase_s']:.1f} s wall from the start of "
-      f"`train()` (setup, compilation, periodic evaluations and saves included) against "
-      f"{compute_s:.1f} s of pure compute (the same steps at the rate of the peer's bare "
-      f"`lax.scan` loop): {trainer['train_phase_s'] / compute_s:.2f}x. The whole process, "
-      "with a 10-sample "
-      f"final evaluation, took {trainer['process_wall_s']:.1f} s.", ""], [
-      *peers.values(), trainer, binarized, *mlp]
+    "## MLP VAE (784-400-20, batch 128): the trainer against the peers",
+    "",
+    f"The peers train a Bernoulli on grey levels, so `flaxvae train` runs "
+    f"`{PEER_PROTOCOL_CONFIG}` (the same model, protocol and batch) against them; the default "
+    f"`{DEFAULT_CONFIG}` (`binarized`: one uniform drawn per pixel per step) is timed beside it.",
+    "",
+    f"Examples/s per round: {json.dumps(per_round)}.",
+    "",
+    table(
+      ["implementation", "examples/s", "flaxvae train / it"],
+      [
+        [
+          "`flaxvae train`, grey protocol (metrics.jsonl, windows after the first)",
+          round(t),
+          "1.00",
+        ]
+      ]
+      + [
+        [f"peer {k}", v["examples_per_s"], f"{t / v['examples_per_s']:.2f}"]
+        for k, v in peers.items()
+      ]
+      + [["`flaxvae train`, default `binarized` protocol", round(b), f"{t / b:.2f}"]],
+    ),
+    "",
+    f"- trainer / flax_scan = **{t / scan:.2f}** (goal >= 0.95); "
+    f"trainer / torch = **{t / torch_mlp:.2f}** (goal >= 2).",
+    f"- Dynamic binarization (the default protocol) costs {100 * (1 - b / t):.0f}% of the "
+    f"grey-protocol rate: the per-pixel uniform draw, not the model.",
+    f"- `make run`'s training phase ({trainer['steps']} steps, evaluations every "
+    f"5000 steps, checkpoints): {trainer['train_phase_s']:.1f} s wall from the start of "
+    f"`train()` (setup, compilation, periodic evaluations and saves included) against "
+    f"{compute_s:.1f} s of pure compute (the same steps at the rate of the peer's bare "
+    f"`lax.scan` loop): {trainer['train_phase_s'] / compute_s:.2f}x. The whole process, "
+    "with a 10-sample "
+    f"final evaluation, took {trainer['process_wall_s']:.1f} s.",
+    "",
+  ], [*peers.values(), trainer, binarized, *mlp]
 
 
 def measure_conv(rounds):
   conv, torch_conv = [], []
   for r in range(rounds):
     cases = "default,dispatch" if r == 0 else "default"
-    conv.append(json_lines([PY, CASES, "--config", "configs/fashion_mnist_conv.py",
-                            "--cases", cases, "--windows", "3"], round_index=r))
+    conv.append(
+      json_lines(
+        [
+          PY,
+          CASES,
+          "--config",
+          "configs/fashion_mnist_conv.py",
+          "--cases",
+          cases,
+          "--windows",
+          "3",
+        ],
+        round_index=r,
+      )
+    )
     torch_conv.append(json_lines([TORCH_PY, "benchmarks/torch_conv_vae.py"], round_index=r)[0])
   return conv, torch_conv, profile_row("configs/fashion_mnist_conv.py")
 
@@ -308,61 +390,115 @@ def profile_lines(row, what):
   """What limits a step, from `cases.py --cases profile`: time by kind, the heaviest ops."""
   kinds = sorted(row["ms_per_step_by_kind"].items(), key=lambda kv: -kv[1])
   return [
-      f"What limits the {what} step (`benchmarks/cases.py --cases profile`: XLA:CPU's thunks "
-      "traced "
-      f"over {row['steps']} steps, each op's self time on the thread that ran it, summed "
-      f"over the {row['threads']} threads that ran ops, {row['busy_ms_per_step']:.1f} "
-      f"thread-ms per step in {row['wall_ms_per_step']:.1f} ms of wall time, tracing "
-      "included. Eigen's convolutions finish on the intra-op pool after their thunk returns, "
-      "so `convolution` also counts the wall time no traced op covers while one may be "
-      f"running, {row.get('convolution_wait_ms_per_step', 0):.1f} ms per step; the other "
-      "waits have a row of their own):", "",
-      table(["kind of op", "ms per step", "share"],
-            [[k, v, f"{100 * row['share_by_kind'][k]:.0f}%"] for k, v in kinds if v]), "",
-      "Heaviest ops (a convolution's time includes the waits counted to it): " + "; ".join(
-          f"`{h['op']}` {h['shape']} {h['ms_per_step']} ms" for h in row["heaviest"][:6]) + ".",
-      ""]
+    f"What limits the {what} step (`benchmarks/cases.py --cases profile`: XLA:CPU's thunks "
+    "traced "
+    f"over {row['steps']} steps, each op's self time on the thread that ran it, summed "
+    f"over the {row['threads']} threads that ran ops, {row['busy_ms_per_step']:.1f} "
+    f"thread-ms per step in {row['wall_ms_per_step']:.1f} ms of wall time, tracing "
+    "included. Eigen's convolutions finish on the intra-op pool after their thunk returns, "
+    "so `convolution` also counts the wall time no traced op covers while one may be "
+    f"running, {row.get('convolution_wait_ms_per_step', 0):.1f} ms per step; the other "
+    "waits have a row of their own):",
+    "",
+    table(
+      ["kind of op", "ms per step", "share"],
+      [[k, v, f"{100 * row['share_by_kind'][k]:.0f}%"] for k, v in kinds if v],
+    ),
+    "",
+    "Heaviest ops (a convolution's time includes the waits counted to it): "
+    + "; ".join(f"`{h['op']}` {h['shape']} {h['ms_per_step']} ms" for h in row["heaviest"][:6])
+    + ".",
+    "",
+  ]
 
 
 def conv_section(conv_rounds, torch_rounds, profile):
   conv_default = best([next(x for x in rows if x["case"] == "default") for rows in conv_rounds])
   conv = [conv_default] + [x for x in conv_rounds[0] if x["case"] != "default"]
   torch_conv = best(torch_rounds)
-  per_round = {"conv": [round(next(x for x in rows if x["case"] == "default")["examples_per_s"])
-                        for rows in conv_rounds],
-               "torch_conv": [round(x["examples_per_s"]) for x in torch_rounds]}
+  per_round = {
+    "conv": [
+      round(next(x for x in rows if x["case"] == "default")["examples_per_s"])
+      for rows in conv_rounds
+    ],
+    "torch_conv": [round(x["examples_per_s"]) for x in torch_rounds],
+  }
   return [
-      "## Conv VAE (configs/fashion_mnist_conv.py) against its PyTorch twin", "",
-      f"Examples/s per round: {json.dumps(per_round)}.", "",
-      table(["implementation", "examples/s", "ratio"],
-            [["flaxvae (bench, default case)", conv_default["examples_per_s"],
-              f"{conv_default['examples_per_s'] / torch_conv['examples_per_s']:.2f}"],
-             ["torch (benchmarks/torch_conv_vae.py)", torch_conv["examples_per_s"], "1.00"],
-             ["FLOP limit (XLA cost / matmul peak)", conv_default["limit_examples_per_s"],
-              f"{conv_default['limit_examples_per_s'] / torch_conv['examples_per_s']:.2f}"]]), "",
-      *profile_lines(profile, "conv"),
-      "XLA:CPU runs the convolutions in Eigen (flaxvae routes them away from YNNPACK, which ran "
-      "this step at 0.64x PyTorch; `flaxvae/runtime/xla_flags.py`); the layout transposes put "
-      "activations and gradients in [C, H, W, B] order for the kernel-gradient convolutions, "
-      "and the elementwise fusions (bias, ReLU, their masks) are work Eigen does not fuse into "
-      "the convolutions. glibc malloc tunables (`flaxvae/runtime/malloc.py`) "
-      "stop each dispatch from page-faulting its 65 MB of scratch memory in again. Inside a "
-      "rolled loop XLA:CPU keeps the loop's layouts, cannot call Eigen and emits naive "
-      "convolution loops (the `dispatch` row with unroll 1), so conv configs unroll their "
-      "steps per dispatch.", ""], [*conv, torch_conv, profile]
+    "## Conv VAE (configs/fashion_mnist_conv.py) against its PyTorch twin",
+    "",
+    f"Examples/s per round: {json.dumps(per_round)}.",
+    "",
+    table(
+      ["implementation", "examples/s", "ratio"],
+      [
+        [
+          "flaxvae (bench, default case)",
+          conv_default["examples_per_s"],
+          f"{conv_default['examples_per_s'] / torch_conv['examples_per_s']:.2f}",
+        ],
+        ["torch (benchmarks/torch_conv_vae.py)", torch_conv["examples_per_s"], "1.00"],
+        [
+          "FLOP limit (XLA cost / matmul peak)",
+          conv_default["limit_examples_per_s"],
+          f"{conv_default['limit_examples_per_s'] / torch_conv['examples_per_s']:.2f}",
+        ],
+      ],
+    ),
+    "",
+    *profile_lines(profile, "conv"),
+    "XLA:CPU runs the convolutions in Eigen (flaxvae routes them away from YNNPACK, which ran "
+    "this step at 0.64x PyTorch; `flaxvae/runtime/xla_flags.py`); the layout transposes put "
+    "activations and gradients in [C, H, W, B] order for the kernel-gradient convolutions, "
+    "and the elementwise fusions (bias, ReLU, their masks) are work Eigen does not fuse into "
+    "the convolutions. glibc malloc tunables (`flaxvae/runtime/malloc.py`) "
+    "stop each dispatch from page-faulting its 65 MB of scratch memory in again. Inside a "
+    "rolled loop XLA:CPU keeps the loop's layouts, cannot call Eigen and emits naive "
+    "convolution loops (the `dispatch` row with unroll 1), so conv configs unroll their "
+    "steps per dispatch.",
+    "",
+  ], [*conv, torch_conv, profile]
 
 
 def measure_vdvae(rounds):
   vdvae, torch_vdvae = [], []
   for r in range(rounds):
-    vdvae.append(json_lines([PY, CASES, "--config", VDVAE, "--cases", "default",
-                             "--windows", "3"], round_index=r)[0])
-    torch_vdvae.append(json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "vdvae",
-                                   "--windows", "3"], round_index=r)[0])
-  effvdvae = json_lines([PY, CASES, "--config", "configs/fashion_mnist_effvdvae.py",
-                         "--cases", "default", "--steps", "3", "--windows", "3"])[0]
-  torch_effvdvae = json_lines([TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "effvdvae",
-                               "--steps", "3", "--windows", "3"])[0]
+    vdvae.append(
+      json_lines(
+        [PY, CASES, "--config", VDVAE, "--cases", "default", "--windows", "3"], round_index=r
+      )[0]
+    )
+    torch_vdvae.append(
+      json_lines(
+        [TORCH_PY, "benchmarks/torch_vdvae.py", "--config", "vdvae", "--windows", "3"],
+        round_index=r,
+      )[0]
+    )
+  effvdvae = json_lines(
+    [
+      PY,
+      CASES,
+      "--config",
+      "configs/fashion_mnist_effvdvae.py",
+      "--cases",
+      "default",
+      "--steps",
+      "3",
+      "--windows",
+      "3",
+    ]
+  )[0]
+  torch_effvdvae = json_lines(
+    [
+      TORCH_PY,
+      "benchmarks/torch_vdvae.py",
+      "--config",
+      "effvdvae",
+      "--steps",
+      "3",
+      "--windows",
+      "3",
+    ]
+  )[0]
   return vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile_row(VDVAE)
 
 
@@ -376,103 +512,203 @@ def anchor_line():
     rec = json.load(f)
   secs = {k: min(v) for k, v in rec["seconds_per_step"].items()}
   params = rec["parameters"]
-  return (f"- Beside Efficient-VDVAE's own PyTorch code on the same config ({ANCHOR_RECORD}, "
-          f"measured {rec['measured']} on {rec['cpu']} ({rec['cores']} cores), best of "
-          f"{len(rec['seconds_per_step']['anchor'])} alternating rounds): flaxvae "
-          f"{secs['flaxvae']:.2f} s per step, the anchor {secs['anchor']:.2f} s, the twin "
-          f"{secs['twin']:.2f} s: flaxvae / anchor = **{secs['anchor'] / secs['flaxvae']:.2f}x** "
-          f"(goal >= 1.0). The two architectures do nearly the same work ({rec['flop_count']}); "
-          f"the anchor's {params['anchor'] / 1e6:.1f}M parameters against "
-          f"{params['flaxvae'] / 1e6:.1f}M follow from its wiring (one encoder skip per layer; the "
-          "config's docstring lists the differences).")
+  return (
+    f"- Beside Efficient-VDVAE's own PyTorch code on the same config ({ANCHOR_RECORD}, "
+    f"measured {rec['measured']} on {rec['cpu']} ({rec['cores']} cores), best of "
+    f"{len(rec['seconds_per_step']['anchor'])} alternating rounds): flaxvae "
+    f"{secs['flaxvae']:.2f} s per step, the anchor {secs['anchor']:.2f} s, the twin "
+    f"{secs['twin']:.2f} s: flaxvae / anchor = **{secs['anchor'] / secs['flaxvae']:.2f}x** "
+    f"(goal >= 1.0). The two architectures do nearly the same work ({rec['flop_count']}); "
+    f"the anchor's {params['anchor'] / 1e6:.1f}M parameters against "
+    f"{params['flaxvae'] / 1e6:.1f}M follow from its wiring (one encoder skip per layer; the "
+    "config's docstring lists the differences)."
+  )
 
 
 def vdvae_section(vdvae_rounds, torch_rounds, effvdvae, torch_effvdvae, profile):
   vdvae, torch_vdvae = best(vdvae_rounds), best(torch_rounds)
   return [
-      "## VDVAE (configs/fashion_mnist_vdvae.py) against its PyTorch twin", "",
-      table(["implementation", "examples/s", "ratio"],
-            [["flaxvae (bench, default case)", vdvae["examples_per_s"],
-              f"{vdvae['examples_per_s'] / torch_vdvae['examples_per_s']:.2f}"],
-             ["torch (benchmarks/torch_vdvae.py, channels_last)", torch_vdvae["examples_per_s"],
-              "1.00"],
-             ["FLOP limit (XLA cost / matmul peak)", vdvae["limit_examples_per_s"],
-              f"{vdvae['limit_examples_per_s'] / torch_vdvae['examples_per_s']:.2f}"]]), "",
-      f"- flaxvae / torch = **{vdvae['examples_per_s'] / torch_vdvae['examples_per_s']:.2f}** "
-      f"(goal >= 1.5); MFU {vdvae['mfu']:.3f} of the measured matmul peak.",
-      f"- Efficient-VDVAE's binarized-MNIST architecture (configs/fashion_mnist_effvdvae.py, "
-      f"{effvdvae['flops_per_example'] / 1e9:.1f} GFLOP per training example, batch 32): "
-      f"flaxvae {effvdvae['step_ms'] / 1000:.2f} s per step "
-      f"({effvdvae['examples_per_s']:.1f} examples/s), its PyTorch twin "
-      f"{32 / torch_effvdvae['examples_per_s']:.2f} s "
-      f"({torch_effvdvae['examples_per_s']:.1f} examples/s): "
-      f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.",
-      anchor_line(), "",
-      *profile_lines(profile, "VDVAE")], [vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile]
+    "## VDVAE (configs/fashion_mnist_vdvae.py) against its PyTorch twin",
+    "",
+    table(
+      ["implementation", "examples/s", "ratio"],
+      [
+        [
+          "flaxvae (bench, default case)",
+          vdvae["examples_per_s"],
+          f"{vdvae['examples_per_s'] / torch_vdvae['examples_per_s']:.2f}",
+        ],
+        ["torch (benchmarks/torch_vdvae.py, channels_last)", torch_vdvae["examples_per_s"], "1.00"],
+        [
+          "FLOP limit (XLA cost / matmul peak)",
+          vdvae["limit_examples_per_s"],
+          f"{vdvae['limit_examples_per_s'] / torch_vdvae['examples_per_s']:.2f}",
+        ],
+      ],
+    ),
+    "",
+    f"- flaxvae / torch = **{vdvae['examples_per_s'] / torch_vdvae['examples_per_s']:.2f}** "
+    f"(goal >= 1.5); MFU {vdvae['mfu']:.3f} of the measured matmul peak.",
+    f"- Efficient-VDVAE's binarized-MNIST architecture (configs/fashion_mnist_effvdvae.py, "
+    f"{effvdvae['flops_per_example'] / 1e9:.1f} GFLOP per training example, batch 32): "
+    f"flaxvae {effvdvae['step_ms'] / 1000:.2f} s per step "
+    f"({effvdvae['examples_per_s']:.1f} examples/s), its PyTorch twin "
+    f"{32 / torch_effvdvae['examples_per_s']:.2f} s "
+    f"({torch_effvdvae['examples_per_s']:.1f} examples/s): "
+    f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.",
+    anchor_line(),
+    "",
+    *profile_lines(profile, "VDVAE"),
+  ], [vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile]
 
 
 def eval_section(evaluation):
   return [
-      "## The final evaluation at the machine's limit", "",
-      f"The default config's final importance pass (K = {evaluation['num_importance_samples']} "
-      f"over {evaluation['num_examples']} test images, `benchmarks/cases.py --cases eval`): "
-      f"{evaluation['seconds']} s against {evaluation['flop_limit_seconds']} s at the "
-      f"measured matmul peak, **{evaluation['ratio_to_limit']:.2f}x** the FLOP-limit time "
-      f"(goal <= 1.3); {evaluation['iwae_seconds_per_1000']} s per 1,000 images. AIS "
-      f"({evaluation['ais_steps']} steps, {evaluation['ais_chains']} chains, "
-      f"{evaluation['ais_leapfrog']} leapfrog steps): {evaluation['ais_seconds_per_1000']} s "
-      "per 1,000 images.", ""], [evaluation]
+    "## The final evaluation at the machine's limit",
+    "",
+    f"The default config's final importance pass (K = {evaluation['num_importance_samples']} "
+    f"over {evaluation['num_examples']} test images, `benchmarks/cases.py --cases eval`): "
+    f"{evaluation['seconds']} s against {evaluation['flop_limit_seconds']} s at the "
+    f"measured matmul peak, **{evaluation['ratio_to_limit']:.2f}x** the FLOP-limit time "
+    f"(goal <= 1.3); {evaluation['iwae_seconds_per_1000']} s per 1,000 images. AIS "
+    f"({evaluation['ais_steps']} steps, {evaluation['ais_chains']} chains, "
+    f"{evaluation['ais_leapfrog']} leapfrog steps): {evaluation['ais_seconds_per_1000']} s "
+    "per 1,000 images.",
+    "",
+  ], [evaluation]
 
 
 def depth_section(depth):
   return [
-      "## Depth: compile time and memory (configs/fashion_mnist_vdvae.py, its 8x8 group)", "",
-      table(["layers in the group", "scan", "remat", "compile s", "temp GiB per device",
-             "argument GiB"],
-            [[r["depth"], r["scan_blocks"], r["remat"], r["compile_s"],
-              r.get("per_device_temp_gib"), r.get("per_device_argument_gib")] for r in depth]),
-      ""], depth
+    "## Depth: compile time and memory (configs/fashion_mnist_vdvae.py, its 8x8 group)",
+    "",
+    table(
+      ["layers in the group", "scan", "remat", "compile s", "temp GiB per device", "argument GiB"],
+      [
+        [
+          r["depth"],
+          r["scan_blocks"],
+          r["remat"],
+          r["compile_s"],
+          r.get("per_device_temp_gib"),
+          r.get("per_device_argument_gib"),
+        ]
+        for r in depth
+      ],
+    ),
+    "",
+  ], depth
 
 
 def aot_section(aot):
   # FLOPs per example depend on the config and remat, not the mesh: rows measured before
   # aot rows carried them borrow them from a row of the same config that has them.
-  flops = {(aot_identity(r)[0], r["remat"]): r["flops_per_example"]
-           for r in aot if "flops_per_example" in r}
-  aot = [dict(r, flops_per_example=flops[key]) if "flops_per_example" not in r and (
-      key := (aot_identity(r)[0], r["remat"])) in flops else r for r in aot]
+  flops = {
+    (aot_identity(r)[0], r["remat"]): r["flops_per_example"]
+    for r in aot
+    if "flops_per_example" in r
+  }
+  aot = [
+    dict(r, flops_per_example=flops[key])
+    if "flops_per_example" not in r and (key := (aot_identity(r)[0], r["remat"])) in flops
+    else r
+    for r in aot
+  ]
   return [
-      "## Ahead of time: the large configs (`flaxvae bench --aot`, shapes only)", "",
-      table(["config", "devices", "mesh", "remat", "batch", "parameters", "GFLOP/example",
-             "params GiB/dev", "optimizer GiB/dev", "EMA GiB/dev", "temp GiB/dev",
-             "largest batch in 80 GB/dev", "compile s", "measured"],
-            [[aot_identity(r)[0], r["num_devices"],
-              r["mesh"], r["remat"], r["batch_size"], f"{r['parameters'] / 1e6:.1f}M",
-              round(r["flops_per_example"] / 1e9, 1) if "flops_per_example" in r else "",
-              r["per_device_parameter_gib"], r["per_device_optimizer_gib"],
-              r["per_device_ema_gib"], r.get("per_device_temp_gib"), r.get("largest_batch") or "",
-              r["compile_s"], r.get("measured", "")] for r in aot]), "",
-      "Per-device memory from XLA's memory analysis of the compiled step on XLA:CPU (the "
-      "accelerator's compiler lays memory out differently; the parameter and optimizer "
-      "columns are exact either way). `largest batch` extrapolates the step's memory "
-      "linearly from two compiles (batch and twice the batch). GFLOP/example: one training "
-      "step (forward, backward, update) from XLA's cost analysis of the lowered one-device "
-      "program with the layers unrolled. `measured` dates each row: a partial run "
-      "(--aot_configs, --aot_devices) re-measures its rows and keeps the others from the "
-      "earlier report.", ""], aot
+    "## Ahead of time: the large configs (`flaxvae bench --aot`, shapes only)",
+    "",
+    table(
+      [
+        "config",
+        "devices",
+        "mesh",
+        "remat",
+        "batch",
+        "parameters",
+        "GFLOP/example",
+        "params GiB/dev",
+        "optimizer GiB/dev",
+        "EMA GiB/dev",
+        "temp GiB/dev",
+        "largest batch in 80 GB/dev",
+        "compile s",
+        "measured",
+      ],
+      [
+        [
+          aot_identity(r)[0],
+          r["num_devices"],
+          r["mesh"],
+          r["remat"],
+          r["batch_size"],
+          f"{r['parameters'] / 1e6:.1f}M",
+          round(r["flops_per_example"] / 1e9, 1) if "flops_per_example" in r else "",
+          r["per_device_parameter_gib"],
+          r["per_device_optimizer_gib"],
+          r["per_device_ema_gib"],
+          r.get("per_device_temp_gib"),
+          r.get("largest_batch") or "",
+          r["compile_s"],
+          r.get("measured", ""),
+        ]
+        for r in aot
+      ],
+    ),
+    "",
+    "Per-device memory from XLA's memory analysis of the compiled step on XLA:CPU (the "
+    "accelerator's compiler lays memory out differently; the parameter and optimizer "
+    "columns are exact either way). `largest batch` extrapolates the step's memory "
+    "linearly from two compiles (batch and twice the batch). GFLOP/example: one training "
+    "step (forward, backward, update) from XLA's cost analysis of the lowered one-device "
+    "program with the layers unrolled. `measured` dates each row: a partial run "
+    "(--aot_configs, --aot_devices) re-measures its rows and keeps the others from the "
+    "earlier report.",
+    "",
+  ], aot
 
 
 def cases_section(mlp, conv):
   return [
-      "## Every bench case", "",
-      table(["model", "case", "devices", "steps/dispatch", "unroll", "compile s", "step ms",
-             "examples/s", "MFLOP/example", "MFU", "all-reduce ms", "overhead vs 1 device"],
-            [[r["model"], r["case"], r["num_devices"], r["steps_per_dispatch"], r["scan_unroll"],
-              r["compile_s"], r["step_ms"], r["examples_per_s"],
-              round(r["flops_per_example"] / 1e6, 2), r["mfu"], r.get("allreduce_ms", ""),
-              r.get("overhead_vs_1_device", "")] for r in mlp + conv]), "",
-      "Simulated devices share the same two cores, so the scaling rows measure the cost of "
-      "partitioning and collectives, not a speed-up.", ""]
+    "## Every bench case",
+    "",
+    table(
+      [
+        "model",
+        "case",
+        "devices",
+        "steps/dispatch",
+        "unroll",
+        "compile s",
+        "step ms",
+        "examples/s",
+        "MFLOP/example",
+        "MFU",
+        "all-reduce ms",
+        "overhead vs 1 device",
+      ],
+      [
+        [
+          r["model"],
+          r["case"],
+          r["num_devices"],
+          r["steps_per_dispatch"],
+          r["scan_unroll"],
+          r["compile_s"],
+          r["step_ms"],
+          r["examples_per_s"],
+          round(r["flops_per_example"] / 1e6, 2),
+          r["mfu"],
+          r.get("allreduce_ms", ""),
+          r.get("overhead_vs_1_device", ""),
+        ]
+        for r in mlp + conv
+      ],
+    ),
+    "",
+    "Simulated devices share the same two cores, so the scaling rows measure the cost of "
+    "partitioning and collectives, not a speed-up.",
+    "",
+  ]
 
 
 ARGS = None
@@ -484,14 +720,21 @@ def main():
   parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
   parser.add_argument("--peer_epochs", type=int, default=3)
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--parts", default=",".join(PARTS),
-                      help=f"which parts to measure and report: {','.join(PARTS)}")
-  parser.add_argument("--cache", default=os.path.join(ROOT, "runs", "bench_cache.jsonl"),
-                      help="measurements already made are read from here, new ones appended")
+  parser.add_argument(
+    "--parts", default=",".join(PARTS), help=f"which parts to measure and report: {','.join(PARTS)}"
+  )
+  parser.add_argument(
+    "--cache",
+    default=os.path.join(ROOT, "runs", "bench_cache.jsonl"),
+    help="measurements already made are read from here, new ones appended",
+  )
   parser.add_argument("--fresh", action="store_true", help="measure everything again")
   parser.add_argument("--aot_devices", default="1,8,64", help="the aot part's device counts")
-  parser.add_argument("--aot_configs", default=",".join(AOT_CONFIGS),
-                      help="the aot part's configs (rows not measured keep the earlier report's)")
+  parser.add_argument(
+    "--aot_configs",
+    default=",".join(AOT_CONFIGS),
+    help="the aot part's configs (rows not measured keep the earlier report's)",
+  )
   ARGS = parser.parse_args()
   parts = [p for p in ARGS.parts.split(",") if p]
   unknown = set(parts) - set(PARTS)
@@ -523,17 +766,28 @@ def main():
   if "vdvae" in parts:
     measure_part("vdvae", lambda: measure_vdvae(ARGS.rounds), lambda d: vdvae_section(*d))
   for name, measure, section in (
-      ("eval", lambda: json_lines([PY, CASES, "--config", "configs/fashion_mnist_mlp.py",
-                                   "--cases", "eval"])[0], eval_section),
-      ("depth", lambda: json_lines([PY, CASES, "--config", VDVAE, "--cases", "depth"]),
-       depth_section),
-      ("aot", lambda: merge_aot(aot_rows(), earlier.get("aot", ([], []))[1]),
-       aot_section)):
+    (
+      "eval",
+      lambda: json_lines(
+        [PY, CASES, "--config", "configs/fashion_mnist_mlp.py", "--cases", "eval"]
+      )[0],
+      eval_section,
+    ),
+    (
+      "depth",
+      lambda: json_lines([PY, CASES, "--config", VDVAE, "--cases", "depth"]),
+      depth_section,
+    ),
+    ("aot", lambda: merge_aot(aot_rows(), earlier.get("aot", ([], []))[1]), aot_section),
+  ):
     if name in parts:
       measure_part(name, measure, section)
   if "mlp" in parts and "conv" in parts:
-    measured["cases"] = (cases_section(mlp, conv), [], sorted(
-        set(measured["mlp"][2]) | set(measured["conv"][2])))
+    measured["cases"] = (
+      cases_section(mlp, conv),
+      [],
+      sorted(set(measured["mlp"][2]) | set(measured["conv"][2])),
+    )
 
   sections, raw, kept, missing = [], [], [], []
   environment = {}
@@ -543,14 +797,15 @@ def main():
       when = f"{dates[0]} to {dates[-1]}" if dates else time.strftime("%Y-%m-%d %H:%M")
       cpus = sorted({r["cpu"] for r in rows if r.get("cpu")})
       on = f" on {', '.join(cpus)} ({os.cpu_count()} cores)" if cpus else ""
-      if cpus and any(isinstance(r, dict) and "measured" in r and not r.get("cpu")
-                      for r in rows):
+      if cpus and any(isinstance(r, dict) and "measured" in r and not r.get("cpu") for r in rows):
         on += " and, for rows kept from an earlier report, a CPU it did not record"
       sections += [lines[0], "", f"_Measured {when}{on}, by this report._", *lines[1:]]
     elif part in earlier:
       lines, rows = earlier[part]
-      sections += [lines[0], *[l.replace(", by this report._", ", by an earlier report._")
-                               for l in lines[1:]]]
+      sections += [
+        lines[0],
+        *[l.replace(", by this report._", ", by an earlier report._") for l in lines[1:]],
+      ]
       kept.append(part)
     else:
       if part != "cases":  # derived from mlp and conv, which are listed themselves
@@ -560,19 +815,25 @@ def main():
       raw += [f"### {part}", "", "```json", *[json.dumps(x) for x in rows], "```", ""]
       environment = environment or next((r for r in rows if "device_kind" in r), {})
   md = [
-      "# Benchmarks", "",
-      f"Written by `make bench` (benchmarks/report.py --parts {','.join(parts)}) on "
-      f"{time.strftime('%Y-%m-%d %H:%M')}, {environment.get('device_kind', 'cpu')} "
-      f"x{os.cpu_count()} cores, jax {environment.get('jax', '?')}. Each section says when it "
-      "was measured (measurements are cached by command and code version in "
-      "runs/bench_cache.jsonl; a part this "
-      "report did not measure keeps its section from the earlier BENCHMARKS.md). Compare "
-      "ratios within a section, not absolute numbers across sections: the CPU model changes "
-      f"between sessions. Compared runs alternate over rounds ({ARGS.rounds} in this report) "
-      "and each is credited with its best round (noise only ever slows a run down)."
-      + (f" Kept from an earlier report: {', '.join(kept)}." if kept else "")
-      + (f" Not measured yet: {', '.join(missing)}." if missing else ""), "",
-      *sections, RAW_HEADING, "", *raw]
+    "# Benchmarks",
+    "",
+    f"Written by `make bench` (benchmarks/report.py --parts {','.join(parts)}) on "
+    f"{time.strftime('%Y-%m-%d %H:%M')}, {environment.get('device_kind', 'cpu')} "
+    f"x{os.cpu_count()} cores, jax {environment.get('jax', '?')}. Each section says when it "
+    "was measured (measurements are cached by command and code version in "
+    "runs/bench_cache.jsonl; a part this "
+    "report did not measure keeps its section from the earlier BENCHMARKS.md). Compare "
+    "ratios within a section, not absolute numbers across sections: the CPU model changes "
+    f"between sessions. Compared runs alternate over rounds ({ARGS.rounds} in this report) "
+    "and each is credited with its best round (noise only ever slows a run down)."
+    + (f" Kept from an earlier report: {', '.join(kept)}." if kept else "")
+    + (f" Not measured yet: {', '.join(missing)}." if missing else ""),
+    "",
+    *sections,
+    RAW_HEADING,
+    "",
+    *raw,
+  ]
   with open(ARGS.out, "w") as f:
     f.write("\n".join(md))
   print(f"wrote {ARGS.out}")

@@ -9,6 +9,7 @@ block then a 3x3 conv to 4x the channels and depth-to-space (pixel shuffle); Ber
 likelihood on grey levels, Adam 1e-3. Prints one JSON line (steady-state examples/s: median
 of windows after warm-up). Data: random grey levels (the step's cost does not depend on them).
 """
+
 import argparse
 import itertools
 import json
@@ -21,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flaxvae.runtime import timing  # noqa: E402  (standard library only)
+from flaxvae.runtime import timing
 
 
 class Residual(nn.Module):
@@ -39,14 +40,18 @@ class ConvVAE(nn.Module):
     ins = [colors, *channels[:-1]]
     # flax "SAME" for a stride-2 3x3 conv on an even side pads (0, 1); torch pads symmetrically,
     # which costs the same FLOPs (the output shapes match).
-    self.down = nn.ModuleList(nn.Conv2d(i, o, 3, stride=2, padding=1) for i, o in zip(ins, channels))
+    self.down = nn.ModuleList(
+      nn.Conv2d(i, o, 3, stride=2, padding=1) for i, o in zip(ins, channels)
+    )
     self.down_blocks = nn.ModuleList(Residual(c) for c in channels)
-    self.bottom = (channels[-1], side // 2**len(channels), side // 2**len(channels))
+    self.bottom = (channels[-1], side // 2 ** len(channels), side // 2 ** len(channels))
     flat = channels[-1] * self.bottom[1] * self.bottom[2]
     self.to_posterior, self.from_latent = nn.Linear(flat, 2 * latent), nn.Linear(latent, flat)
     outs = [*reversed(channels[:-1]), colors]
     self.up_blocks = nn.ModuleList(Residual(c) for c in reversed(channels))
-    self.up = nn.ModuleList(nn.Conv2d(i, 4 * o, 3, padding=1) for i, o in zip(reversed(channels), outs))
+    self.up = nn.ModuleList(
+      nn.Conv2d(i, 4 * o, 3, padding=1) for i, o in zip(reversed(channels), outs)
+    )
 
   def forward(self, x):
     h = x
@@ -72,7 +77,7 @@ def main():
   data = torch.rand(args.batch * 8, 1, 28, 28)
 
   def step(i):
-    x = data[(i % 8) * args.batch:(i % 8 + 1) * args.batch]
+    x = data[(i % 8) * args.batch : (i % 8 + 1) * args.batch]
     opt.zero_grad(set_to_none=True)
     logits, mean, logvar = model(x)
     rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
@@ -83,14 +88,27 @@ def main():
 
   calls, last = itertools.count(), {}
   # warm-up: oneDNN primitive caches, allocator
-  measured = timing.time_calls(lambda: last.update(loss=step(next(calls))), warmup=10,
-                               windows=args.windows, calls_per_window=args.steps)
+  measured = timing.time_calls(
+    lambda: last.update(loss=step(next(calls))),
+    warmup=10,
+    windows=args.windows,
+    calls_per_window=args.steps,
+  )
   rates, loss = measured.rates(args.batch), last["loss"]
-  print(json.dumps({"impl": "torch_conv", "examples_per_s": round(statistics.median(rates)),
-                    "window_examples_per_s": [round(r) for r in rates], "batch_size": args.batch,
-                    "params": sum(p.numel() for p in model.parameters()),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "loss": round(float(loss), 2)}))
+  print(
+    json.dumps(
+      {
+        "impl": "torch_conv",
+        "examples_per_s": round(statistics.median(rates)),
+        "window_examples_per_s": [round(r) for r in rates],
+        "batch_size": args.batch,
+        "params": sum(p.numel() for p in model.parameters()),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "loss": round(float(loss), 2),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ KL warm-up factor, effvdvae's decoupled weight decay, the IWAE metric.
 Prints one JSON line (steady-state examples/s: median of windows after warm-up). Data: a fixed
 set of 8 random binary batches (the step's cost does not depend on the pixel values).
 """
+
 import argparse
 import itertools
 import json
@@ -42,7 +43,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from flaxvae.runtime import timing  # noqa: E402  (standard library only)
+from flaxvae.runtime import timing
 
 STD_BETA = math.log(2.0)  # softplus_beta(0) = 1
 MIN_STD_INPUT = -20.0
@@ -50,12 +51,28 @@ ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}
 ACTIVATION = F.silu  # set from the config in main()
 
 CONFIGS = {
-    "vdvae": dict(dec_layers="1:2,4:3,8:4,16:2,32:1", enc_blocks="32:1,16:1,8:2,4:2,1:1",
-                  widths="32:16,16:32,8:64,4:64,1:64", bottleneck=0.5, latent_channels=8,
-                  lr=2e-3, batch_size=64, channels_last=1, activation="relu"),
-    "effvdvae": dict(dec_layers="1:5,4:5,8:10,16:2,32:1", enc_blocks="32:1,16:2,8:10,4:5,1:5",
-                     widths="32:32,16:64,8:128,4:256,1:512", bottleneck=1.0, latent_channels=32,
-                     lr=1e-3, batch_size=32, channels_last=0, activation="silu"),
+  "vdvae": dict(
+    dec_layers="1:2,4:3,8:4,16:2,32:1",
+    enc_blocks="32:1,16:1,8:2,4:2,1:1",
+    widths="32:16,16:32,8:64,4:64,1:64",
+    bottleneck=0.5,
+    latent_channels=8,
+    lr=2e-3,
+    batch_size=64,
+    channels_last=1,
+    activation="relu",
+  ),
+  "effvdvae": dict(
+    dec_layers="1:5,4:5,8:10,16:2,32:1",
+    enc_blocks="32:1,16:2,8:10,4:5,1:5",
+    widths="32:32,16:64,8:128,4:256,1:512",
+    bottleneck=1.0,
+    latent_channels=32,
+    lr=1e-3,
+    batch_size=32,
+    channels_last=0,
+    activation="silu",
+  ),
 }
 
 
@@ -66,7 +83,7 @@ def parse_counts(spec):
 def conv(cin, cout, kernel, scale=1.0):
   """flax nnx.Conv's twin: SAME padding, lecun-normal kernel (truncated), zero bias."""
   c = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
-  std = math.sqrt(1.0 / (cin * kernel * kernel)) / .87962566103423978
+  std = math.sqrt(1.0 / (cin * kernel * kernel)) / 0.87962566103423978
   with torch.no_grad():
     nn.init.trunc_normal_(c.weight, std=std, a=-2 * std, b=2 * std)
     c.weight.mul_(scale)
@@ -105,13 +122,24 @@ def std_of(raw):
 
 def gaussian_kl(q_mean, q_log_std, p_mean, p_log_std):
   ratio = torch.exp(2 * (q_log_std - p_log_std))
-  return (0.5 * (ratio + ((q_mean - p_mean) * torch.exp(-p_log_std)) ** 2 - 1.0)
-          + p_log_std - q_log_std)
+  return (
+    0.5 * (ratio + ((q_mean - p_mean) * torch.exp(-p_log_std)) ** 2 - 1.0) + p_log_std - q_log_std
+  )
 
 
 class VDVAE(nn.Module):
-  def __init__(self, dec_layers, enc_blocks, widths, bottleneck, latent_channels, side=28,
-               pad_to=32, colors=1, **_):
+  def __init__(
+    self,
+    dec_layers,
+    enc_blocks,
+    widths,
+    bottleneck,
+    latent_channels,
+    side=28,
+    pad_to=32,
+    colors=1,
+    **_,
+  ):
     super().__init__()
     self.side, self.pad, self.latent = pad_to, (pad_to - side) // 2, latent_channels
     self.dec_spec, self.enc_spec = parse_counts(dec_layers), parse_counts(enc_blocks)
@@ -122,20 +150,29 @@ class VDVAE(nn.Module):
     kernel = lambda r: 3 if r > 2 else 1
     self.enc_in = conv(colors, w[pad_to], 3)
     self.enc_groups = nn.ModuleList(
-        nn.ModuleList(Block(w[r], mid(r), w[r], kernel(r), True, math.sqrt(1 / num_enc))
-                      for _ in range(n)) for r, n in self.enc_spec)
+      nn.ModuleList(
+        Block(w[r], mid(r), w[r], kernel(r), True, math.sqrt(1 / num_enc)) for _ in range(n)
+      )
+      for r, n in self.enc_spec
+    )
     self.enc_proj = nn.ModuleList(
-        conv(w[r], w[nxt], 1) if w[r] != w[nxt] else nn.Identity()
-        for (r, _), (nxt, _) in zip(self.enc_spec[:-1], self.enc_spec[1:]))
-    self.dec_bias = nn.ParameterList(nn.Parameter(torch.zeros(1, w[r], r, r))
-                                     for r, _ in self.dec_spec)
+      conv(w[r], w[nxt], 1) if w[r] != w[nxt] else nn.Identity()
+      for (r, _), (nxt, _) in zip(self.enc_spec[:-1], self.enc_spec[1:])
+    )
+    self.dec_bias = nn.ParameterList(
+      nn.Parameter(torch.zeros(1, w[r], r, r)) for r, _ in self.dec_spec
+    )
     self.dec_proj = nn.ModuleList(
-        conv(w[prev], w[r], 1) if w[prev] != w[r] else nn.Identity()
-        for (prev, _), (r, _) in zip(self.dec_spec[:-1], self.dec_spec[1:]))
+      conv(w[prev], w[r], 1) if w[prev] != w[r] else nn.Identity()
+      for (prev, _), (r, _) in zip(self.dec_spec[:-1], self.dec_spec[1:])
+    )
     self.dec_groups = nn.ModuleList(
-        nn.ModuleList(DecoderLayer(w[r], mid(r), latent_channels, kernel(r),
-                                   math.sqrt(1 / num_dec)) for _ in range(n))
-        for r, n in self.dec_spec)
+      nn.ModuleList(
+        DecoderLayer(w[r], mid(r), latent_channels, kernel(r), math.sqrt(1 / num_dec))
+        for _ in range(n)
+      )
+      for r, n in self.dec_spec
+    )
     self.out_gain = nn.Parameter(torch.ones(1, w[pad_to], 1, 1))
     self.out_bias = nn.Parameter(torch.zeros(1, w[pad_to], 1, 1))
     self.to_output = conv(w[pad_to], colors, 1)  # bernoulli: one logit per channel
@@ -166,17 +203,17 @@ class VDVAE(nn.Module):
       act = acts[r]
       for layer in group:
         prior = layer.prior(h)
-        p_mean, (_, p_log_std) = prior[:, :c], std_of(prior[:, c:2 * c])
+        p_mean, (_, p_log_std) = prior[:, :c], std_of(prior[:, c : 2 * c])
         q = layer.posterior(torch.cat([h, act], dim=1))
         q_mean, (q_std, q_log_std) = q[:, :c], std_of(q[:, c:])
         z = q_mean + q_std * (torch.randn_like(q_mean) if eps is None else eps[l])
         l += 1
         kl_total = kl_total + gaussian_kl(q_mean, q_log_std, p_mean, p_log_std).sum((1, 2, 3))
-        h = h + prior[:, 2 * c:]
+        h = h + prior[:, 2 * c :]
         h = layer.resnet(h + layer.z_proj(z))
     logits = self.to_output(h * self.out_gain + self.out_bias)
     p = self.pad
-    return logits[:, :, p:self.side - p, p:self.side - p], kl_total
+    return logits[:, :, p : self.side - p, p : self.side - p], kl_total
 
 
 def neg_elbo(model, x):
@@ -186,23 +223,43 @@ def neg_elbo(model, x):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--config", choices=sorted(CONFIGS), default="vdvae")
-  parser.add_argument("--batch_size", type=int, default=None,
-                      help="default: 64 for vdvae, 32 for effvdvae (the configs')")
+  parser.add_argument(
+    "--batch_size",
+    type=int,
+    default=None,
+    help="default: 64 for vdvae, 32 for effvdvae (the configs')",
+  )
   parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
   parser.add_argument("--windows", type=int, default=5)
-  parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default=None,
-                      help="override the config's activation (as --config.model.activation)")
+  parser.add_argument(
+    "--activation",
+    choices=sorted(ACTIVATIONS),
+    default=None,
+    help="override the config's activation (as --config.model.activation)",
+  )
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-  parser.add_argument("--channels_last", type=int, choices=(0, 1), default=None,
-                      help="NHWC memory format for the model and data; default: the faster one "
-                      "measured on 2 cores (1 for vdvae, ~5%% faster; 0 for effvdvae, ~12%%)")
-  parser.add_argument("--compile", action="store_true",
-                      help="torch.compile the loss function (measured: no faster on 2 cores)")
-  parser.add_argument("--print_losses", action="store_true",
-                      help="also record every step's loss (a check that it falls)")
+  parser.add_argument(
+    "--channels_last",
+    type=int,
+    choices=(0, 1),
+    default=None,
+    help="NHWC memory format for the model and data; default: the faster one "
+    "measured on 2 cores (1 for vdvae, ~5%% faster; 0 for effvdvae, ~12%%)",
+  )
+  parser.add_argument(
+    "--compile",
+    action="store_true",
+    help="torch.compile the loss function (measured: no faster on 2 cores)",
+  )
+  parser.add_argument(
+    "--print_losses",
+    action="store_true",
+    help="also record every step's loss (a check that it falls)",
+  )
   args = parser.parse_args()
   cfg = dict(CONFIGS[args.config])
   if args.activation:
@@ -224,7 +281,7 @@ def main():
   losses = []
 
   def step(i):
-    x = data[(i % 8) * batch:(i % 8 + 1) * batch]
+    x = data[(i % 8) * batch : (i % 8 + 1) * batch]
     opt.zero_grad(set_to_none=True)
     loss = loss_fn(model, x)
     loss.backward()
@@ -238,17 +295,30 @@ def main():
   def call():
     last["loss"] = step(next(calls))
     return last["loss"]
+
   # warm-up: oneDNN primitive caches, allocator (and compilation)
-  measured = timing.time_calls(call, wait=lambda loss: loss.item(), warmup=args.warmup,
-                               windows=args.windows, calls_per_window=args.steps)
+  measured = timing.time_calls(
+    call,
+    wait=lambda loss: loss.item(),
+    warmup=args.warmup,
+    windows=args.windows,
+    calls_per_window=args.steps,
+  )
   rates, warmup_s, loss = measured.rates(batch), measured.warmup_s, last["loss"]
-  out = {"impl": "torch_vdvae", "config": args.config, "batch_size": batch,
-         "examples_per_s": round(statistics.median(rates), 2),
-         "window_examples_per_s": [round(r, 2) for r in rates],
-         "params": sum(p.numel() for p in model.parameters()),
-         "torch": torch.__version__, "threads": torch.get_num_threads(),
-         "channels_last": bool(args.channels_last), "compile": args.compile,
-         "warmup_s": round(warmup_s, 1), "loss": round(loss.item(), 2)}
+  out = {
+    "impl": "torch_vdvae",
+    "config": args.config,
+    "batch_size": batch,
+    "examples_per_s": round(statistics.median(rates), 2),
+    "window_examples_per_s": [round(r, 2) for r in rates],
+    "params": sum(p.numel() for p in model.parameters()),
+    "torch": torch.__version__,
+    "threads": torch.get_num_threads(),
+    "channels_last": bool(args.channels_last),
+    "compile": args.compile,
+    "warmup_s": round(warmup_s, 1),
+    "loss": round(loss.item(), 2),
+  }
   if args.print_losses:
     out["losses"] = losses
   print(json.dumps(out))

@@ -9,6 +9,7 @@ this machine. get_config("1") is their one-stochastic-layer model (784-200-200-5
     flaxvae train --config configs/fashion_mnist_2layer.py:1 --workdir runs/1layer
     ... --config.objective.name=iwae --config.objective.num_samples=50   (the IWAE objective)
 """
+
 from flaxvae import defaults
 
 

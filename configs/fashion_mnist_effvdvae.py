@@ -11,15 +11,22 @@ skip instead of a fixed threshold (theirs is set for a per-dimension loss).
     flaxvae train --config configs/fashion_mnist_effvdvae.py --workdir runs/effvdvae
     flaxvae bench --config configs/fashion_mnist_effvdvae.py --cases default --steps 3
 """
+
 from flaxvae import defaults
 
 
 def get_config(arg=None):
   config = defaults.base_config()
   config.model = defaults.model_config(
-      "vdvae", dec_layers="1:5,4:5,8:10,16:2,32:1", enc_blocks="32:1,16:2,8:10,4:5,1:5",
-      widths="32:32,16:64,8:128,4:256,1:512", bottleneck=1.0, latent_channels=32, pad_to=32,
-      activation="silu")
+    "vdvae",
+    dec_layers="1:5,4:5,8:10,16:2,32:1",
+    enc_blocks="32:1,16:2,8:10,4:5,1:5",
+    widths="32:32,16:64,8:128,4:256,1:512",
+    bottleneck=1.0,
+    latent_channels=32,
+    pad_to=32,
+    activation="silu",
+  )
   config.data.protocol = "binarized"
   config.objective.likelihood = "bernoulli"
   config.objective.kl_warmup_steps = 500

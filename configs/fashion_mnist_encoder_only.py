@@ -13,6 +13,7 @@ log-spaced steps from step 0 show both distances over the encoder's training.
 get_config(ARG): ARG is the trained run's workdir (default runs/fashion_mnist_mlp); its
 model config must be this one's (the default MLP).
 """
+
 from flaxvae import defaults
 
 DECODER = ("decoder", "to_output")

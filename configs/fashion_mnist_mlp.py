@@ -10,6 +10,7 @@ keeps the PyTorch example's protocol for side-by-side numbers.
 
     flaxvae train --config configs/fashion_mnist_mlp.py --workdir runs/mlp
 """
+
 from flaxvae import defaults
 
 
@@ -22,6 +23,8 @@ def get_config(arg=None):
   # The final evaluation (K=5000 importance samples over the 10,000 test images) is
   # most of `make run`; the amortization gap on 500 examples keeps it inside 10 minutes.
   config.eval.amortization_examples = 500
-  config.steps_per_dispatch = 500  # a rolled lax.scan of steps (fastest for the MLP on CPU); divides every event interval
+  config.steps_per_dispatch = (
+    500  # a rolled lax.scan of steps (fastest for the MLP on CPU); divides every event interval
+  )
   config.scan_unroll = 1
   return config

@@ -9,6 +9,7 @@ data, where they are likelihoods. (flaxvae 0.1's default: `make run` gave ELBO -
 
     flaxvae train --config configs/fashion_mnist_mlp_pytorch.py --workdir runs/mlp_pytorch
 """
+
 from flaxvae import defaults
 
 

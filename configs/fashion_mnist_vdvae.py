@@ -12,15 +12,22 @@ arithmetic) and SiLU's exponentials cost a fifth of the step: most layers sit at
     flaxvae sample --workdir runs/vdvae --temperature 0.8
     flaxvae sample --workdir runs/vdvae --keep_layers 0,1,2,5,9,12
 """
+
 from flaxvae import defaults
 
 
 def get_config(arg=None):
   config = defaults.base_config()
   config.model = defaults.model_config(
-      "vdvae", dec_layers="1:2,4:3,8:4,16:2,32:1", enc_blocks="32:1,16:1,8:2,4:2,1:1",
-      widths="32:16,16:32,8:64,4:64,1:64", bottleneck=0.5, latent_channels=8, pad_to=32,
-      activation="relu")
+    "vdvae",
+    dec_layers="1:2,4:3,8:4,16:2,32:1",
+    enc_blocks="32:1,16:1,8:2,4:2,1:1",
+    widths="32:16,16:32,8:64,4:64,1:64",
+    bottleneck=0.5,
+    latent_channels=8,
+    pad_to=32,
+    activation="relu",
+  )
   config.data.protocol = "binarized"
   config.objective.likelihood = "bernoulli"
   config.objective.kl_warmup_steps = 2_000

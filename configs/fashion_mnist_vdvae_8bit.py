@@ -4,6 +4,7 @@ probability mass over the 256 levels, so its NLL is reported in bits/dim.
 
     flaxvae train --config configs/fashion_mnist_vdvae_8bit.py --workdir runs/vdvae_8bit
 """
+
 from flaxvae import defaults
 
 

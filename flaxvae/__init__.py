@@ -16,6 +16,7 @@ Layout (each folder's __init__ says more):
   config.py, defaults.py, errors.py, registry.py, run.py (a run's assembled pieces),
   api.py (load, evaluate), bench.py (throughput and ahead-of-time memory), cli.py
 """
+
 __all__ = ["load", "load_dataset", "apply_process_defaults"]
 
 
@@ -30,6 +31,7 @@ def apply_process_defaults(*, malloc=False):
   """
   from flaxvae.runtime import malloc as malloc_lib  # noqa: PLC0415  (nothing at import time)
   from flaxvae.runtime import xla_flags  # noqa: PLC0415
+
   if malloc:
     malloc_lib.reexec_with_tuned_malloc()
   return xla_flags.apply_defaults()
@@ -38,5 +40,6 @@ def apply_process_defaults(*, malloc=False):
 def __getattr__(name):
   if name in ("load", "load_dataset"):
     import flaxvae.api  # noqa: PLC0415  (lazy on purpose: JAX must not start at `import flaxvae`)
+
     return getattr(flaxvae.api, name)
   raise AttributeError(f"module 'flaxvae' has no attribute {name!r}")

@@ -10,6 +10,7 @@ file does not change what `load` returns), with the same pieces the trainer uses
 on whatever devices this machine has. Evaluation uses the EMA parameters when the run kept
 them.
 """
+
 import dataclasses
 import json
 import logging
@@ -45,13 +46,17 @@ _NO_READ_ONLY_NOTICE = _NoReadOnlyNotice()
 def _checkpoint_manager(workdir):
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
-    raise CheckpointError(f"no checkpoints in {directory}: train first "
-                          "(flaxvae train --config ... --workdir DIR) or check --workdir")
+    raise CheckpointError(
+      f"no checkpoints in {directory}: train first "
+      "(flaxvae train --config ... --workdir DIR) or check --workdir"
+    )
   logging.getLogger("absl").addFilter(_NO_READ_ONLY_NOTICE)  # once: the same filter object
   manager = checkpoint_lib.read_only_manager(directory)
   if manager.latest_step() is None:
-    raise CheckpointError(f"no finished checkpoint in {directory}: train longer "
-                          "(checkpoint.every_steps) or check --workdir")
+    raise CheckpointError(
+      f"no finished checkpoint in {directory}: train longer "
+      "(checkpoint.every_steps) or check --workdir"
+    )
   return manager
 
 
@@ -61,7 +66,8 @@ def _newest_readable(workdir, step, read):
   manager = _checkpoint_manager(workdir)
   try:
     found, value, _ = checkpoint_lib.newest_readable(
-        manager.directory, manager.all_steps(), lambda s: read(manager, s), step)
+      manager.directory, manager.all_steps(), lambda s: read(manager, s), step
+    )
   finally:
     manager.close()
   return found, value
@@ -110,8 +116,7 @@ class Model:
     def bounds(params, x, key, num_samples):
       model = merge(params)
       keys = jax.random.split(key, x.shape[0])
-      out = diagnostics.importance_pass(lambda noise: model.terms(x, noise), x, keys,
-                                        num_samples)
+      out = diagnostics.importance_pass(lambda noise: model.terms(x, noise), x, keys, num_samples)
       return out["iwae"], out["elbo"]
 
     self._bounds = jax.jit(bounds, static_argnums=3)
@@ -129,8 +134,10 @@ class Model:
 
   def _require(self, capability, what):
     if capability not in self.capabilities:
-      raise ConfigError(f"{what} needs a model with the {capability} capability; model "
-                        f"{self.settings.model.name!r} has {list(self.capabilities) or 'none'}")
+      raise ConfigError(
+        f"{what} needs a model with the {capability} capability; model "
+        f"{self.settings.model.name!r} has {list(self.capabilities) or 'none'}"
+      )
 
   def encode(self, x):
     """The Gaussian posterior q(z|x) as (mean, logvar), each [batch, latent]."""
@@ -145,13 +152,16 @@ class Model:
   def _latents(self, zs):
     """`zs` as the model's latents (a tuple, top layer first, float32 [batch, *shape] each); a
     one-layer model's may be its array alone. A one-line ConfigError when they do not fit."""
-    zs = tuple(jnp.asarray(z, jnp.float32) for z in (zs if isinstance(zs, (tuple, list))
-                                                     else (zs,)))
+    zs = tuple(
+      jnp.asarray(z, jnp.float32) for z in (zs if isinstance(zs, (tuple, list)) else (zs,))
+    )
     shapes = [tuple(z.shape[1:]) for z in zs]
     if shapes != [tuple(s) for s in self.latent_shapes]:
-      raise ConfigError(f"model {self.settings.model.name!r} takes latents of shapes "
-                        f"{[list(s) for s in self.latent_shapes]} (a tuple, top layer first, "
-                        f"each [batch, *shape]); got {[list(s) for s in shapes]}")
+      raise ConfigError(
+        f"model {self.settings.model.name!r} takes latents of shapes "
+        f"{[list(s) for s in self.latent_shapes]} (a tuple, top layer first, "
+        f"each [batch, *shape]); got {[list(s) for s in shapes]}"
+      )
     return zs
 
   def log_joint(self, x, zs):
@@ -179,15 +189,17 @@ class Model:
     model = self.run.model_with(self.params)
     keep = len(self.latent_shapes) if keep_layers is None else keep_layers
     sampling.check_keep_layers(keep, len(self.latent_shapes))
-    return np.asarray(self.likelihood.mean(model.reconstruct(
-        self._x(x), NoiseSource.from_key(key, len(x)), keep)))
+    return np.asarray(
+      self.likelihood.mean(model.reconstruct(self._x(x), NoiseSource.from_key(key, len(x)), keep))
+    )
 
   def elbo(self, x, key, num_samples=1):
     """The ELBO per example, estimated with `num_samples` posterior draws."""
     return self._bounds(self.params, self._x(x), key, int(num_samples))[1]
 
-  def log_marginal(self, x, key, num_samples=5000, estimator="iwae", ais_steps=None,
-                   ais_leapfrog=None):
+  def log_marginal(
+    self, x, key, num_samples=5000, estimator="iwae", ais_steps=None, ais_leapfrog=None
+  ):
     """log p(x) per example, both stochastic lower bounds: estimator "iwae", the
     importance-weighted bound with `num_samples` draws (Burda et al.); "ais", annealed
     importance sampling with `num_samples` chains per example over `ais_steps` steps (default
@@ -202,8 +214,11 @@ class Model:
     setting = (steps, leapfrog, int(num_samples))
     if setting not in self._ais:
       merge = self.run.model_with
-      self._ais[setting] = jax.jit(lambda p, x, keys: diagnostics.ais_log_px(
-          merge(p), x, keys, steps, int(num_samples), leapfrog, c.ais_init)["log_px_ais"])
+      self._ais[setting] = jax.jit(
+        lambda p, x, keys: diagnostics.ais_log_px(
+          merge(p), x, keys, steps, int(num_samples), leapfrog, c.ais_init
+        )["log_px_ais"]
+      )
     return self._ais[setting](self.params, x, jax.random.split(key, x.shape[0]))
 
 
@@ -227,9 +242,10 @@ def load(workdir, step=None) -> Model:
       if written_by == config_lib.version():
         raise  # the same version: the checkpoint is damaged, and the fallback says so
       raise CheckpointError(
-          f"cannot read checkpoint step {candidate} in {manager.directory}: it was written by "
-          f"flaxvae {written_by} and this is flaxvae {config_lib.version()} "
-          f"({one_line(e, 120)}): retrain, or load it with flaxvae {written_by}") from None
+        f"cannot read checkpoint step {candidate} in {manager.directory}: it was written by "
+        f"flaxvae {written_by} and this is flaxvae {config_lib.version()} "
+        f"({one_line(e, 120)}): retrain, or load it with flaxvae {written_by}"
+      ) from None
 
   step, (run, config, state) = _newest_readable(workdir, step, read)
   params = jax.tree.map(np.asarray, run.eval_params(state))
@@ -238,18 +254,30 @@ def load(workdir, step=None) -> Model:
 
 def load_dataset(config_or_workdir, split):
   """The examples of `split` exactly as evaluation scores them: floats [N, H, W, C]."""
-  config = (saved_config(config_or_workdir) if isinstance(config_or_workdir, (str, os.PathLike))
-            else config_or_workdir)
+  config = (
+    saved_config(config_or_workdir)
+    if isinstance(config_or_workdir, (str, os.PathLike))
+    else config_or_workdir
+  )
   run = Run(config, for_training=False)
   images = run.dataset.images(split)
   prepare = jax.jit(lambda im, ids: protocols.eval_targets(im, ids, run.protocol))
-  parts = [np.asarray(prepare(images[i:i + 10_000], np.arange(i, min(i + 10_000, len(images)))))
-           for i in range(0, len(images), 10_000)]
+  parts = [
+    np.asarray(prepare(images[i : i + 10_000], np.arange(i, min(i + 10_000, len(images)))))
+    for i in range(0, len(images), 10_000)
+  ]
   return np.concatenate(parts)
 
 
-def evaluate(workdir, split=None, num_importance_samples=None, max_examples=None, step=None,
-             log_px_estimator=None, bdmc_examples=None):
+def evaluate(
+  workdir,
+  split=None,
+  num_importance_samples=None,
+  max_examples=None,
+  step=None,
+  log_px_estimator=None,
+  bdmc_examples=None,
+):
   """`flaxvae evaluate`: the final evaluation of a checkpoint -> (row, path of its JSON file).
 
   The config's own final evaluation goes to eval.json; any other (fewer examples, another K,
@@ -267,18 +295,23 @@ def evaluate(workdir, split=None, num_importance_samples=None, max_examples=None
   if bdmc_examples is not None and bdmc_examples != settings.eval.bdmc_examples:
     adhoc["bdmc"] = bdmc_examples
   eval_settings = dataclasses.replace(
-      settings.eval, log_px_estimator=adhoc.get("estimator", settings.eval.log_px_estimator),
-      bdmc_examples=adhoc.get("bdmc", settings.eval.bdmc_examples))
+    settings.eval,
+    log_px_estimator=adhoc.get("estimator", settings.eval.log_px_estimator),
+    bdmc_examples=adhoc.get("bdmc", settings.eval.bdmc_examples),
+  )
   eval_split = settings.data.eval_split
   split = split or eval_split
   images = run.eval_images if split == eval_split else run.dataset.images(split)
   evaluator = Evaluator(run.runner, images, eval_settings.batch_size)
   n, k = evaluation.final_settings(eval_settings, max_examples, num_importance_samples)
-  row = evaluation.final_evaluation(run, evaluator, model.params,
-                                    evaluation.eval_rng(settings.seed), (n, k), eval_settings)
+  row = evaluation.final_evaluation(
+    run, evaluator, model.params, evaluation.eval_rng(settings.seed), (n, k), eval_settings
+  )
   row = dict(row, step=model.step, split=split)
   name = evaluation.result_file(eval_settings, eval_split, split, n, k)
   if adhoc:
-    name = (name if name != evaluation.FINAL_FILE else f"eval_{split}_K{k}_N{n or 'all'}.json")
-    name = name.replace(".json", "".join(f"_{key}{value}" for key, value in adhoc.items()) + ".json")
+    name = name if name != evaluation.FINAL_FILE else f"eval_{split}_K{k}_N{n or 'all'}.json"
+    name = name.replace(
+      ".json", "".join(f"_{key}{value}" for key, value in adhoc.items()) + ".json"
+    )
   return row, evaluation.write_json(workdir, name, row)

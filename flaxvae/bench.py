@@ -14,6 +14,7 @@ and, given a device's memory, the largest batch whose step fits it.
 The benchmark lab (dispatch and scaling variants, op profiles, the peers, input pipelines)
 lives in the repository's benchmarks/, built on these functions.
 """
+
 import json
 import os
 import platform
@@ -57,16 +58,23 @@ def _memory(compiled):
     return None
   if m is None:
     return None
-  keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-          "generated_code_size_in_bytes")
+  keys = (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "temp_size_in_bytes",
+    "generated_code_size_in_bytes",
+  )
   return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
 
 
 def _lower_one_step(run):
   """The one-step train function (1 device, no loop) lowered from shapes alone."""
   runner = parallel.Runner("shard_map", jax.devices()[:1])
-  images = jax.ShapeDtypeStruct((run.settings.batch_size, *run.image_shape), jnp.uint8,
-                                sharding=runner.sharding(parallel.batch_axis(0), 4))
+  images = jax.ShapeDtypeStruct(
+    (run.settings.batch_size, *run.image_shape),
+    jnp.uint8,
+    sharding=runner.sharding(parallel.batch_axis(0), 4),
+  )
   initial = run.initial_state()
   state = checkpoint_lib.abstract_like(initial, runner.state_shardings(initial))
   return run.train_fn("one_step", runner=runner).lower(state, images)
@@ -124,25 +132,45 @@ def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, dataset=None
     nonlocal state, metrics
     state, metrics = compiled(state, dataset, indices())
     return metrics
-  measured = timing.time_calls(dispatch, wait=jax.block_until_ready, windows=windows,
-                               calls_per_window=max(1, -(-steps // n)) if steps else None,
-                               window_seconds=window_seconds)
+
+  measured = timing.time_calls(
+    dispatch,
+    wait=jax.block_until_ready,
+    windows=windows,
+    calls_per_window=max(1, -(-steps // n)) if steps else None,
+    window_seconds=window_seconds,
+  )
   rates = measured.rates(n * config.batch_size)
   loss = float(runner.get(metrics)["loss"])
-  return dict(run=run, runner=runner, compile_s=compile_s, first_dispatch_s=measured.warmup_s,
-              examples_per_s=measured.median_rate(n * config.batch_size), window_rates=rates,
-              steps_per_window=measured.calls_per_window * n, memory=_memory(compiled),
-              loss=loss, state=state)
+  return dict(
+    run=run,
+    runner=runner,
+    compile_s=compile_s,
+    first_dispatch_s=measured.warmup_s,
+    examples_per_s=measured.median_rate(n * config.batch_size),
+    window_rates=rates,
+    steps_per_window=measured.calls_per_window * n,
+    memory=_memory(compiled),
+    loss=loss,
+    state=state,
+  )
 
 
 def environment():
   """The devices and the versions a row was measured with."""
   import flax  # noqa: PLC0415
   import optax  # noqa: PLC0415
+
   devices = jax.devices()
-  return dict(device_kind=devices[0].device_kind, platform=devices[0].platform,
-              jax=jax.__version__, flax=flax.__version__, optax=optax.__version__,
-              python=platform.python_version(), machine=platform.machine())
+  return dict(
+    device_kind=devices[0].device_kind,
+    platform=devices[0].platform,
+    jax=jax.__version__,
+    flax=flax.__version__,
+    optax=optax.__version__,
+    python=platform.python_version(),
+    machine=platform.machine(),
+  )
 
 
 def case_row(name, config, measured, flops_per_step, peak, num_devices, **extra):
@@ -151,18 +179,27 @@ def case_row(name, config, measured, flops_per_step, peak, num_devices, **extra)
   flops_per_s = flops_per_step * examples_per_s / config.batch_size
   peak_devices = peak  # simulated CPU devices share one host: its peak is the limit
   return dict(
-      case=name, model=config.model.name, batch_size=config.batch_size, dtype=config.dtype,
-      steps_per_dispatch=config.steps_per_dispatch, scan_unroll=config.scan_unroll,
-      num_devices=num_devices, compile_s=round(measured["compile_s"], 2),
-      step_ms=round(1000 * config.batch_size / examples_per_s, 3),
-      examples_per_s=round(examples_per_s, 1),
-      window_examples_per_s=[round(r) for r in measured["window_rates"]],
-      steps_per_window=measured["steps_per_window"],
-      flops_per_example=round(flops_per_step / config.batch_size),
-      flop_per_s=round(flops_per_s), matmul_peak_flop_per_s=round(peak_devices),
-      mfu=round(flops_per_s / peak_devices, 4),
-      limit_examples_per_s=round(peak_devices * config.batch_size / max(flops_per_step, 1)),
-      memory=measured["memory"], loss=round(measured["loss"], 3), **extra)
+    case=name,
+    model=config.model.name,
+    batch_size=config.batch_size,
+    dtype=config.dtype,
+    steps_per_dispatch=config.steps_per_dispatch,
+    scan_unroll=config.scan_unroll,
+    num_devices=num_devices,
+    compile_s=round(measured["compile_s"], 2),
+    step_ms=round(1000 * config.batch_size / examples_per_s, 3),
+    examples_per_s=round(examples_per_s, 1),
+    window_examples_per_s=[round(r) for r in measured["window_rates"]],
+    steps_per_window=measured["steps_per_window"],
+    flops_per_example=round(flops_per_step / config.batch_size),
+    flop_per_s=round(flops_per_s),
+    matmul_peak_flop_per_s=round(peak_devices),
+    mfu=round(flops_per_s / peak_devices, 4),
+    limit_examples_per_s=round(peak_devices * config.batch_size / max(flops_per_step, 1)),
+    memory=measured["memory"],
+    loss=round(measured["loss"], 3),
+    **extra,
+  )
 
 
 def with_keys(config, **changes):
@@ -192,8 +229,9 @@ def in_child_with_devices(command, devices, marker, flags=()):
     xla_flags.add(flag, env)
   status = subprocess.run([sys.executable, *command], env=env, check=False).returncode
   if status:
-    raise UsageError(f"the {devices}-device child failed (exit status {status}); "
-                     "its error is above")
+    raise UsageError(
+      f"the {devices}-device child failed (exit status {status}); its error is above"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -206,8 +244,9 @@ def _gib(nbytes):
 def _compile_abstract(run, runner, batch, image_shape, n):
   abstract = run.initial_state()
   state = checkpoint_lib.abstract_like(abstract, runner.state_shardings(abstract))
-  batches = jax.ShapeDtypeStruct((n, batch, *image_shape), jnp.uint8,
-                                 sharding=runner.sharding(parallel.batch_axis(1), 5))
+  batches = jax.ShapeDtypeStruct(
+    (n, batch, *image_shape), jnp.uint8, sharding=runner.sharding(parallel.batch_axis(1), 5)
+  )
   start = time.perf_counter()
   compiled = run.train_fn("batches", runner).lower(state, batches).compile()
   return compiled, time.perf_counter() - start, state
@@ -219,7 +258,7 @@ def parse_bytes(text):
   for unit, size in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
     if text.endswith(unit):
       try:
-        return int(float(text[:-len(unit)]) * size)
+        return int(float(text[: -len(unit)]) * size)
       except ValueError:
         break
   raise UsageError(f"--device_memory {text!r}: give a size like 80GB or 16GiB")
@@ -242,16 +281,26 @@ def aot_row(config, num_devices, image_shape=None, mesh=None, device_memory=None
   memory = _memory(compiled) or {}
   leaves = lambda tree: jax.tree.leaves(tree)
   params = sum(int(np.prod(a.shape)) for a in leaves(state.params))
-  shards = lambda tree: sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize
-                            for a in leaves(tree))
-  row = dict(case="aot", model=config.model.name, num_devices=num_devices, mesh=mesh or "data",
-             remat=bool(config.model.get("remat", False)), batch_size=batch,
-             steps_per_dispatch=n, dtype=config.dtype, image_shape=list(image_shape),
-             parameters=params, per_device_parameter_gib=_gib(shards(state.params)),
-             per_device_optimizer_gib=_gib(shards(state.opt_state)),
-             per_device_ema_gib=_gib(shards(state.ema_params)), compile_s=round(compile_s, 1),
-             **{f"per_device_{k.replace('_size_in_bytes', '')}_gib": _gib(v)
-                for k, v in memory.items()})
+  shards = lambda tree: sum(
+    int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in leaves(tree)
+  )
+  row = dict(
+    case="aot",
+    model=config.model.name,
+    num_devices=num_devices,
+    mesh=mesh or "data",
+    remat=bool(config.model.get("remat", False)),
+    batch_size=batch,
+    steps_per_dispatch=n,
+    dtype=config.dtype,
+    image_shape=list(image_shape),
+    parameters=params,
+    per_device_parameter_gib=_gib(shards(state.params)),
+    per_device_optimizer_gib=_gib(shards(state.opt_state)),
+    per_device_ema_gib=_gib(shards(state.ema_params)),
+    compile_s=round(compile_s, 1),
+    **{f"per_device_{k.replace('_size_in_bytes', '')}_gib": _gib(v) for k, v in memory.items()},
+  )
   row["flops_per_example"] = round(lowered_step_flops(config, image_shape) / batch)
   if device_memory:
     used = lambda m: m["argument_size_in_bytes"] + m["temp_size_in_bytes"]
@@ -259,9 +308,11 @@ def aot_row(config, num_devices, image_shape=None, mesh=None, device_memory=None
     per_example = (used(_memory(doubled)) - used(memory)) / batch  # per global example
     fixed = used(memory) - per_example * batch
     fits = int((device_memory - fixed) // per_example) if per_example > 0 else 0
-    row.update(device_memory_gib=_gib(device_memory),
-               per_device_activation_gib_per_example=_gib(per_example),
-               largest_batch=max(0, fits // num_devices * num_devices))
+    row.update(
+      device_memory_gib=_gib(device_memory),
+      per_device_activation_gib_per_example=_gib(per_example),
+      largest_batch=max(0, fits // num_devices * num_devices),
+    )
   return row
 
 

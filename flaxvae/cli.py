@@ -13,6 +13,7 @@ Problems a user can fix (a bad config value, missing data, a batch that does not
 the devices) end with one line on stderr and exit status 2, before any file in the workdir is
 touched; a run that fails (diverged, stuck devices) ends with one line and exit status 1.
 """
+
 import difflib
 import logging
 import os
@@ -33,6 +34,7 @@ def command(name):
   def add(fn):
     COMMANDS[name] = fn
     return fn
+
   return add
 
 
@@ -55,15 +57,18 @@ def _parse(argv, define, positional=0):
     print(fv.get_help())
     sys.exit(0)
   if len(rest) > positional:
-    raise UsageError(f"unexpected argument(s) {' '.join(rest[positional:])!r}: "
-                     f"{argv[0]} takes {positional or 'no'} positional argument(s); flags look "
-                     "like --name=value")
+    raise UsageError(
+      f"unexpected argument(s) {' '.join(rest[positional:])!r}: "
+      f"{argv[0]} takes {positional or 'no'} positional argument(s); flags look "
+      "like --name=value"
+    )
   if "config" in fv and fv["config"].present:
     try:
       fv.config.keys()  # a config file that failed to load raises here
     except Exception as e:  # whatever the file raised
-      raise UsageError(f"config file {_config_path(argv)} could not be loaded: "
-                       f"{one_line(e)}") from None
+      raise UsageError(
+        f"config file {_config_path(argv)} could not be loaded: {one_line(e)}"
+      ) from None
   return fv, rest
 
 
@@ -81,11 +86,14 @@ def _check_config_flags(argv):
   path = _config_path(argv)
   if path is not None and not os.path.isfile(path):
     folder = os.path.dirname(path) or "."
-    found = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+    found = (
+      sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(folder) else []
+    )
     close = difflib.get_close_matches(os.path.basename(path), found, n=1)
     hint = f"did you mean {os.path.join(folder, close[0])}? " if close else ""
-    raise UsageError(f"config file {path} not found: {hint}configs in {folder}: "
-                     f"{', '.join(found) or 'none'}")
+    raise UsageError(
+      f"config file {path} not found: {hint}configs in {folder}: {', '.join(found) or 'none'}"
+    )
 
 
 def _flat_keys(config, prefix=""):
@@ -101,10 +109,11 @@ def _flat_keys(config, prefix=""):
 def _config_key_error(argv, error):
   """'unknown config key X; did you mean Y' for a --config.X override naming no key."""
   path = _config_path(argv)
-  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   if path is None or not overrides:
     return None
   import importlib.util  # noqa: PLC0415  (only to explain a bad override)
+
   spec = importlib.util.spec_from_file_location("_flaxvae_config", path)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -120,39 +129,55 @@ def _config_key_error(argv, error):
     close = difflib.get_close_matches(key, known, n=3)
     section = key.rpartition(".")[0]
     siblings = [k for k in known if k.rpartition(".")[0] == section]
-    return (f"unknown config key {key!r} in --config.{key}: "
-            + (f"did you mean {' or '.join(close)}? " if close else "")
-            + f"keys {('under ' + section) if section else 'at the top'}: "
-            + ", ".join(k.rpartition(".")[2] for k in siblings))
+    return (
+      f"unknown config key {key!r} in --config.{key}: "
+      + (f"did you mean {' or '.join(close)}? " if close else "")
+      + f"keys {('under ' + section) if section else 'at the top'}: "
+      + ", ".join(k.rpartition(".")[2] for k in siblings)
+    )
   return f"{one_line(error)}"
 
 
 def _config_flags(argv):
   """Defines --config (with its --config.key=value overrides, read from `argv`) and --workdir."""
+
   def define(fv):
-    config_flags.DEFINE_config_file("config", None, "a config file (configs/*.py), "
-                                    "optionally followed by :ARG for get_config(ARG)",
-                                    flag_values=fv, lock_config=True, sys_argv=argv)
-    flags.DEFINE_string("workdir", None, "the run's directory: metrics, checkpoints, images",
-                        flag_values=fv)
-    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0",
-                        flag_values=fv)
+    config_flags.DEFINE_config_file(
+      "config",
+      None,
+      "a config file (configs/*.py), optionally followed by :ARG for get_config(ARG)",
+      flag_values=fv,
+      lock_config=True,
+      sys_argv=argv,
+    )
+    flags.DEFINE_string(
+      "workdir", None, "the run's directory: metrics, checkpoints, images", flag_values=fv
+    )
+    flags.DEFINE_string(
+      "coordinator_address", None, "multi-process: host:port of process 0", flag_values=fv
+    )
     flags.DEFINE_integer("num_processes", None, "multi-process: how many processes", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "multi-process: this process's index", flag_values=fv)
+
   return define
 
 
 def final_summary(final):
   """The final evaluation in one line: log p(x) by its estimator where the likelihood is a
   probability model of the data (bits/dim too for 8-bit data), then the ELBO and its terms."""
-  line = (f"test ELBO {final['elbo']:.2f} nats (rate {final['rate']:.2f}, "
-          f"distortion {final['distortion']:.2f})")
+  line = (
+    f"test ELBO {final['elbo']:.2f} nats (rate {final['rate']:.2f}, "
+    f"distortion {final['distortion']:.2f})"
+  )
   if final.get("is_probability_model") and "log_px" in final:
     estimator = final.get("log_px_estimator", "iwae")
     k = final.get("num_importance_samples") if estimator == "iwae" else None
     estimator = estimator.upper() + (f", K={k}" if k else "")
-    bits = (f", {final['bits_per_dim']:.4f} bits/dim" if final.get("protocol") == "8bit"
-            and "bits_per_dim" in final else "")
+    bits = (
+      f", {final['bits_per_dim']:.4f} bits/dim"
+      if final.get("protocol") == "8bit" and "bits_per_dim" in final
+      else ""
+    )
     line = f"test log p(x) >= {final['log_px']:.2f} nats ({estimator}{bits}); " + line
   return line
 
@@ -165,11 +190,14 @@ def train_command(argv):
     raise UsageError("train needs --config configs/NAME.py and --workdir DIR")
   from flaxvae.runtime import distributed  # noqa: PLC0415  (JAX starts after XLA_FLAGS are set)
   from flaxvae.train import trainer  # noqa: PLC0415
+
   distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
   final = trainer.train(fv.config, fv.workdir)
   print(final_summary(final))
-  print(f"workdir: {os.path.abspath(fv.workdir)}  (metrics.jsonl, eval.json, tensorboard/, "
-        "images/, checkpoints/)")
+  print(
+    f"workdir: {os.path.abspath(fv.workdir)}  (metrics.jsonl, eval.json, tensorboard/, "
+    "images/, checkpoints/)"
+  )
 
 
 @command("prepare-data")
@@ -180,19 +208,32 @@ def prepare_data_command(argv):
   TFDS catalog (TensorFlow and internet once, `pip install 'flaxvae[prep]'`);
   folder --source DIR --name NAME [--test_fraction F] (your images; then data.name=NAME).
   """
+
   def define(fv):
     flags.DEFINE_string("source_dir", None, "folder with the original files", flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "where prepared datasets live (default "
-                        "$FLAXVAE_DATA_DIR, $TFDS_DATA_DIR or ~/.cache/flaxvae/tfds)",
-                        flag_values=fv)
-    flags.DEFINE_string("source", None, "folder: the images (or .npy arrays), optionally one "
-                        "sub-folder per label", flag_values=fv)
-    flags.DEFINE_string("name", None, "folder: the dataset's name (then data.name=NAME)",
-                        flag_values=fv)
-    flags.DEFINE_float("test_fraction", 0.0, "folder: fraction held out as split `test`",
-                       flag_values=fv)
+    flags.DEFINE_string(
+      "data_dir",
+      None,
+      "where prepared datasets live (default "
+      "$FLAXVAE_DATA_DIR, $TFDS_DATA_DIR or ~/.cache/flaxvae/tfds)",
+      flag_values=fv,
+    )
+    flags.DEFINE_string(
+      "source",
+      None,
+      "folder: the images (or .npy arrays), optionally one sub-folder per label",
+      flag_values=fv,
+    )
+    flags.DEFINE_string(
+      "name", None, "folder: the dataset's name (then data.name=NAME)", flag_values=fv
+    )
+    flags.DEFINE_float(
+      "test_fraction", 0.0, "folder: fraction held out as split `test`", flag_values=fv
+    )
+
   fv, names = _parse(argv, define, positional=1)
   from flaxvae.data import folder, registry  # noqa: PLC0415
+
   known = [*registry.DATASETS.names(), "folder"]
   if len(names) != 1 or names[0] not in known:
     raise UsageError(f"prepare-data takes one dataset name: {', '.join(known)}")
@@ -211,25 +252,41 @@ def prepare_data_command(argv):
 def bench_command(argv):
   """The trainer's examples/s, FLOPs and MFU on your config (one JSON line), or with --aot its
   parameters, FLOPs and per-device memory from shapes alone."""
+
   def define(fv):
     _config_flags(argv)(fv)
     flags.DEFINE_integer("steps", 0, "train steps per timed window (0: about 2 s)", flag_values=fv)
     flags.DEFINE_integer("windows", 5, "timed windows (the median is reported)", flag_values=fv)
-    flags.DEFINE_boolean("aot", False, "compile ahead of time, from shapes alone, for each "
-                         "--devices count and report parameters, FLOPs per example and "
-                         "per-device memory (nothing runs, no data is read)", flag_values=fv)
-    flags.DEFINE_list("devices", ["1", "8"], "--aot: device counts (simulated on CPU)",
-                      flag_values=fv)
-    flags.DEFINE_string("mesh", None, "--aot: the mesh (as parallel.mesh), e.g. data:2,fsdp:4",
-                        flag_values=fv)
-    flags.DEFINE_string("device_memory", None, "--aot: also the largest global batch whose step "
-                        "fits this much memory per device, e.g. 80GB", flag_values=fv)
+    flags.DEFINE_boolean(
+      "aot",
+      False,
+      "compile ahead of time, from shapes alone, for each "
+      "--devices count and report parameters, FLOPs per example and "
+      "per-device memory (nothing runs, no data is read)",
+      flag_values=fv,
+    )
+    flags.DEFINE_list(
+      "devices", ["1", "8"], "--aot: device counts (simulated on CPU)", flag_values=fv
+    )
+    flags.DEFINE_string(
+      "mesh", None, "--aot: the mesh (as parallel.mesh), e.g. data:2,fsdp:4", flag_values=fv
+    )
+    flags.DEFINE_string(
+      "device_memory",
+      None,
+      "--aot: also the largest global batch whose step fits this much memory per device, e.g. 80GB",
+      flag_values=fv,
+    )
+
   fv, _ = _parse(argv, define)
   if fv.config is None:
     raise UsageError("bench needs --config configs/NAME.py")
   import json  # noqa: PLC0415
+
   import jax  # noqa: PLC0415
+
   from flaxvae import bench  # noqa: PLC0415
+
   if not fv.aot:
     print(json.dumps(bench.throughput(fv.config, steps=fv.steps, windows=fv.windows)))
     return
@@ -241,14 +298,15 @@ def bench_command(argv):
   bench.run_aot(fv.config, [d for d in counts if d <= jax.device_count()], memory)
   rest = _without_flag(argv[1:], "--devices")
   for d in (d for d in counts if d > jax.device_count()):
-    bench.in_child_with_devices(["-m", "flaxvae.cli", "bench", *rest, f"--devices={d}"], d,
-                                bench.AOT_CHILD)
+    bench.in_child_with_devices(
+      ["-m", "flaxvae.cli", "bench", *rest, f"--devices={d}"], d, bench.AOT_CHILD
+    )
 
 
 def _without_flag(args, name):
   """`args` less `name=value` or `name value`."""
   out, skip = [], False
-  for i, a in enumerate(args):
+  for a in args:
     if skip:
       skip = False
     elif a == name:
@@ -265,27 +323,51 @@ def evaluate_command(argv):
   The config's own final evaluation goes to WORKDIR/eval.json; one with other settings to
   WORKDIR/eval_<split>_K<k>_N<n>.json, so eval.json stays the run's final evaluation.
   """
+
   def define(fv):
     flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
-    flags.DEFINE_string("split", None, "split to evaluate (default: the run's eval split)",
-                        flag_values=fv)
-    flags.DEFINE_integer("num_importance_samples", None,
-                         "K (default: eval.final_num_importance_samples)", flag_values=fv)
-    flags.DEFINE_integer("max_examples", None, "first N examples (default: the whole split)",
-                         flag_values=fv)
+    flags.DEFINE_string(
+      "split", None, "split to evaluate (default: the run's eval split)", flag_values=fv
+    )
+    flags.DEFINE_integer(
+      "num_importance_samples",
+      None,
+      "K (default: eval.final_num_importance_samples)",
+      flag_values=fv,
+    )
+    flags.DEFINE_integer(
+      "max_examples", None, "first N examples (default: the whole split)", flag_values=fv
+    )
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
-    flags.DEFINE_enum("log_px_estimator", None, ["iwae", "ais"], "log p(x) estimator (default: "
-                      "eval.log_px_estimator); ais also reports IWAE's figures", flag_values=fv)
-    flags.DEFINE_integer("bdmc_examples", None, "BDMC sandwich on N examples simulated from "
-                         "the model (default: eval.bdmc_examples)", flag_values=fv)
+    flags.DEFINE_enum(
+      "log_px_estimator",
+      None,
+      ["iwae", "ais"],
+      "log p(x) estimator (default: eval.log_px_estimator); ais also reports IWAE's figures",
+      flag_values=fv,
+    )
+    flags.DEFINE_integer(
+      "bdmc_examples",
+      None,
+      "BDMC sandwich on N examples simulated from the model (default: eval.bdmc_examples)",
+      flag_values=fv,
+    )
+
   fv, _ = _parse(argv, define)
   if not fv.workdir:
     raise UsageError("evaluate needs --workdir DIR (a trained run)")
   from flaxvae import api  # noqa: PLC0415
   from flaxvae.eval import evaluation  # noqa: PLC0415
-  row, path = api.evaluate(fv.workdir, fv.split, fv.num_importance_samples, fv.max_examples,
-                           fv.step, log_px_estimator=fv.log_px_estimator,
-                           bdmc_examples=fv.bdmc_examples)
+
+  row, path = api.evaluate(
+    fv.workdir,
+    fv.split,
+    fv.num_importance_samples,
+    fv.max_examples,
+    fv.step,
+    log_px_estimator=fv.log_px_estimator,
+    bdmc_examples=fv.bdmc_examples,
+  )
   print(evaluation.format_table(row))
   print(f"written: {path}")
 
@@ -294,17 +376,29 @@ def evaluate_command(argv):
 def sample_command(argv):
   """A PNG grid of prior samples at a temperature, or of reconstructions keeping the top L
   latent layers (VDVAE's latent-level grids)."""
+
   def define(fv):
     flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
-    flags.DEFINE_list("temperature", ["1.0"], "prior temperature: one value, or one per latent "
-                      "layer (top first)", flag_values=fv)
+    flags.DEFINE_list(
+      "temperature",
+      ["1.0"],
+      "prior temperature: one value, or one per latent layer (top first)",
+      flag_values=fv,
+    )
     flags.DEFINE_integer("n", 64, "images in the grid", flag_values=fv)
-    flags.DEFINE_list("keep_layers", [], "reconstruct test images keeping the top L layers from "
-                      "q(z|x), for each L given (e.g. 0,1,4,16)", flag_values=fv)
+    flags.DEFINE_list(
+      "keep_layers",
+      [],
+      "reconstruct test images keeping the top L layers from "
+      "q(z|x), for each L given (e.g. 0,1,4,16)",
+      flag_values=fv,
+    )
     flags.DEFINE_integer("seed", 0, "seed of the draws", flag_values=fv)
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
-    flags.DEFINE_string("out", None, "PNG path (default WORKDIR/images/sample_*.png)",
-                        flag_values=fv)
+    flags.DEFINE_string(
+      "out", None, "PNG path (default WORKDIR/images/sample_*.png)", flag_values=fv
+    )
+
   fv, _ = _parse(argv, define)
   if not fv.workdir:
     raise UsageError("sample needs --workdir DIR (a trained run)")
@@ -317,18 +411,24 @@ def sample_command(argv):
     raise UsageError("--n must be positive, --temperature and --keep_layers >= 0")
   from flaxvae import api  # noqa: PLC0415
   from flaxvae.eval import sampling  # noqa: PLC0415
-  print(sampling.write_sample_grid(api.load(fv.workdir, fv.step), fv.workdir, fv.n, temperature,
-                                   keep, fv.seed, fv.out))
+
+  print(
+    sampling.write_sample_grid(
+      api.load(fv.workdir, fv.step), fv.workdir, fv.n, temperature, keep, fv.seed, fv.out
+    )
+  )
 
 
 @command("report")
 def report_command(argv):
   """PNG plots of the evaluation metrics over training steps, into DIR/report/."""
-  fv, _ = _parse(argv, lambda fv: flags.DEFINE_string("workdir", None, "the run's directory",
-                                                      flag_values=fv))
+  fv, _ = _parse(
+    argv, lambda fv: flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
+  )
   if not fv.workdir:
     raise UsageError("report needs --workdir DIR (a trained run)")
   from flaxvae.eval import report  # noqa: PLC0415
+
   for path in report.make_report(fv.workdir):
     print(path)
 

@@ -5,6 +5,7 @@ settings.resolve runs it on the typed settings of a ConfigDict. `migrate(saved)`
 config written by an earlier flaxvae into today's keys, so old checkpoints load;
 `with_defaults` reads it as a ConfigDict, which settings.resolve then resolves.
 """
+
 import functools
 import importlib.metadata
 import json
@@ -30,8 +31,10 @@ def likelihood_of(objective):
   """The likelihood `objective` (settings.ObjectiveSettings) names, with the options that
   family takes."""
   o = objective
-  options = {"gaussian": dict(gaussian_logvar=o.gaussian_logvar),
-             "mixture_logistic": dict(num_mixtures=o.num_mixtures)}.get(o.likelihood, {})
+  options = {
+    "gaussian": dict(gaussian_logvar=o.gaussian_logvar),
+    "mixture_logistic": dict(num_mixtures=o.num_mixtures),
+  }.get(o.likelihood, {})
   try:
     return likelihoods.get_likelihood(o.likelihood, **options)
   except ValueError as e:
@@ -45,14 +48,20 @@ def validate(settings):
   for key in ("num_steps", "batch_size", "steps_per_dispatch", "scan_unroll", "log_every_steps"):
     if getattr(settings, key) <= 0:
       raise ConfigError(f"{key} must be positive, got {getattr(settings, key)}")
-  for key in ("checkpoint.every_steps", "eval.every_steps", "max_consecutive_skips",
-              "time_budget_s"):
+  for key in (
+    "checkpoint.every_steps",
+    "eval.every_steps",
+    "max_consecutive_skips",
+    "time_budget_s",
+  ):
     value = functools.reduce(getattr, key.split("."), settings)
     if value < 0:
       raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
   if settings.dtype == "float16":
-    raise ConfigError("dtype float16 needs loss scaling, which flaxvae does not do: use bfloat16 "
-                      "(same memory, float32's range) or float32")
+    raise ConfigError(
+      "dtype float16 needs loss scaling, which flaxvae does not do: use bfloat16 "
+      "(same memory, float32's range) or float32"
+    )
   if settings.dtype not in DTYPES:
     raise ConfigError(f"unknown dtype {settings.dtype!r}: choose one of {', '.join(DTYPES)}")
   _validate_objective(settings.objective)
@@ -62,20 +71,27 @@ def validate(settings):
   _validate_eval(settings.eval)
   optimizer.create_optimizer(settings.optimizer, settings.num_steps)
   if settings.parallel.backend not in parallel.BACKENDS:
-    raise ConfigError(f"unknown parallel.backend {settings.parallel.backend!r}: use "
-                      f"{' or '.join(parallel.BACKENDS)}")
+    raise ConfigError(
+      f"unknown parallel.backend {settings.parallel.backend!r}: use "
+      f"{' or '.join(parallel.BACKENDS)}"
+    )
   accumulate = settings.optimizer.accumulate_steps
   if accumulate <= 0:
     raise ConfigError(f"optimizer.accumulate_steps must be positive, got {accumulate}")
   if accumulate > 1 and settings.objective.free_bits:
-    raise ConfigError("objective.free_bits floors the batch mean of the KL, which microbatches "
-                      "would change: use optimizer.accumulate_steps=1 with free bits")
+    raise ConfigError(
+      "objective.free_bits floors the batch mean of the KL, which microbatches "
+      "would change: use optimizer.accumulate_steps=1 with free bits"
+    )
   if "fsdp" in settings.parallel.mesh and settings.optimizer.name == "lamb":
-    raise ConfigError("lamb scales each parameter by its own norm, which a slice cannot know: "
-                      "use adam, adamw or adamax with an fsdp mesh")
+    raise ConfigError(
+      "lamb scales each parameter by its own norm, which a slice cannot know: "
+      "use adam, adamw or adamax with an fsdp mesh"
+    )
   if settings.parallel.wait_timeout_s <= 0:
-    raise ConfigError(f"parallel.wait_timeout_s must be positive, got "
-                      f"{settings.parallel.wait_timeout_s}")
+    raise ConfigError(
+      f"parallel.wait_timeout_s must be positive, got {settings.parallel.wait_timeout_s}"
+    )
 
 
 def _validate_objective(o):
@@ -88,13 +104,17 @@ def _validate_objective(o):
   if o.free_bits_per not in FREE_BITS_GROUPS:
     raise ConfigError(f"unknown objective.free_bits_per {o.free_bits_per!r}: use unit or layer")
   if o.name == "iwae":
-    ignored = [f"{k}={getattr(o, k)}" for k, default in (("beta", 1.0), ("kl_warmup_steps", 0),
-                                                         ("free_bits", 0.0))
-               if getattr(o, k) != default]
+    ignored = [
+      f"{k}={getattr(o, k)}"
+      for k, default in (("beta", 1.0), ("kl_warmup_steps", 0), ("free_bits", 0.0))
+      if getattr(o, k) != default
+    ]
     if ignored:
-      raise ConfigError(f"objective.name=iwae has no KL term, so {', '.join(ignored)} would be "
-                        "ignored: use objective.name=elbo with them (num_samples k gives the "
-                        "k-sample ELBO), or drop them")
+      raise ConfigError(
+        f"objective.name=iwae has no KL term, so {', '.join(ignored)} would be "
+        "ignored: use objective.name=elbo with them (num_samples k gives the "
+        "k-sample ELBO), or drop them"
+      )
 
 
 def _validate_eval(c):
@@ -104,10 +124,14 @@ def _validate_eval(c):
       raise ConfigError(f"eval.{key} must be positive, got {value(key)}")
   for key in ("num_examples", "final_num_examples", "amortization_examples", "amortization_steps"):
     if value(key) < 0:
-      raise ConfigError(f"eval.{key} must be >= 0 (0: {'all' if 'num_' in key else 'off'}), "
-                        f"got {value(key)}")
-  for key, choices in (("log_px_estimator", ("iwae", "ais")),
-                       ("ais_init", ("auto", "posterior", "prior")), ("schedule", ("every", "log"))):
+      raise ConfigError(
+        f"eval.{key} must be >= 0 (0: {'all' if 'num_' in key else 'off'}), got {value(key)}"
+      )
+  for key, choices in (
+    ("log_px_estimator", ("iwae", "ais")),
+    ("ais_init", ("auto", "posterior", "prior")),
+    ("schedule", ("every", "log")),
+  ):
     if value(key) not in choices:
       raise ConfigError(f"unknown eval.{key} {value(key)!r}: use {' or '.join(choices)}")
   for key in ("ais_steps", "ais_chains", "ais_leapfrog", "log_points"):
@@ -117,8 +141,9 @@ def _validate_eval(c):
     if value(key) < 0:
       raise ConfigError(f"eval.{key} must be >= 0, got {value(key)}")
   if c.amortization_learning_rate <= 0:
-    raise ConfigError(f"eval.amortization_learning_rate must be positive, got "
-                      f"{c.amortization_learning_rate}")
+    raise ConfigError(
+      f"eval.amortization_learning_rate must be positive, got {c.amortization_learning_rate}"
+    )
 
 
 def migrate(saved: dict) -> dict:
@@ -146,6 +171,7 @@ def with_defaults(saved: dict):
           merge(target[key], value)
         else:
           target[key] = tuple(value) if isinstance(value, list) else value
+
     merge(config, saved)
   return config
 

@@ -5,6 +5,7 @@ On a terminal one line is redrawn in place (carriage return); anywhere else (CI 
 update into one line there. Long work (training, the final evaluation, preparing data, the
 amortization-gap optimisation) reports done/total, its rate and the time left.
 """
+
 import sys
 import time
 
@@ -27,15 +28,20 @@ class Progress:
   when `plain_every_s` has passed since the last one (0: every update), and always at the end.
   """
 
-  def __init__(self, total, label, unit="", *, stream=None, plain_every_s=10.0, redraw_s=0.2,
-               start_done=0):
+  def __init__(
+    self, total, label, unit="", *, stream=None, plain_every_s=10.0, redraw_s=0.2, start_done=0
+  ):
     self.total, self.label, self.unit = total, label, unit
     self.stream = stream or sys.stdout
     self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
     self.plain_every_s, self.redraw_s = plain_every_s, redraw_s
     self.enabled = jax.process_index() == 0
     self.start, self.start_done, self._last_print, self._open_line = (
-        time.perf_counter(), start_done, float("-inf"), False)
+      time.perf_counter(),
+      start_done,
+      float("-inf"),
+      False,
+    )
 
   def update(self, done, note=""):
     if not self.enabled:

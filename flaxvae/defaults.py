@@ -5,6 +5,7 @@ differs, and `--config.key=value` on the command line overrides both. A model's 
 (`config.model.*` besides `name`) are its constructor's keyword arguments: `model_config`
 fills them in from there, the one place their defaults live.
 """
+
 import ml_collections
 
 from flaxvae import models
@@ -23,33 +24,46 @@ def base_config():
   config.num_steps = 10_000
   config.batch_size = 128  # global: split evenly over all devices
   config.steps_per_dispatch = 1  # train steps run per jitted call (lax.scan over batches)
-  config.scan_unroll = 1  # lax.scan unroll factor; conv models want it equal to steps_per_dispatch on CPU
-  config.dtype = "float32"  # compute dtype (float32, bfloat16); parameters, optimizer state and loss sums stay float32
+  config.scan_unroll = (
+    1  # lax.scan unroll factor; conv models want it equal to steps_per_dispatch on CPU
+  )
+  # compute dtype (float32, bfloat16); parameters, optimizer state and loss sums stay float32
+  config.dtype = "float32"
   config.log_every_steps = 1000
   # > 0 keeps an EMA of the parameters, used for evaluation; its decay warms up from 0.1
   # (train/step.py ema_decay_at), so an early evaluation is not mostly the initialisation
   config.ema_decay = 0.0
   config.max_consecutive_skips = 50
-  config.time_budget_s = 0.0  # > 0: stop training at the first log step after this many seconds, then evaluate
+  config.time_budget_s = (
+    0.0  # > 0: stop training at the first log step after this many seconds, then evaluate
+  )
 
   config.model = model_config("mlp")
 
   config.objective = ml_collections.ConfigDict()
   config.objective.name = "elbo"  # elbo (k-sample average) or iwae
   config.objective.num_samples = 1
-  config.objective.likelihood = "bernoulli"  # bernoulli, gaussian, discretized_logistic, mixture_logistic
+  config.objective.likelihood = (
+    "bernoulli"  # bernoulli, gaussian, discretized_logistic, mixture_logistic
+  )
   config.objective.gaussian_logvar = ml_collections.config_dict.placeholder(float)  # None: learned
   config.objective.num_mixtures = 10  # mixture_logistic: logistic components per pixel
   config.objective.beta = 1.0
   config.objective.kl_warmup_steps = 0
   config.objective.free_bits = 0.0  # nats per group of latents (elbo objective only)
-  config.objective.free_bits_per = "unit"  # the groups free bits floor: each latent unit, or each layer
+  config.objective.free_bits_per = (
+    "unit"  # the groups free bits floor: each latent unit, or each layer
+  )
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "fashion_mnist"
   config.data.source_dir = "/usr/share/datasets/fashion-mnist"
-  config.data.data_dir = ""  # prepared datasets; empty: $FLAXVAE_DATA_DIR, $TFDS_DATA_DIR or ~/.cache/flaxvae/tfds
-  config.data.protocol = "grey"  # grey, 8bit, binarized (dynamic; fixed-seed test draw), static_binarized
+  config.data.data_dir = (
+    ""  # prepared datasets; empty: $FLAXVAE_DATA_DIR, $TFDS_DATA_DIR or ~/.cache/flaxvae/tfds
+  )
+  config.data.protocol = (
+    "grey"  # grey, 8bit, binarized (dynamic; fixed-seed test draw), static_binarized
+  )
   config.data.train_split = "train"
   config.data.eval_split = "test"
   config.data.pipeline = "auto"  # auto, in_memory (train split on device) or streaming (Grain)
@@ -69,14 +83,23 @@ def base_config():
   config.optimizer.eps = 1e-8
   config.optimizer.weight_decay = 0.0  # decoupled (adamw, adamax, lamb)
   config.optimizer.grad_clip_norm = 0.0  # 0 disables global-norm clipping
-  config.optimizer.accumulate_steps = 1  # microbatches per step, gradients averaged (same numbers, less memory)
-  config.optimizer.skip_nonfinite = True  # a step with a NaN/inf loss or gradient leaves the state unchanged
+  config.optimizer.accumulate_steps = (
+    1  # microbatches per step, gradients averaged (same numbers, less memory)
+  )
+  config.optimizer.skip_nonfinite = (
+    True  # a step with a NaN/inf loss or gradient leaves the state unchanged
+  )
   config.optimizer.skip_threshold = 0.0  # > 0: skip a step whose gradient norm exceeds this
-  config.optimizer.adaptive_skip = 0.0  # > 0: also skip above this multiple of a running quantile of recent norms
+  config.optimizer.adaptive_skip = (
+    0.0  # > 0: also skip above this multiple of a running quantile of recent norms
+  )
   config.optimizer.adaptive_skip_quantile = 0.9
-  config.optimizer.adaptive_skip_window = 200  # recent finite gradient norms the quantile is taken over
+  config.optimizer.adaptive_skip_window = (
+    200  # recent finite gradient norms the quantile is taken over
+  )
 
-  config.optimizer.frozen = ()  # top-level parameter groups never updated (e.g. ("decoder", "to_output"))
+  # top-level parameter groups never updated, e.g. ("decoder", "to_output")
+  config.optimizer.frozen = ()
 
   config.init = ml_collections.ConfigDict()
   config.init.params_from = ""  # a trained run's workdir: start from (some of) its parameters
@@ -85,8 +108,12 @@ def base_config():
   config.parallel = ml_collections.ConfigDict()
   config.parallel.backend = "shard_map"  # shard_map or pmap
   config.parallel.num_devices = 0  # 0: all devices JAX sees
-  config.parallel.mesh = ""  # "data:2,fsdp:4": parameters, optimizer state and EMA split over fsdp; "": all on data
-  config.parallel.wait_timeout_s = 600.0  # the host waits this long on one dispatch before calling the run stuck (several devices)
+  config.parallel.mesh = (
+    ""  # "data:2,fsdp:4": parameters, optimizer state and EMA split over fsdp; "": all on data
+  )
+  config.parallel.wait_timeout_s = (
+    600.0  # the host waits this long on one dispatch before calling the run stuck (several devices)
+  )
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 5_000  # 0: only at the end and on preemption
@@ -105,15 +132,25 @@ def base_config():
   config.eval.amortization_steps = 500  # per-example Adam steps on the local variational parameters
   config.eval.amortization_learning_rate = 1e-2  # cosine-decayed to 0 over the steps
   config.eval.num_image_samples = 64
-  config.eval.log_px_estimator = "iwae"  # final evaluation's log p(x): iwae, or ais (also reports IWAE's)
+  config.eval.log_px_estimator = (
+    "iwae"  # final evaluation's log p(x): iwae, or ais (also reports IWAE's)
+  )
   config.eval.ais_steps = 500  # annealing steps (sigmoid schedule); also BDMC's
   config.eval.ais_chains = 4  # chains per example, their estimates of p(x) averaged
   config.eval.ais_leapfrog = 5  # leapfrog steps per HMC transition
   config.eval.ais_examples = 1_000  # AIS on the first N evaluated examples (0: all)
-  config.eval.ais_init = "auto"  # auto (q(z|x) if the model has its density, else p(z)), posterior, prior
-  config.eval.bdmc_examples = 0  # > 0: BDMC sandwich of log p(x) on N examples simulated from the model
-  config.eval.schedule = "every"  # every (eval.every_steps), or log: also log-spaced steps from step 0
-  config.eval.log_points = 12  # log schedule: evaluations at 0 and ~log-spaced steps up to num_steps
+  config.eval.ais_init = (
+    "auto"  # auto (q(z|x) if the model has its density, else p(z)), posterior, prior
+  )
+  config.eval.bdmc_examples = (
+    0  # > 0: BDMC sandwich of log p(x) on N examples simulated from the model
+  )
+  config.eval.schedule = (
+    "every"  # every (eval.every_steps), or log: also log-spaced steps from step 0
+  )
+  config.eval.log_points = (
+    12  # log schedule: evaluations at 0 and ~log-spaced steps up to num_steps
+  )
   return config
 
 
@@ -136,13 +173,18 @@ def tiny_variant(config, image_shape=None):
   c.optimizer.decay_start = 0
   m = c.model
   if m.name == "vdvae":
-    shrink = lambda spec: ",".join(f"{r}:{min(int(n), 1)}" for r, n in
-                                   (p.split(":") for p in spec.split(",")))
+    shrink = lambda spec: ",".join(
+      f"{r}:{min(int(n), 1)}" for r, n in (p.split(":") for p in spec.split(","))
+    )
     m.dec_layers, m.enc_blocks = shrink(m.dec_layers), shrink(m.enc_blocks)
     widths = str(m.widths)
-    m.widths = (str(max(8, int(widths) // 16)) if widths.isdigit() else
-                ",".join(f"{r}:{max(8, int(w) // 16)}" for r, w in
-                         (p.split(":") for p in widths.split(","))))
+    m.widths = (
+      str(max(8, int(widths) // 16))
+      if widths.isdigit()
+      else ",".join(
+        f"{r}:{max(8, int(w) // 16)}" for r, w in (p.split(":") for p in widths.split(","))
+      )
+    )
     m.latent_channels = min(m.latent_channels, 4)
   return c
 
@@ -165,6 +207,7 @@ def load_config_file(path, arg=None):
   `--config path[:arg]` loads it: for scripts and tests that take a config without the CLI."""
   import importlib.util  # noqa: PLC0415  (config files only)
   import os  # noqa: PLC0415
+
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f"flaxvae_config_{name}", path)
   if spec is None:
@@ -178,19 +221,38 @@ def sibling(config_file, name, arg=None):
   """get_config(arg) of config `name` in the folder of `config_file` (a config's __file__):
   a config that is another one with a few changes says so instead of repeating it."""
   import os  # noqa: PLC0415
+
   return load_config_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name), arg)
 
 
-def vdvae_recipe(*, data, dec_layers, enc_blocks, width, learning_rate, grad_clip, skip_threshold,
-                 ema_decay, batch_size, dims):
+def vdvae_recipe(
+  *,
+  data,
+  dec_layers,
+  enc_blocks,
+  width,
+  learning_rate,
+  grad_clip,
+  skip_threshold,
+  ema_decay,
+  batch_size,
+  dims,
+):
   """VDVAE's published recipe (openai/vdvae hps.py) for `data`: bottleneck 0.25, 16 latent
   channels, a 10-component mixture of logistics on 8-bit data, AdamW (b2 0.9, weight decay
   0.01) after 100 warm-up steps. VDVAE's loss is per dimension and flaxvae's per example, so
   its clip and skip thresholds are multiplied by `dims`, the dimensions per example."""
   config = base_config()
-  config.model = model_config("vdvae", dec_layers=dec_layers, enc_blocks=enc_blocks,
-                              widths=str(width), bottleneck=0.25, latent_channels=16, pad_to=0,
-                              activation="gelu")
+  config.model = model_config(
+    "vdvae",
+    dec_layers=dec_layers,
+    enc_blocks=enc_blocks,
+    widths=str(width),
+    bottleneck=0.25,
+    latent_channels=16,
+    pad_to=0,
+    activation="gelu",
+  )
   config.data.name = data
   config.data.protocol = "8bit"
   config.objective.likelihood = "mixture_logistic"

@@ -32,11 +32,13 @@ def one_line(error_or_text, limit=ONE_LINE_LIMIT):
 
 class FlaxvaeError(Exception):
   """Base of every error raised on purpose; str() is one line."""
+
   exit_status = 1
 
 
 class UsageError(FlaxvaeError, ValueError):
   """Something the user can change (a flag, a config value, a file) before rerunning."""
+
   exit_status = 2
 
 
@@ -68,6 +70,7 @@ class ModelContractError(FlaxvaeError, TypeError):
 
 class RunError(FlaxvaeError):
   """The run failed while training or evaluating; its last committed checkpoint is intact."""
+
   exit_status = 1
 
 

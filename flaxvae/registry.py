@@ -1,10 +1,11 @@
 """Name -> thing registries: models, likelihoods, datasets and evaluators are chosen by name.
 
-    MODELS = Registry("model.name")
-    @MODELS.register("mlp")
-    class MLPVAE: ...
-    MODELS.get(config.model.name)   # ConfigError naming the choices for an unknown name
+MODELS = Registry("model.name")
+@MODELS.register("mlp")
+class MLPVAE: ...
+MODELS.get(config.model.name)   # ConfigError naming the choices for an unknown name
 """
+
 from flaxvae.errors import ConfigError
 
 
@@ -22,6 +23,7 @@ class Registry:
         self.check(name, entry)
       self._entries[name] = entry
       return entry
+
     return add
 
   def get(self, name):

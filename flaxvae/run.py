@@ -9,6 +9,7 @@ A ConfigDict is resolved here (settings.resolve: checked once, typed, frozen); t
     run = Run(config, for_training=False)  # inference: any device count, no training split
     run = Run(config, abstract=True, image_shape=(32, 32, 3))  # shapes only: AOT compiles
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,8 +28,9 @@ from flaxvae.train import step as step_lib
 class Run:
   """Model (graphdef and initial params), likelihood, protocol, devices, data and optimizer."""
 
-  def __init__(self, settings, dataset=None, *, for_training=True, image_shape=None,
-               abstract=False):
+  def __init__(
+    self, settings, dataset=None, *, for_training=True, image_shape=None, abstract=False
+  ):
     """`settings`: settings.Settings, or a ConfigDict (resolved here)."""
     s = self.settings = settings_lib.of(settings)
     self.abstract = abstract
@@ -43,9 +45,11 @@ class Run:
       self.runner = parallel.create_runner(s.parallel, s.batch_size)
       per_device = s.batch_size // self.runner.num_devices
       if per_device % s.optimizer.accumulate_steps:
-        raise ConfigError(f"each device's {per_device} examples do not split into "
-                          f"optimizer.accumulate_steps={s.optimizer.accumulate_steps} "
-                          "microbatches: make batch_size / devices a multiple of it")
+        raise ConfigError(
+          f"each device's {per_device} examples do not split into "
+          f"optimizer.accumulate_steps={s.optimizer.accumulate_steps} "
+          "microbatches: make batch_size / devices a multiple of it"
+        )
       self.pipeline = data_lib.choose_pipeline(s.data, self.dataset, s.data.train_split)
     else:
       self.runner = parallel.inference_runner(s.parallel)
@@ -53,21 +57,32 @@ class Run:
     self.train_images = self.train_split = None
     if self.pipeline == "in_memory":
       self.train_images = self.dataset.images(s.data.train_split)
-      feeds.check_batch_size(s.batch_size, len(self.train_images), jax.process_count(),
-                             s.data.train_split)
+      feeds.check_batch_size(
+        s.batch_size, len(self.train_images), jax.process_count(), s.data.train_split
+      )
     elif self.pipeline == "streaming":
       self.train_split = self.dataset.open_split(s.data.train_split)
-      feeds.check_batch_size(s.batch_size, self.train_split.num_examples,
-                             jax.process_count(), s.data.train_split)
+      feeds.check_batch_size(
+        s.batch_size, self.train_split.num_examples, jax.process_count(), s.data.train_split
+      )
     self._eval_images = None
     if image_shape is None:
-      image_shape = (self.train_images.shape[1:] if self.train_images is not None else
-                     self.train_split.image_shape if self.train_split is not None else
-                     self.eval_images.shape[1:])
+      image_shape = (
+        self.train_images.shape[1:]
+        if self.train_images is not None
+        else self.train_split.image_shape
+        if self.train_split is not None
+        else self.eval_images.shape[1:]
+      )
     self.image_shape = tuple(image_shape)
-    self.model = models.create_model(s.model, image_shape=self.image_shape,
-                                     likelihood=self.likelihood, seed=s.seed,
-                                     dtype=config_lib.DTYPES[s.dtype], abstract=abstract)
+    self.model = models.create_model(
+      s.model,
+      image_shape=self.image_shape,
+      likelihood=self.likelihood,
+      seed=s.seed,
+      dtype=config_lib.DTYPES[s.dtype],
+      abstract=abstract,
+    )
     self.graphdef, params = nnx.split(self.model)
     self.params = nnx.to_pure_dict(params)
     if s.init.params_from and not abstract:
@@ -82,15 +97,19 @@ class Run:
     groups = tuple(init.param_groups) or tuple(params)
     missing = [g for g in groups if g not in trained or g not in params]
     if missing:
-      raise ConfigError(f"init.param_groups {missing} are not parameter groups of both this "
-                        f"model ({', '.join(params)}) and {init.params_from}")
+      raise ConfigError(
+        f"init.param_groups {missing} are not parameter groups of both this "
+        f"model ({', '.join(params)}) and {init.params_from}"
+      )
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
     taken = {}
     for g in groups:
       group = _keyed_like(trained[g], params[g])
       if group is None or shapes(group) != shapes(params[g]):
-        raise ConfigError(f"init: parameter group {g!r} of {init.params_from} has other shapes "
-                          "than this model's: use the same model config")
+        raise ConfigError(
+          f"init: parameter group {g!r} of {init.params_from} has other shapes "
+          "than this model's: use the same model config"
+        )
       taken[g] = jax.tree.map(jnp.asarray, group)
     return {**params, **taken}
 
@@ -110,11 +129,15 @@ class Run:
   def _initial_state(self, params):
     c = self.settings
     return step_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-        ema_params=params if c.ema_decay else (),
-        rng=jax.random.key_data(jax.random.key(c.seed)),
-        skipped=jnp.zeros((), jnp.int32), consecutive_skips=jnp.zeros((), jnp.int32),
-        guard=guards.init(c.optimizer.adaptive_skip, c.optimizer.adaptive_skip_window))
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=self.tx.init(params),
+      ema_params=params if c.ema_decay else (),
+      rng=jax.random.key_data(jax.random.key(c.seed)),
+      skipped=jnp.zeros((), jnp.int32),
+      consecutive_skips=jnp.zeros((), jnp.int32),
+      guard=guards.init(c.optimizer.adaptive_skip, c.optimizer.adaptive_skip_window),
+    )
 
   def eval_params(self, state):
     """The parameters evaluation uses: the EMA when the run keeps one."""
@@ -126,8 +149,15 @@ class Run:
 
   def train_fn(self, inputs="indices", runner=None):
     """The jitted train function the trainer dispatches (train/step.py builds it)."""
-    return step_lib.build_train_fn(runner or self.runner, self.graphdef, self.tx, self.step_cfg,
-                                   self.settings.scan_unroll, self.initial_state(), inputs)
+    return step_lib.build_train_fn(
+      runner or self.runner,
+      self.graphdef,
+      self.tx,
+      self.step_cfg,
+      self.settings.scan_unroll,
+      self.initial_state(),
+      inputs,
+    )
 
   def create_feed(self, data_state=None):
     """The feed of this run's training data, resumed at `data_state` if given."""
@@ -135,9 +165,15 @@ class Run:
       raise ConfigError("this run was assembled for inference: it has no training feed")
     c = self.settings
     data = self.train_images if self.pipeline == "in_memory" else self.train_split
-    return feeds.create_feed(data, self.runner, seed=c.seed, batch_size=c.batch_size,
-                             read_threads=c.data.read_threads,
-                             prefetch_batches=c.data.prefetch_batches, data_state=data_state)
+    return feeds.create_feed(
+      data,
+      self.runner,
+      seed=c.seed,
+      batch_size=c.batch_size,
+      read_threads=c.data.read_threads,
+      prefetch_batches=c.data.prefetch_batches,
+      data_state=data_state,
+    )
 
 
 def _keyed_like(saved, like):

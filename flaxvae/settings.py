@@ -13,6 +13,7 @@ when the config is resolved, never a setting that silently falls back to a defau
 config also carries the stamps of STAMPS. A variant of a section is `dataclasses.replace`:
 `flaxvae evaluate --log_px_estimator=ais` evaluates with a replaced eval section.
 """
+
 import dataclasses
 import difflib
 from typing import Any
@@ -29,6 +30,7 @@ STAMPS = ("flaxvae_version", "image_shape")
 class ModelSettings:
   """config.model: the registered model's name and its own options, (key, value) pairs that
   are the model constructor's keyword arguments (models.model_options lists them)."""
+
   name: str
   options: tuple[tuple[str, Any], ...] = ()
 
@@ -133,6 +135,7 @@ class EvalSettings:
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The whole config, typed: the top-level scalars and one section per part."""
+
   seed: int
   num_steps: int
   batch_size: int
@@ -173,35 +176,45 @@ def of(config_or_settings) -> Settings:
 def resolve_model(model_config) -> ModelSettings:
   """ModelSettings of a config.model section (a ConfigDict, e.g. defaults.model_config(...))."""
   if "name" not in model_config:
-    raise ConfigError("config key model.name is missing: build config.model with "
-                      "flaxvae.defaults.model_config(NAME)")
-  return ModelSettings(name=model_config["name"],
-                       options=tuple((key, _frozen(model_config[key]))
-                                     for key in model_config.keys() if key != "name"))
+    raise ConfigError(
+      "config key model.name is missing: build config.model with "
+      "flaxvae.defaults.model_config(NAME)"
+    )
+  return ModelSettings(
+    name=model_config["name"],
+    options=tuple(
+      (key, _frozen(model_config[key])) for key in model_config.keys() if key != "name"
+    ),
+  )
 
 
 def _section(cls, node, prefix):
   """`cls` from the keys of `node`, field by field: none left over, none missing."""
   if not hasattr(node, "keys"):
-    raise ConfigError(f"config key {prefix[:-1]} must be a section with keys, got {node!r}: "
-                      "build config files on flaxvae.defaults.base_config()")
+    raise ConfigError(
+      f"config key {prefix[:-1]} must be a section with keys, got {node!r}: "
+      "build config files on flaxvae.defaults.base_config()"
+    )
   fields = dataclasses.fields(cls)
   names = [f.name for f in fields]
   for key in node.keys():
     if key not in names:
       close = difflib.get_close_matches(key, names, n=1)
       raise ConfigError(
-          f"unknown config key {prefix}{key}: flaxvae has no such setting; "
-          + (f"did you mean {prefix}{close[0]}? " if close else "remove it. ")
-          + f"keys {('under ' + prefix[:-1]) if prefix else 'at the top'}: "
-          + ", ".join(n for n in names if n not in STAMPS))
+        f"unknown config key {prefix}{key}: flaxvae has no such setting; "
+        + (f"did you mean {prefix}{close[0]}? " if close else "remove it. ")
+        + f"keys {('under ' + prefix[:-1]) if prefix else 'at the top'}: "
+        + ", ".join(n for n in names if n not in STAMPS)
+      )
   values = {}
   for f in fields:
     if f.name not in node:
       if f.name in STAMPS:
         continue
-      raise ConfigError(f"config key {prefix}{f.name} is missing: build config files on "
-                        "flaxvae.defaults.base_config(), which holds every key with its default")
+      raise ConfigError(
+        f"config key {prefix}{f.name} is missing: build config files on "
+        "flaxvae.defaults.base_config(), which holds every key with its default"
+      )
     value = node[f.name]
     if f.type is ModelSettings:
       value = resolve_model(value)

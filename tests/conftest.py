@@ -3,13 +3,15 @@
 Runs get their data as arguments (`data.ArrayDataset`, or a tiny dataset written to disk by the
 real folder converter for subprocesses and the streaming path), never by patching a module.
 """
+
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import flaxvae  # noqa: E402
+import flaxvae
 
 flaxvae.apply_process_defaults()  # the XLA flags the `flaxvae` command runs with
 
@@ -27,9 +29,11 @@ from flaxvae import defaults  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAXVAE = pathlib.Path(sys.executable).parent / "flaxvae"
-CACHE_OPTIONS = {"jax_compilation_cache_dir": None,
-                 "jax_persistent_cache_min_compile_time_secs": 0.0,
-                 "jax_persistent_cache_min_entry_size_bytes": 0}
+CACHE_OPTIONS = {
+  "jax_compilation_cache_dir": None,
+  "jax_persistent_cache_min_compile_time_secs": 0.0,
+  "jax_persistent_cache_min_entry_size_bytes": 0,
+}
 
 
 def random_images(n, seed=0, shape=(28, 28, 1)):
@@ -48,8 +52,9 @@ def tree_digest(root):
 
 def array_dataset(train=256, test=64, shape=(28, 28, 1)):
   """Random uint8 images as a dataset in memory: what `train(config, workdir, dataset)` takes."""
-  return data_lib.ArrayDataset({"train": random_images(train, 0, shape),
-                                "test": random_images(test, 1, shape)}, name="random")
+  return data_lib.ArrayDataset(
+    {"train": random_images(train, 0, shape), "test": random_images(test, 1, shape)}, name="random"
+  )
 
 
 def load_config(name, arg=None):
@@ -63,11 +68,11 @@ set_keys = defaults.set_keys  # {"a.b.c": value} into a ConfigDict, in place
 def tiny_config(model="mlp", **changes):
   """A run that trains and evaluates in seconds: a tiny model, small batches, cheap evaluation."""
   c = defaults.base_config()
-  c.model = {"mlp": defaults.model_config("mlp", hidden=(16,), latent_dim=2),
-             "conv": defaults.model_config("conv", latent_dim=2, channels=(8, 8)),
-             "ladder_mlp": defaults.model_config("ladder_mlp", hidden=((16,), (8,)),
-                                                 latent_dims=(4, 2)),
-             }.get(model) or defaults.model_config(model)
+  c.model = {
+    "mlp": defaults.model_config("mlp", hidden=(16,), latent_dim=2),
+    "conv": defaults.model_config("conv", latent_dim=2, channels=(8, 8)),
+    "ladder_mlp": defaults.model_config("ladder_mlp", hidden=((16,), (8,)), latent_dims=(4, 2)),
+  }.get(model) or defaults.model_config(model)
   c.batch_size, c.num_steps, c.steps_per_dispatch, c.log_every_steps = 16, 12, 3, 3
   c.data.protocol = "binarized"
   c.checkpoint.every_steps = 6
@@ -103,13 +108,26 @@ def tiny_data_dir(tmp_path_factory):
   source = root / "source"
   source.mkdir()
   np.save(source / "images.npy", random_images(96))
-  subprocess.run([str(FLAXVAE), "prepare-data", "folder", f"--source={source}", "--name=tiny",
-                  "--test_fraction=0.25", f"--data_dir={root / 'tfds'}"],
-                 check=True, capture_output=True, timeout=300)
+  subprocess.run(
+    [
+      str(FLAXVAE),
+      "prepare-data",
+      "folder",
+      f"--source={source}",
+      "--name=tiny",
+      "--test_fraction=0.25",
+      f"--data_dir={root / 'tfds'}",
+    ],
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
   return root / "tfds"
 
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers", "slow: deep-model compiles and multi-process runs (`make test-slow`; CI runs "
-      "them after `make test`)")
+    "markers",
+    "slow: deep-model compiles and multi-process runs (`make test-slow`; CI runs "
+    "them after `make test`)",
+  )

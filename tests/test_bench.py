@@ -5,6 +5,7 @@ keeps f32 state.
 No timing assertions here: throughput figures live in `make bench` (BENCHMARKS.md), whose
 scripts have their tests in benchmarks/tests (`make test-bench`).
 """
+
 import json
 
 import jax
@@ -19,8 +20,9 @@ from tests.conftest import REPO, array_dataset, tiny_config
 
 
 def bench_config(**changes):
-  return tiny_config(**{"model.hidden": (32,), "model.latent_dim": 4, "steps_per_dispatch": 2,
-                        **changes})
+  return tiny_config(
+    **{"model.hidden": (32,), "model.latent_dim": 4, "steps_per_dispatch": 2, **changes}
+  )
 
 
 def test_throughput_is_one_row_of_the_users_config_on_one_device():
@@ -33,10 +35,20 @@ def test_throughput_is_one_row_of_the_users_config_on_one_device():
 
 
 def test_flaxvae_bench_prints_one_json_line_for_the_config(capfd, tiny_data_dir):
-  status = cli.main(["flaxvae", "bench", f"--config={REPO / 'configs' / 'fashion_mnist_mlp.py'}",
-                     "--config.data.name=tiny", f"--config.data.data_dir={tiny_data_dir}",
-                     "--config.batch_size=8", "--config.steps_per_dispatch=2",
-                     "--config.model.hidden=(16,)", "--steps=2", "--windows=1"])
+  status = cli.main(
+    [
+      "flaxvae",
+      "bench",
+      f"--config={REPO / 'configs' / 'fashion_mnist_mlp.py'}",
+      "--config.data.name=tiny",
+      f"--config.data.data_dir={tiny_data_dir}",
+      "--config.batch_size=8",
+      "--config.steps_per_dispatch=2",
+      "--config.model.hidden=(16,)",
+      "--steps=2",
+      "--windows=1",
+    ]
+  )
   lines = capfd.readouterr().out.strip().splitlines()
   assert status == 0 and len(lines) == 1
   row = json.loads(lines[0])
@@ -45,8 +57,13 @@ def test_flaxvae_bench_prints_one_json_line_for_the_config(capfd, tiny_data_dir)
 
 def test_the_timing_loop_warms_up_then_times_windows_waiting_on_each_last_result():
   calls, waited = [], []
-  measured = timing.time_calls(lambda: calls.append(1) or len(calls), wait=waited.append,
-                               warmup=2, windows=3, calls_per_window=4)
+  measured = timing.time_calls(
+    lambda: calls.append(1) or len(calls),
+    wait=waited.append,
+    warmup=2,
+    windows=3,
+    calls_per_window=4,
+  )
   assert len(calls) == 2 + 3 * 4 and waited == [1, 2, 6, 10, 14]
   assert len(measured.window_s) == 3 and measured.calls_per_window == 4
   assert measured.rates(10) == [40 / s for s in measured.window_s]
@@ -71,8 +88,10 @@ def test_bfloat16_compute_keeps_float32_state_and_close_loss():
     run = Run(bench_config(dtype=dtype), dataset)
     runner = parallel.Runner("shard_map", jax.devices()[:1])
     step = run.train_fn("one_step", runner=runner)
-    state, metrics = step(runner.put(run.initial_state(), "state"),
-                          runner.put(run.train_images[:16], parallel.batch_axis(0)))
+    state, metrics = step(
+      runner.put(run.initial_state(), "state"),
+      runner.put(run.train_images[:16], parallel.batch_axis(0)),
+    )
     for leaf in jax.tree.leaves((state.params, state.opt_state)):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         assert leaf.dtype == jnp.float32
@@ -87,8 +106,10 @@ def test_aot_reports_memory_split_over_fsdp_and_the_largest_batch():
   1/fsdp (a 784x256 kernel splits 8 ways), and the batch that fits a memory is a multiple of
   the device count."""
   config = bench_config(**{"model.hidden": (256,), "steps_per_dispatch": 1})
-  whole, split = (bench.aot_row(config, 8, image_shape=(28, 28, 1), mesh=mesh,
-                                device_memory=2**30) for mesh in ("", "fsdp:8"))
+  whole, split = (
+    bench.aot_row(config, 8, image_shape=(28, 28, 1), mesh=mesh, device_memory=2**30)
+    for mesh in ("", "fsdp:8")
+  )
   assert whole["parameters"] == split["parameters"] > 2 * 784 * 256
   # FLOPs of one step per example, whatever the mesh: at least the first layer's forward,
   # its two backward matmuls and the decoder's mirror of them.

@@ -1,4 +1,6 @@
-"""The `flaxvae` command: a short real run, and one-line errors for bad inputs that touch nothing."""
+"""The `flaxvae` command: a short real run, and one-line errors for bad inputs that touch
+nothing."""
+
 import json
 import os
 import pathlib
@@ -15,8 +17,6 @@ from tests.conftest import FLAXVAE, REPO, tree_digest
 MLP_CONFIG = str(REPO / "configs" / "fashion_mnist_mlp.py")
 
 
-
-
 @pytest.fixture
 def workdir_with_checkpoint(tmp_path):
   workdir = tmp_path / "run"
@@ -25,7 +25,9 @@ def workdir_with_checkpoint(tmp_path):
   return workdir
 
 
-@pytest.mark.parametrize("flag, message", [
+@pytest.mark.parametrize(
+  "flag, message",
+  [
     ("--config.model.no_such_key=3", "unknown config key 'model.no_such_key'"),
     ("--config.model.hiddn=(3,)", "did you mean model.hidden"),
     ("--config.data.binarization=dynamic", "renamed: use data.protocol"),
@@ -35,14 +37,23 @@ def workdir_with_checkpoint(tmp_path):
     ("--config.model.name=resnet", "unknown model.name 'resnet'"),
     ("--config.data.source_dir={tmp}/missing", "has no Fashion-MNIST IDX files"),
     ("--config.optimizer.name=sgdx", "unknown optimizer.name"),
-])
-def test_bad_inputs_fail_in_one_line_and_touch_nothing(capsys, tmp_path, workdir_with_checkpoint,
-                                                       flag, message):
+  ],
+)
+def test_bad_inputs_fail_in_one_line_and_touch_nothing(
+  capsys, tmp_path, workdir_with_checkpoint, flag, message
+):
   before = tree_digest(workdir_with_checkpoint)
   flag = flag.format(tmp=tmp_path)
-  status = cli.main(["flaxvae", "train", f"--config={MLP_CONFIG}",
-                     f"--workdir={workdir_with_checkpoint}", flag,
-                     f"--config.data.data_dir={tmp_path}/tfds"])
+  status = cli.main(
+    [
+      "flaxvae",
+      "train",
+      f"--config={MLP_CONFIG}",
+      f"--workdir={workdir_with_checkpoint}",
+      flag,
+      f"--config.data.data_dir={tmp_path}/tfds",
+    ]
+  )
   err = capsys.readouterr().err.strip()
   assert status == 2
   assert message in err and "\n" not in err, err
@@ -63,16 +74,24 @@ def test_prepare_data_names_come_from_the_dataset_registry(capsys):
 
 
 def test_a_stray_positional_argument_is_refused(capsys, tmp_path):
-  status = cli.main(["flaxvae", "train", "train", f"--config={MLP_CONFIG}",
-                     f"--workdir={tmp_path}/run"])
+  status = cli.main(
+    ["flaxvae", "train", "train", f"--config={MLP_CONFIG}", f"--workdir={tmp_path}/run"]
+  )
   err = capsys.readouterr().err.strip()
   assert status == 2 and "unexpected argument(s) 'train'" in err and "\n" not in err
   assert not (tmp_path / "run").exists()
 
 
 def test_a_mistyped_config_path_names_the_configs_there(capsys, tmp_path):
-  status = cli.main(["flaxvae", "train", "--config", str(REPO / "configs" / "fashion_mnist_mpl.py"),
-                     f"--workdir={tmp_path}/run"])
+  status = cli.main(
+    [
+      "flaxvae",
+      "train",
+      "--config",
+      str(REPO / "configs" / "fashion_mnist_mpl.py"),
+      f"--workdir={tmp_path}/run",
+    ]
+  )
   err = capsys.readouterr().err.strip()
   assert status == 2 and "\n" not in err
   assert "not found: did you mean" in err and "fashion_mnist_mlp.py" in err
@@ -80,9 +99,18 @@ def test_a_mistyped_config_path_names_the_configs_there(capsys, tmp_path):
 
 def test_console_script_exit_status(tmp_path):
   flaxvae = pathlib.Path(sys.executable).parent / "flaxvae"
-  result = subprocess.run([str(flaxvae), "train", f"--config={MLP_CONFIG}",
-                           f"--workdir={tmp_path}/run", "--config.batch_size=-5"],
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [
+      str(flaxvae),
+      "train",
+      f"--config={MLP_CONFIG}",
+      f"--workdir={tmp_path}/run",
+      "--config.batch_size=-5",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("flaxvae train: error: batch_size")
   assert not (tmp_path / "run").exists()
@@ -90,16 +118,28 @@ def test_console_script_exit_status(tmp_path):
 
 def test_short_training_run_writes_every_output(tmp_path, capsys, caplog, tiny_data_dir):
   workdir = tmp_path / "run"
-  status = cli.main(["flaxvae", "train", f"--config={MLP_CONFIG}", f"--workdir={workdir}",
-                     "--config.data.name=tiny", f"--config.data.data_dir={tiny_data_dir}",
-                     "--config.num_steps=20", "--config.steps_per_dispatch=5",
-                     "--config.log_every_steps=10", "--config.eval.every_steps=10",
-                     "--config.checkpoint.every_steps=10", "--config.batch_size=32",
-                     "--config.model.hidden=(16,)", "--config.eval.num_examples=64",
-                     "--config.eval.final_num_importance_samples=10",
-                     "--config.eval.num_importance_samples=5",
-                     "--config.eval.amortization_examples=8",
-                     "--config.eval.amortization_steps=5"])
+  status = cli.main(
+    [
+      "flaxvae",
+      "train",
+      f"--config={MLP_CONFIG}",
+      f"--workdir={workdir}",
+      "--config.data.name=tiny",
+      f"--config.data.data_dir={tiny_data_dir}",
+      "--config.num_steps=20",
+      "--config.steps_per_dispatch=5",
+      "--config.log_every_steps=10",
+      "--config.eval.every_steps=10",
+      "--config.checkpoint.every_steps=10",
+      "--config.batch_size=32",
+      "--config.model.hidden=(16,)",
+      "--config.eval.num_examples=64",
+      "--config.eval.final_num_importance_samples=10",
+      "--config.eval.num_importance_samples=5",
+      "--config.eval.amortization_examples=8",
+      "--config.eval.amortization_steps=5",
+    ]
+  )
   assert status == 0, capsys.readouterr().err
   rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   train_rows = [r for r in rows if r["split"] == "train"]
@@ -116,8 +156,9 @@ def test_short_training_run_writes_every_output(tmp_path, capsys, caplog, tiny_d
   # `flaxvae sample`: a temperature grid and a latent-level grid.
   assert cli.main(["flaxvae", "sample", f"--workdir={workdir}", "--temperature=0.7", "--n=8"]) == 0
   assert cli.main(["flaxvae", "sample", f"--workdir={workdir}", "--keep_layers=0,1"]) == 0
-  made = sorted(p.name for p in (workdir / "images").iterdir() if p.name.startswith(("samples_t",
-                                                                                    "layers_")))
+  made = sorted(
+    p.name for p in (workdir / "images").iterdir() if p.name.startswith(("samples_t", "layers_"))
+  )
   assert made == ["layers_0-1_step20.png", "samples_t0.7_step20.png"], made
   # Orbax warns on every read-only open (each `sample` above): that stays out of the console.
   assert not [r for r in caplog.records if "read only" in r.getMessage()]
@@ -137,14 +178,26 @@ def test_the_console_shows_no_tpu_message_without_a_tpu(tmp_path, tiny_data_dir)
   never probes for a TPU and there would be no message to hide.
   """
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME")}
-  result = subprocess.run([str(FLAXVAE), "train", f"--config={MLP_CONFIG}",
-                           f"--workdir={tmp_path}/run", "--config.data.name=tiny",
-                           f"--config.data.data_dir={tiny_data_dir}", "--config.num_steps=2",
-                           "--config.steps_per_dispatch=1", "--config.batch_size=16",
-                           "--config.model.hidden=(8,)",
-                           "--config.eval.final_num_importance_samples=2",
-                           "--config.eval.amortization_examples=0"],
-                          capture_output=True, text=True, timeout=300, env=env)
+  result = subprocess.run(
+    [
+      str(FLAXVAE),
+      "train",
+      f"--config={MLP_CONFIG}",
+      f"--workdir={tmp_path}/run",
+      "--config.data.name=tiny",
+      f"--config.data.data_dir={tiny_data_dir}",
+      "--config.num_steps=2",
+      "--config.steps_per_dispatch=1",
+      "--config.batch_size=16",
+      "--config.model.hidden=(8,)",
+      "--config.eval.final_num_importance_samples=2",
+      "--config.eval.amortization_examples=0",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=env,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "libtpu" not in result.stderr + result.stdout
   assert "devices:" in result.stderr  # flaxvae's own INFO lines still show

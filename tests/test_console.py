@@ -1,4 +1,5 @@
 """Progress lines: redrawn in place on a terminal, one plain line per update anywhere else."""
+
 import io
 
 from flaxvae import console
@@ -15,8 +16,11 @@ def test_off_a_terminal_each_update_is_its_own_line():
   for done in (25, 50, 100):
     progress.update(done, "loss 1.00")
   lines = out.getvalue().splitlines()
-  assert [l.split(",")[0] for l in lines] == ["step 25/100 (25%)", "step 50/100 (50%)",
-                                              "step 100/100 (100%)"]
+  assert [l.split(",")[0] for l in lines] == [
+    "step 25/100 (25%)",
+    "step 50/100 (50%)",
+    "step 100/100 (100%)",
+  ]
   assert "\r" not in out.getvalue() and lines[-1].endswith("loss 1.00")
   assert "left" in lines[0] and "elapsed" in lines[-1]
 

@@ -6,6 +6,7 @@ every relative link (and #anchor) resolves, every `flaxvae` command shown names 
 whose `--help` works and flags that subcommand defines, every `--config.KEY` shown beside a
 config file is a key of that config, and every `configs/*.py` named exists.
 """
+
 import contextlib
 import importlib.util
 import io
@@ -70,9 +71,17 @@ def _commands():
 
 
 def test_every_page_is_checked():
-  assert {p.name for p in PAGES} >= {"README.md", "architecture.md", "configuration.md",
-                                     "models.md", "evaluation.md", "scaling.md",
-                                     "checkpoints.md", "performance.md", "posterior.md"}
+  assert {p.name for p in PAGES} >= {
+    "README.md",
+    "architecture.md",
+    "configuration.md",
+    "models.md",
+    "evaluation.md",
+    "scaling.md",
+    "checkpoints.md",
+    "performance.md",
+    "posterior.md",
+  }
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)
@@ -91,9 +100,14 @@ def test_relative_links_resolve(page):
 
 
 def test_config_files_named_exist():
-  missing = sorted({(_page_id(page), name) for page in PAGES
-                    for name in CONFIG_FILE.findall(page.read_text())
-                    if not (REPO / name).exists()})
+  missing = sorted(
+    {
+      (_page_id(page), name)
+      for page in PAGES
+      for name in CONFIG_FILE.findall(page.read_text())
+      if not (REPO / name).exists()
+    }
+  )
   assert not missing, f"config files that do not exist: {missing}"
 
 
@@ -118,8 +132,11 @@ def test_commands_shown_parse():
   for page, sub, words in commands:
     for word in words:
       name = word.lstrip("[").split("=")[0].rstrip("]")
-      if name.startswith("--") and not name.startswith("--config.") and (
-          name[2:] not in flags_of[sub]):
+      if (
+        name.startswith("--")
+        and not name.startswith("--config.")
+        and (name[2:] not in flags_of[sub])
+      ):
         unknown.append(f"{page}: flaxvae {sub} {name}")
   assert not unknown, f"flags no subcommand defines: {unknown}"
 
@@ -151,7 +168,7 @@ def test_config_overrides_shown_are_keys_of_their_config():
     config = _load_config(spec)
     for word in words:
       if word.startswith("--config."):
-        key = word[len("--config."):].split("=")[0]
+        key = word[len("--config.") :].split("=")[0]
         if not _has_key(config, key):
           unknown.append(f"{page}: {spec} has no key {key}")
   assert not unknown, f"config keys that do not exist: {unknown}"

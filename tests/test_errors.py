@@ -1,4 +1,5 @@
 """The one formatter of foreign errors into one-line messages (errors.one_line)."""
+
 from flaxvae import errors
 
 

@@ -1,5 +1,6 @@
 """The config resolves into typed settings key for field, both ways: a key renamed on either
 side is an error when the config is resolved, never a setting that falls back to a default."""
+
 import dataclasses
 import json
 import pathlib
@@ -33,8 +34,9 @@ def flat_fields(resolved, prefix=""):
   for field in dataclasses.fields(resolved):
     value = getattr(resolved, field.name)
     if isinstance(value, settings.ModelSettings):
-      out.update({f"{prefix}{field.name}.{k}": v
-                  for k, v in (("name", value.name), *value.options)})
+      out.update(
+        {f"{prefix}{field.name}.{k}": v for k, v in (("name", value.name), *value.options)}
+      )
     elif dataclasses.is_dataclass(value):
       out.update(flat_fields(value, f"{prefix}{field.name}."))
     elif field.name not in settings.STAMPS:
@@ -65,8 +67,11 @@ def test_a_key_with_no_field_is_an_error_naming_it():
   config = defaults.base_config()
   with config.unlocked():
     config.eval.log_px_estimtor = "ais"  # a typo: it would silently do nothing
-  with pytest.raises(ConfigError, match=r"unknown config key eval\.log_px_estimtor: .*did you "
-                                        r"mean eval\.log_px_estimator\?") as e:
+  with pytest.raises(
+    ConfigError,
+    match=r"unknown config key eval\.log_px_estimtor: .*did you "
+    r"mean eval\.log_px_estimator\?",
+  ) as e:
     settings.resolve(config)
   assert "\n" not in str(e.value)
 
@@ -109,17 +114,28 @@ def test_a_saved_config_of_an_earlier_version_resolves_with_its_stamps():
 
 def test_step_config_sets_every_field_from_its_setting():
   """No StepConfig field keeps its default: each is read from a setting by name."""
-  config = tiny_config(ema_decay=0.5, **{
-      "objective.num_samples": 3, "objective.beta": 0.5, "objective.kl_warmup_steps": 7,
-      "objective.free_bits": 0.25, "objective.free_bits_per": "layer",
-      "optimizer.skip_nonfinite": False, "optimizer.skip_threshold": 9.0,
-      "optimizer.adaptive_skip": 4.0, "optimizer.adaptive_skip_quantile": 0.5,
-      "optimizer.grad_clip_norm": 2.0})
+  config = tiny_config(
+    ema_decay=0.5,
+    **{
+      "objective.num_samples": 3,
+      "objective.beta": 0.5,
+      "objective.kl_warmup_steps": 7,
+      "objective.free_bits": 0.25,
+      "objective.free_bits_per": "layer",
+      "optimizer.skip_nonfinite": False,
+      "optimizer.skip_threshold": 9.0,
+      "optimizer.adaptive_skip": 4.0,
+      "optimizer.adaptive_skip_quantile": 0.5,
+      "optimizer.grad_clip_norm": 2.0,
+    },
+  )
   cfg = step_lib.step_config(settings.resolve(config))
   for field in dataclasses.fields(step_lib.StepConfig):
     # objective and accumulate_steps (which free bits refuses) are checked below
-    if field.default is not dataclasses.MISSING and field.name not in ("objective",
-                                                                       "accumulate_steps"):
+    if field.default is not dataclasses.MISSING and field.name not in (
+      "objective",
+      "accumulate_steps",
+    ):
       assert getattr(cfg, field.name) != field.default, field.name
   assert cfg.objective == "elbo" and cfg.protocol.name == "binarized"
   step_config = lambda **keys: step_lib.step_config(settings.resolve(tiny_config(**keys)))

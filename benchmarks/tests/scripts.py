@@ -1,4 +1,5 @@
 """Loading the scripts of benchmarks/ in tests."""
+
 import importlib.util
 
 from tests.conftest import REPO

@@ -15,6 +15,7 @@ flaxvae's raw schema (records.write_dataset) and registers its entry in registry
 registry.py), imported below; `prepare-data NAME` and `data.name=NAME` then know it. Any other
 name is a folder of the user's images (`prepare-data folder --name NAME`).
 """
+
 import numpy as np
 
 from flaxvae.data import catalog, fashion_mnist, records, registry  # noqa: F401  (they register)
@@ -35,8 +36,9 @@ class PreparedDataset:
   @property
   def builder_dir(self):
     if self._builder_dir is None:
-      self._builder_dir = self.entry.builder_dir(catalog.data_dir_of(self.settings),
-                                                 self.settings.source_dir or None)
+      self._builder_dir = self.entry.builder_dir(
+        catalog.data_dir_of(self.settings), self.settings.source_dir or None
+      )
     return self._builder_dir
 
   def open_split(self, split):
@@ -88,7 +90,7 @@ def open_dataset(settings):
 
 
 def choose_pipeline(settings, dataset, split):
-  """"in_memory" or "streaming" for `split`: data.pipeline, or by size when it is "auto"
+  """ "in_memory" or "streaming" for `split`: data.pipeline, or by size when it is "auto"
   (`settings`: settings.DataSettings)."""
   choice = settings.pipeline
   if choice not in PIPELINES:

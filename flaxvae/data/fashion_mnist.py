@@ -1,4 +1,5 @@
-"""Fashion-MNIST as a TFDS ArrayRecord dataset, built from the original IDX files without TensorFlow.
+"""Fashion-MNIST as a TFDS ArrayRecord dataset, built from the original IDX files without
+TensorFlow.
 
 TFDS's catalog `fashion_mnist` needs TensorFlow and internet to prepare; this module writes the
 same data from Debian's dataset-fashion-mnist IDX files under its own name, `fashion_mnist_idx`,
@@ -7,6 +8,7 @@ files into an `incomplete.*` folder and renames it when done, so a dataset folde
 `dataset_info.json` is complete; anything else is redone. Every example stores its position in
 the IDX file (`index`), so example i is the IDX file's image i whatever TFDS's write order.
 """
+
 import gzip
 import logging
 import os
@@ -28,7 +30,14 @@ SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 log = logging.getLogger("flaxvae")
 
 # IDX type codes (third magic byte) -> big-endian numpy dtypes.
-_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, Any] = {
+  0x08: np.uint8,
+  0x09: np.int8,
+  0x0B: ">i2",
+  0x0C: ">i4",
+  0x0D: ">f4",
+  0x0E: ">f8",
+}
 
 
 def read_idx(path) -> np.ndarray:
@@ -44,10 +53,13 @@ def read_idx(path) -> np.ndarray:
   except (OSError, EOFError, zlib.error) as e:
     raise DataError(f"cannot read IDX file {path} ({e}): replace it with a good copy") from None
   if len(data) < 4:
-    raise DataError(f"IDX file {path} is truncated ({len(data)} bytes): replace it with a good copy")
+    raise DataError(
+      f"IDX file {path} is truncated ({len(data)} bytes): replace it with a good copy"
+    )
   if data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES or data[3] == 0:
-    raise DataError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}): "
-                    "replace it with a good copy")
+    raise DataError(
+      f"{path} is not an IDX file (bad magic number {data[:4].hex()}): replace it with a good copy"
+    )
   dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
   header = 4 + 4 * ndim
   if len(data) < header:
@@ -55,8 +67,10 @@ def read_idx(path) -> np.ndarray:
   shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
   expected = header + int(np.prod(shape)) * dtype.itemsize
   if len(data) != expected:
-    raise DataError(f"IDX file {path} has {len(data)} bytes but its header {list(shape)} needs "
-                    f"{expected}: replace it with a good copy")
+    raise DataError(
+      f"IDX file {path} has {len(data)} bytes but its header {list(shape)} needs "
+      f"{expected}: replace it with a good copy"
+    )
   return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -69,30 +83,40 @@ def _find_idx_file(source_dir, stem):
 
 def _read_source(source_dir):
   """{split: (images [N,28,28,1] uint8, labels [N])} from the four IDX files, all checked."""
-  stems = [f"{prefix}-{kind}" for prefix in SPLITS.values()
-           for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+  stems = [
+    f"{prefix}-{kind}"
+    for prefix in SPLITS.values()
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
+  ]
   paths = {stem: _find_idx_file(source_dir, stem) for stem in stems}
   missing = [stem + "[.gz]" for stem, path in paths.items() if path is None]
   if missing:
     what = "has no Fashion-MNIST IDX files" if len(missing) == 4 else "lacks " + ", ".join(missing)
     raise DataError(
-        f"data.source_dir {source_dir} {what}: install Debian's dataset-fashion-mnist "
-        f"(`make install`) or set --config.data.source_dir to a folder with {', '.join(stems)} "
-        "(each optionally .gz)")
+      f"data.source_dir {source_dir} {what}: install Debian's dataset-fashion-mnist "
+      f"(`make install`) or set --config.data.source_dir to a folder with {', '.join(stems)} "
+      "(each optionally .gz)"
+    )
   arrays = {}
   for split, prefix in SPLITS.items():
     images_path = paths[f"{prefix}-images-idx3-ubyte"]
     labels_path = paths[f"{prefix}-labels-idx1-ubyte"]
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
-      raise DataError(f"{images_path} is not a Fashion-MNIST image file (want uint8 [N, 28, 28], "
-                      f"got {images.dtype} {list(images.shape)}): replace it with a good copy")
+      raise DataError(
+        f"{images_path} is not a Fashion-MNIST image file (want uint8 [N, 28, 28], "
+        f"got {images.dtype} {list(images.shape)}): replace it with a good copy"
+      )
     if labels.dtype != np.uint8 or labels.ndim != 1:
-      raise DataError(f"{labels_path} is not a Fashion-MNIST label file (want uint8 [N], "
-                      f"got {labels.dtype} {list(labels.shape)}): replace it with a good copy")
+      raise DataError(
+        f"{labels_path} is not a Fashion-MNIST label file (want uint8 [N], "
+        f"got {labels.dtype} {list(labels.shape)}): replace it with a good copy"
+      )
     if len(images) != len(labels):
-      raise DataError(f"{images_path} has {len(images)} images but {labels_path} has "
-                      f"{len(labels)} labels: replace them with matching copies")
+      raise DataError(
+        f"{images_path} has {len(images)} images but {labels_path} has "
+        f"{len(labels)} labels: replace them with matching copies"
+      )
     arrays[split] = (images[..., None], labels.astype(np.int64))
   return arrays
 
@@ -105,7 +129,8 @@ def prepare_fashion_mnist(source_dir: str | None, data_dir: str | None) -> str:
   """Idempotent: builds the ArrayRecord dataset if not yet there; returns the builder directory.
 
   The builder directory is `data_dir/fashion_mnist_idx/1.0.0`. Fast (<1 s) when already prepared:
-  it only checks for the dataset_info.json TFDS writes last, so the source files may be gone by then.
+  it only checks for the dataset_info.json TFDS writes last, so the source files may be gone by
+  then.
   `None` means DEFAULT_SOURCE_DIR / catalog.default_data_dir(). Takes ~5 s the first time.
   """
   source_dir = os.path.expanduser(source_dir or DEFAULT_SOURCE_DIR)
@@ -119,10 +144,16 @@ def prepare_fashion_mnist(source_dir: str | None, data_dir: str | None) -> str:
   def examples(split):
     images, labels = arrays[split]
     return lambda: zip(images, labels)
+
   try:
-    return records.write_dataset(data_dir, NAME, IMAGE_SHAPE,
-                                 {split: examples(split) for split in arrays}, version=VERSION,
-                                 sizes={split: len(arrays[split][1]) for split in arrays})
+    return records.write_dataset(
+      data_dir,
+      NAME,
+      IMAGE_SHAPE,
+      {split: examples(split) for split in arrays},
+      version=VERSION,
+      sizes={split: len(arrays[split][1]) for split in arrays},
+    )
   except OSError:
     if not _is_prepared(builder_dir):  # else another process won the final rename: fine
       raise
@@ -131,6 +162,7 @@ def prepare_fashion_mnist(source_dir: str | None, data_dir: str | None) -> str:
 
 class _Entry:
   """Fashion-MNIST in registry.DATASETS: prepared on first use, so finding it is preparing it."""
+
   image_shape, split_sizes, scale = IMAGE_SHAPE, SPLIT_SIZES, 1
 
   def builder_dir(self, data_dir, source_dir=None):

@@ -11,6 +11,7 @@ batches running on across epoch boundaries, and process p takes columns [p*local
 of every global batch. So switching paths (or resuming one from the other's checkpoint) keeps
 the run's data order. `feed.state()` is the JSON a checkpoint's `data` item holds.
 """
+
 import threading
 
 import grain
@@ -27,13 +28,17 @@ MAX_INDEX = 2**62  # "endless": Grain's MapDataset needs a length; batch ids nev
 def check_batch_size(batch_size, num_examples, process_count, split="train"):
   """Refuses a global batch each process cannot fill from its share of the split."""
   if batch_size % process_count:
-    raise DataError(f"batch_size {batch_size} does not split over {process_count} processes: "
-                    f"use a multiple of {process_count}")
+    raise DataError(
+      f"batch_size {batch_size} does not split over {process_count} processes: "
+      f"use a multiple of {process_count}"
+    )
   local = batch_size // process_count
   if batch_size > num_examples:
-    raise DataError(f"batch_size {batch_size} ({local} per process x {process_count} processes) "
-                    f"is larger than split {split!r} ({num_examples} examples, "
-                    f"{num_examples // process_count} per process): lower batch_size")
+    raise DataError(
+      f"batch_size {batch_size} ({local} per process x {process_count} processes) "
+      f"is larger than split {split!r} ({num_examples} examples, "
+      f"{num_examples // process_count} per process): lower batch_size"
+    )
   return local
 
 
@@ -43,7 +48,12 @@ class _LocalBatchIds(grain.MapDataset):
   def __init__(self, num_examples, seed, batch_size, lo, hi):
     super().__init__()
     self.num_examples, self.seed, self.batch_size, self.lo, self.hi = (
-        num_examples, seed, batch_size, lo, hi)
+      num_examples,
+      seed,
+      batch_size,
+      lo,
+      hi,
+    )
     self._orders, self._lock = {}, threading.Lock()
 
   def __len__(self):
@@ -72,8 +82,18 @@ class _LocalBatchIds(grain.MapDataset):
 class StreamingBatches:
   """This process's uint8 batches [local, H, W, C] of `split`, read ahead by Grain threads."""
 
-  def __init__(self, split, seed, batch_size, *, process_index=None, process_count=None,
-               read_threads=2, prefetch_batches=64, start_batch=0):
+  def __init__(
+    self,
+    split,
+    seed,
+    batch_size,
+    *,
+    process_index=None,
+    process_count=None,
+    read_threads=2,
+    prefetch_batches=64,
+    start_batch=0,
+  ):
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     self.split, self.seed, self.batch_size = split, seed, batch_size
@@ -82,7 +102,8 @@ class StreamingBatches:
     lo = process_index * self.local
     ids = _LocalBatchIds(self.num_examples, seed, batch_size, lo, lo + self.local)
     dataset = ids.map(split.read).to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches))
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+    )
     self._iterator = iter(dataset)
     if start_batch:
       self._iterator.set_state({"next_index": int(start_batch)})
@@ -103,8 +124,14 @@ class StreamingBatches:
     return np.stack([next(self._iterator) for _ in range(n)])
 
   def state(self):
-    return {"pipeline": "streaming", "num_examples": self.num_examples, "seed": self.seed,
-            "epoch": self.epoch, "position": self.position, "grain": self._iterator.get_state()}
+    return {
+      "pipeline": "streaming",
+      "num_examples": self.num_examples,
+      "seed": self.seed,
+      "epoch": self.epoch,
+      "position": self.position,
+      "grain": self._iterator.get_state(),
+    }
 
   @classmethod
   def from_state(cls, state, split, batch_size, **kwargs):
@@ -112,15 +139,19 @@ class StreamingBatches:
     _check_resumable(state, split.num_examples)
     consumed = int(state["epoch"]) * split.num_examples + int(state["position"])
     if consumed % batch_size:
-      raise DataError(f"the checkpoint's data position ({consumed} examples) is not a whole "
-                      f"number of batches of {batch_size}: resume with the batch_size it used")
+      raise DataError(
+        f"the checkpoint's data position ({consumed} examples) is not a whole "
+        f"number of batches of {batch_size}: resume with the batch_size it used"
+      )
     return cls(split, int(state["seed"]), batch_size, start_batch=consumed // batch_size, **kwargs)
 
 
 def _check_resumable(state, num_examples):
   if int(state["num_examples"]) != num_examples:
-    raise DataError(f"the checkpoint was taken on a split of {state['num_examples']} examples, "
-                    f"this one has {num_examples}: resume with the same data.name and split")
+    raise DataError(
+      f"the checkpoint was taken on a split of {state['num_examples']} examples, "
+      f"this one has {num_examples}: resume with the same data.name and split"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -128,6 +159,7 @@ def _check_resumable(state, num_examples):
 # ----------------------------------------------------------------------------
 class InMemoryFeed:
   """Indices per dispatch into the device-resident split; the step gathers each batch on device."""
+
   name = "in_memory"
   gathers = True  # the train function takes (dataset, indices) and gathers on device
   arg_kinds = (parallel.REPLICATED, parallel.batch_axis(1))
@@ -139,7 +171,9 @@ class InMemoryFeed:
     self.images = runner.put(images)
 
   def args(self, n):
-    indices = self.stream.take(n * self.batch_size).reshape(n, self.batch_size)[:, self.lo:self.hi]
+    indices = self.stream.take(n * self.batch_size).reshape(n, self.batch_size)[
+      :, self.lo : self.hi
+    ]
     return self.images, self.runner.put(indices, parallel.batch_axis(1))
 
   @property
@@ -152,6 +186,7 @@ class InMemoryFeed:
 
 class StreamingFeed:
   """uint8 batches per dispatch from Grain."""
+
   name = "streaming"
   gathers = False  # the train function takes uint8 batches
   arg_kinds = (parallel.batch_axis(1),)
@@ -170,8 +205,9 @@ class StreamingFeed:
     return self.batches.state()
 
 
-def create_feed(train_data, runner, *, seed, batch_size, read_threads=2, prefetch_batches=64,
-                data_state=None):
+def create_feed(
+  train_data, runner, *, seed, batch_size, read_threads=2, prefetch_batches=64, data_state=None
+):
   """The feed for `train_data`: loaded images (in_memory) or an opened `records.Split` (streaming).
 
   `data_state` (a checkpoint's `data` item, from either path) resumes at the exact next batch.

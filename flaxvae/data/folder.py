@@ -8,6 +8,7 @@ a split is its i-th file (or array row) in that order. All images must share one
 count: the first one that differs is named. The result is flaxvae's raw-bytes ArrayRecord schema,
 so training decodes nothing; every split's pixels round-trip bit-exactly.
 """
+
 import os
 import re
 
@@ -35,8 +36,10 @@ def _entries(source):
       if name.lower().endswith(IMAGE_SUFFIXES + (".npy",)):
         found.append((os.path.join(folder, name), label))
   if not found:
-    raise DataError(f"--source {source} has no images ({', '.join(IMAGE_SUFFIXES)}) or .npy "
-                    "files, neither directly nor in one sub-folder per label")
+    raise DataError(
+      f"--source {source} has no images ({', '.join(IMAGE_SUFFIXES)}) or .npy "
+      "files, neither directly nor in one sub-folder per label"
+    )
   return found
 
 
@@ -48,16 +51,17 @@ def _shape_of(path):
     except (OSError, ValueError) as e:
       raise DataError(f"cannot read {path} ({e}): fix or remove it") from None
     if array.dtype != np.uint8 or array.ndim not in (3, 4):
-      raise DataError(f"{path} must hold uint8 images [N, H, W] or [N, H, W, C], got "
-                      f"{array.dtype} {list(array.shape)}")
+      raise DataError(
+        f"{path} must hold uint8 images [N, H, W] or [N, H, W, C], got "
+        f"{array.dtype} {list(array.shape)}"
+      )
     shape = array.shape[1:] if array.ndim == 4 else (*array.shape[1:], 1)
     return len(array), tuple(int(d) for d in shape)
   try:
     with PIL.Image.open(path) as image:
       mode, (width, height) = image.mode, image.size
   except Exception as e:  # PIL raises many types
-    raise DataError(f"cannot read image {path} ({one_line(e)}): fix or remove it"
-                    ) from None
+    raise DataError(f"cannot read image {path} ({one_line(e)}): fix or remove it") from None
   if mode not in CHANNELS:
     raise DataError(f"image {path} has mode {mode}: convert it to L (grey), RGB or RGBA")
   return 1, (height, width, CHANNELS[mode])
@@ -82,9 +86,11 @@ def scan(source):
     if shape is None:
       shape, first = this, path
     elif this != shape:
-      raise DataError(f"{path} is {this[0]}x{this[1]}x{this[2]} but {first} (the first input) is "
-                      f"{shape[0]}x{shape[1]}x{shape[2]}: all images must share one size; "
-                      "resize or remove it")
+      raise DataError(
+        f"{path} is {this[0]}x{this[1]}x{this[2]} but {first} (the first input) is "
+        f"{shape[0]}x{shape[1]}x{shape[2]}: all images must share one size; "
+        "resize or remove it"
+      )
     items.append((path, label, count))
   return items, shape
 
@@ -104,15 +110,18 @@ def split_assignment(total, test_fraction):
 def prepare_folder(source, name, test_fraction=0.0, data_dir=None):
   """Converts `source` into dataset `name` under data_dir; returns the builder dir."""
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name or ""):
-    raise DataError(f"--name {name!r} must be lower-case letters, digits and _, starting "
-                    "with a letter")
+    raise DataError(
+      f"--name {name!r} must be lower-case letters, digits and _, starting with a letter"
+    )
   if name in registry.DATASETS:
     raise DataError(f"--name {name} is a catalog dataset: pick another name for your images")
   data_dir = os.path.expanduser(data_dir or catalog.default_data_dir())
   existing = records.latest_version_dir(os.path.join(data_dir, name))
   if existing:
-    raise DataError(f"dataset {name} already exists in {existing}: delete that folder to "
-                    "rebuild it, or choose another --name")
+    raise DataError(
+      f"dataset {name} already exists in {existing}: delete that folder to "
+      "rebuild it, or choose another --name"
+    )
   items, shape = scan(os.path.expanduser(source))
   total = sum(count for _, _, count in items)
   is_test = split_assignment(total, test_fraction)
@@ -126,6 +135,7 @@ def prepare_folder(source, name, test_fraction=0.0, data_dir=None):
           if is_test[k + j] == want_test:
             yield np.ascontiguousarray(images[j]), label
         k += count
+
     return generate
 
   splits = {"train": examples(False)}

@@ -4,6 +4,7 @@ Epoch e visits the split in `epoch_permutation(seed, e, n)` order and batches ru
 epoch boundaries, on every process, path and device count. Its position is the data state a
 checkpoint keeps.
 """
+
 import dataclasses
 
 import numpy as np
@@ -17,6 +18,7 @@ def epoch_permutation(seed, epoch, num_examples):
 @dataclasses.dataclass
 class IndexStream:
   """Endless shuffled example indices; its position is the data state a checkpoint keeps."""
+
   num_examples: int
   seed: int
   epoch: int = 0
@@ -30,7 +32,7 @@ class IndexStream:
     parts = []
     while count:
       n = min(count, self.num_examples - self.position)
-      parts.append(self._order[self.position:self.position + n])
+      parts.append(self._order[self.position : self.position + n])
       self.position += n
       count -= n
       if self.position == self.num_examples:
@@ -39,8 +41,12 @@ class IndexStream:
     return np.concatenate(parts).astype(np.int32) if parts else np.zeros((0,), np.int32)
 
   def state(self):
-    return {"num_examples": self.num_examples, "seed": self.seed,
-            "epoch": self.epoch, "position": self.position}
+    return {
+      "num_examples": self.num_examples,
+      "seed": self.seed,
+      "epoch": self.epoch,
+      "position": self.position,
+    }
 
   @classmethod
   def from_state(cls, state):

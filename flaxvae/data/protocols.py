@@ -14,6 +14,7 @@ Bernoulli on the binarized protocols, the discretized families on 8bit. Gaussian
 are densities, never masses. `is_probability_model` says which; evaluation reports log p(x),
 NLL and bits/dim only where it holds and labels the figures otherwise.
 """
+
 from typing import NamedTuple
 
 import jax
@@ -32,9 +33,12 @@ class Protocol(NamedTuple):
 
 
 PROTOCOLS = Registry("data.protocol")
-for _protocol in (Protocol("grey", "8bit", False, False), Protocol("8bit", "8bit", False, False),
-                  Protocol("binarized", "binary", True, False),
-                  Protocol("static_binarized", "binary", False, True)):
+for _protocol in (
+  Protocol("grey", "8bit", False, False),
+  Protocol("8bit", "8bit", False, False),
+  Protocol("binarized", "binary", True, False),
+  Protocol("static_binarized", "binary", False, True),
+):
   PROTOCOLS.register(_protocol.name)(_protocol)
 
 
@@ -63,6 +67,7 @@ def eval_targets(images_uint8, example_ids, protocol: Protocol):
   if not protocol.dynamic:
     return train_targets(images_uint8, None, protocol)
   key = jax.random.key(TEST_BINARIZATION_SEED)
-  uniform = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i),
-                                                  images_uint8.shape[1:]))(example_ids)
+  uniform = jax.vmap(
+    lambda i: jax.random.uniform(jax.random.fold_in(key, i), images_uint8.shape[1:])
+  )(example_ids)
   return train_targets(images_uint8, uniform, protocol)

@@ -10,6 +10,7 @@ An entry tells a run what it needs without reading the data, and where the data 
 Fashion-MNIST registers in fashion_mnist.py, the TFDS catalog in catalog.py. A name nobody
 registered is the user's folder dataset (`flaxvae prepare-data folder --name NAME`).
 """
+
 import os
 
 from flaxvae.data import records
@@ -24,6 +25,7 @@ FOLDER_SHAPES = {"ffhq256": (256, 256, 3)}
 
 class FolderDataset:
   """The user's images under data_dir/NAME: sizes (and most shapes) are read from disk."""
+
   split_sizes, scale = None, 1
 
   def __init__(self, name):
@@ -33,9 +35,11 @@ class FolderDataset:
     del source_dir  # prepared from the user's folder by `prepare-data folder`, never here
     found = records.latest_version_dir(os.path.join(data_dir, self.name))
     if found is None:
-      raise DataError(f"dataset {self.name!r} is not prepared in {data_dir}: run "
-                      f"`flaxvae prepare-data folder --source DIR --name {self.name}` "
-                      f"(catalog: {', '.join(DATASETS.names())})")
+      raise DataError(
+        f"dataset {self.name!r} is not prepared in {data_dir}: run "
+        f"`flaxvae prepare-data folder --source DIR --name {self.name}` "
+        f"(catalog: {', '.join(DATASETS.names())})"
+      )
     return found
 
 

@@ -12,6 +12,7 @@ Randomness is keyed per example id and per sample index, never per device or chu
 do not depend on the device count or chunk size, and the first K samples of a larger K are
 the same draws (so log_px grows with K on average).
 """
+
 import math
 
 import jax
@@ -44,8 +45,11 @@ def stream_keys(keys, stream):
 def per_example_inputs(graphdef, protocol, params, rng, images, ids):
   """What each per-example diagnostic starts from: the model with `params`, the examples as the
   model scores them (the data protocol's targets) and each example's key, by id."""
-  return (nnx.merge(graphdef, params), protocols.eval_targets(images, ids, protocol),
-          example_keys(rng, ids))
+  return (
+    nnx.merge(graphdef, params),
+    protocols.eval_targets(images, ids, protocol),
+    example_keys(rng, ids),
+  )
 
 
 def chunk_size(num_samples, examples_per_device):
@@ -61,20 +65,25 @@ def chunk_partials(terms_of, keys, index, num_samples):
   log_w = jnp.where(valid, bounds.log_weights(terms), -jnp.inf)
   zero = lambda v: jnp.where(valid.reshape(valid.shape + (1,) * (v.ndim - 2)), v, 0.0)
   kls = jnp.stack([bounds.layer_kl(layer) for layer in terms.layers], -1)  # [n, b, L]
-  return dict(lse=jax.nn.logsumexp(log_w, 0), log_w_sum=jnp.sum(zero(log_w), 0),
-              log_px_z=jnp.sum(zero(terms.log_px_z), 0), rate_by_layer=jnp.sum(zero(kls), 0),
-              q_mean=tuple(jnp.sum(zero(l.q_mean.reshape(*l.q_mean.shape[:2], -1)), 0)
-                           for l in terms.layers),
-              log_w=log_w)
+  return dict(
+    lse=jax.nn.logsumexp(log_w, 0),
+    log_w_sum=jnp.sum(zero(log_w), 0),
+    log_px_z=jnp.sum(zero(terms.log_px_z), 0),
+    rate_by_layer=jnp.sum(zero(kls), 0),
+    q_mean=tuple(jnp.sum(zero(l.q_mean.reshape(*l.q_mean.shape[:2], -1)), 0) for l in terms.layers),
+    log_w=log_w,
+  )
 
 
 def finish(partials, num_samples):
   """The importance figures from the sums over every chunk (see importance_pass)."""
-  return dict(iwae=partials["lse"] - math.log(num_samples),
-              elbo=partials["log_w_sum"] / num_samples,
-              distortion=-partials["log_px_z"] / num_samples,
-              rate_by_layer=partials["rate_by_layer"] / num_samples,
-              q_mean=tuple(m / num_samples for m in partials["q_mean"]))
+  return dict(
+    iwae=partials["lse"] - math.log(num_samples),
+    elbo=partials["log_w_sum"] / num_samples,
+    distortion=-partials["log_px_z"] / num_samples,
+    rate_by_layer=partials["rate_by_layer"] / num_samples,
+    q_mean=tuple(m / num_samples for m in partials["q_mean"]),
+  )
 
 
 def first_chunk(part, num_samples):
@@ -91,8 +100,7 @@ def merge_chunk(total, part, offset):
   out = {k: total[k] + part[k] for k in ("log_w_sum", "log_px_z", "rate_by_layer")}
   out["lse"] = jnp.logaddexp(total["lse"], part["lse"])
   out["q_mean"] = tuple(a + b for a, b in zip(total["q_mean"], part["q_mean"]))
-  out["log_w"] = jax.lax.dynamic_update_slice_in_dim(total["log_w"], part["log_w"], offset,
-                                                     axis=-1)
+  out["log_w"] = jax.lax.dynamic_update_slice_in_dim(total["log_w"], part["log_w"], offset, axis=-1)
   return out
 
 
@@ -146,11 +154,14 @@ def importance_fn(graphdef, protocol, num_samples):
   from below, so for finite K it underestimates the gap). `khat` > 0.7 flags an example whose
   weights are too heavy-tailed for the estimate to be trusted (Vehtari et al.).
   """
+
   def fn(params, rng, images, ids):
     model, x, keys = per_example_inputs(graphdef, protocol, params, rng, images, ids)
-    out = importance_pass(_terms_of(model, x), x, stream_keys(keys, IMPORTANCE_STREAM),
-                          num_samples, keep_log_w=True)
+    out = importance_pass(
+      _terms_of(model, x), x, stream_keys(keys, IMPORTANCE_STREAM), num_samples, keep_log_w=True
+    )
     return importance_row(out, estimators.psis_khat(out.pop("log_w")))
+
   return fn
 
 
@@ -159,22 +170,34 @@ def importance_chunk_fn(graphdef, protocol, num_samples, chunk):
   chunk_index). Dispatched chunk by chunk from the host and merged on the devices as they come
   (first_chunk, merge_chunk): the same figures as
   importance_fn without a loop on the device (convolutions in rolled loops are slow on CPU)."""
+
   def fn(params, rng, images, ids, chunk_index):
     model, x, keys = per_example_inputs(graphdef, protocol, params, rng, images, ids)
-    part = chunk_partials(_terms_of(model, x), stream_keys(keys, IMPORTANCE_STREAM),
-                          chunk_index * chunk + jnp.arange(chunk), num_samples)
+    part = chunk_partials(
+      _terms_of(model, x),
+      stream_keys(keys, IMPORTANCE_STREAM),
+      chunk_index * chunk + jnp.arange(chunk),
+      num_samples,
+    )
     part["log_w"] = part["log_w"].T  # [batch, n]: the evaluator splits batches on axis 0
     return part
+
   return fn
 
 
 def importance_row(out, khat):
   """The per-example figures of importance_fn from importance_pass's output."""
   rate_by_layer = out["rate_by_layer"]
-  return dict(log_px=out["iwae"], elbo=out["elbo"], rate=rate_by_layer.sum(-1),
-              rate_by_layer=rate_by_layer, distortion=out["distortion"],
-              inference_gap=out["iwae"] - out["elbo"], khat=khat,
-              **{f"q_mean_{i}": m for i, m in enumerate(out["q_mean"])})
+  return dict(
+    log_px=out["iwae"],
+    elbo=out["elbo"],
+    rate=rate_by_layer.sum(-1),
+    rate_by_layer=rate_by_layer,
+    distortion=out["distortion"],
+    inference_gap=out["iwae"] - out["elbo"],
+    khat=khat,
+    **{f"q_mean_{i}": m for i, m in enumerate(out["q_mean"])},
+  )
 
 
 def log_mixture_density(z, means, logvars, chunk=1024):
@@ -201,10 +224,12 @@ def log_mixture_density(z, means, logvars, chunk=1024):
 
 def posterior_fn(graphdef, protocol):
   """Per example: the Gaussian q(z|x) as (mean, logvar): the input of ELBO surgery."""
+
   def fn(params, rng, images, ids):
     model, x, _ = per_example_inputs(graphdef, protocol, params, rng, images, ids)
     mean, logvar = model.encode(x)
     return dict(mean=mean, logvar=logvar)
+
   return fn
 
 
@@ -228,6 +253,7 @@ def aggregate_fn(num_samples=1):
   `posteriors` (replicated) is (means [N, latent], logvars [N, latent]); `rows`
   are this device's examples as [batch, 2, latent] (mean, logvar) pairs.
   """
+
   def fn(posteriors, rng, rows, ids):
     all_means, all_logvars = posteriors
     mean, logvar = rows[:, 0], rows[:, 1]
@@ -239,6 +265,7 @@ def aggregate_fn(num_samples=1):
     marginal_kl = jnp.mean(log_q - gaussian.log_standard_normal(z), axis=1)
     rate = gaussian.kl_to_standard(mean, logvar)
     return dict(mutual_info=rate - marginal_kl, marginal_kl=marginal_kl)
+
   return fn
 
 
@@ -248,13 +275,16 @@ def active_units(means, threshold=ACTIVE_UNIT_THRESHOLD, num_bootstrap=200, seed
   count = int(np.sum(np.var(means, axis=0) > threshold))
   rng = np.random.default_rng(seed)
   n = len(means)
-  counts = [np.sum(np.var(means[rng.integers(0, n, n)], axis=0) > threshold)
-            for _ in range(num_bootstrap if n > 1 else 0)]
+  counts = [
+    np.sum(np.var(means[rng.integers(0, n, n)], axis=0) > threshold)
+    for _ in range(num_bootstrap if n > 1 else 0)
+  ]
   return count, float(np.std(counts, ddof=1)) if len(counts) > 1 else 0.0
 
 
-def amortization_fn(graphdef, protocol, num_steps, learning_rate, num_train_samples=1,
-                    num_eval_samples=1000):
+def amortization_fn(
+  graphdef, protocol, num_steps, learning_rate, num_train_samples=1, num_eval_samples=1000
+):
   """Per example: the ELBO of the encoder's q and of q* optimized for that example alone.
 
   Needs the model capability "local_posterior". Cremer, Li & Duvenaud (2018): starting from
@@ -266,6 +296,7 @@ def amortization_fn(graphdef, protocol, num_steps, learning_rate, num_train_samp
   per-example Adam. Both ELBOs are then estimated with the same `num_eval_samples` draws, so
   their difference (the amortization gap) has little noise.
   """
+
   def fn(params, rng, images, ids):
     model, x, keys = per_example_inputs(graphdef, protocol, params, rng, images, ids)
     encoder_q = model.encode_local(x)
@@ -273,8 +304,9 @@ def amortization_fn(graphdef, protocol, num_steps, learning_rate, num_train_samp
     eval_keys = stream_keys(keys, AMORTIZED_ELBO_STREAM)
 
     def elbo(q, sample_keys, num_samples, chunk=None):
-      return importance_pass(lambda noise: model.terms_given(x, q, noise), x, sample_keys,
-                             num_samples, chunk)["elbo"]
+      return importance_pass(
+        lambda noise: model.terms_given(x, q, noise), x, sample_keys, num_samples, chunk
+      )["elbo"]
 
     def negative_elbo(q, step):
       step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(train_keys)
@@ -289,8 +321,11 @@ def amortization_fn(graphdef, protocol, num_steps, learning_rate, num_train_samp
       return (optax.apply_updates(q, updates), opt_state), None
 
     (optimized_q, _), _ = jax.lax.scan(body, (encoder_q, tx.init(encoder_q)), jnp.arange(num_steps))
-    return dict(elbo_encoder=elbo(encoder_q, eval_keys, num_eval_samples),
-                elbo_optimized=elbo(optimized_q, eval_keys, num_eval_samples))
+    return dict(
+      elbo_encoder=elbo(encoder_q, eval_keys, num_eval_samples),
+      elbo_optimized=elbo(optimized_q, eval_keys, num_eval_samples),
+    )
+
   return fn
 
 
@@ -301,8 +336,9 @@ def _ais_start(model, x, key, num_chains, init):
   """(first latents [chains, ...], their normalized log density) for AIS on one example x
   [1, H, W, C]: q(z|x) when the model has a posterior density and init allows, else p(z)."""
   xc = jnp.broadcast_to(x, (num_chains, *x.shape[1:]))
-  use_q = init == "posterior" or (init == "auto" and contract.has(model,
-                                                                   contract.POSTERIOR_DENSITY))
+  use_q = init == "posterior" or (
+    init == "auto" and contract.has(model, contract.POSTERIOR_DENSITY)
+  )
   if use_q:
     noise = NoiseSource.per_example(jax.random.split(key, num_chains), jnp.arange(1))
     terms = model.terms(xc, noise)
@@ -317,10 +353,13 @@ def ais_fn(graphdef, protocol, num_steps, num_chains, num_leapfrog, init="auto")
   is adapted towards an acceptance rate; the chains' estimates of p(x) are averaged before
   the log. A stochastic lower bound of log p(x), far tighter than IWAE for the same compute
   where the posterior is multimodal or heavy-tailed. Keyed per example id."""
+
   def fn(params, rng, images, ids):
     model, x, keys = per_example_inputs(graphdef, protocol, params, rng, images, ids)
-    return ais_log_px(model, x, stream_keys(keys, AIS_STREAM), num_steps, num_chains,
-                      num_leapfrog, init)
+    return ais_log_px(
+      model, x, stream_keys(keys, AIS_STREAM), num_steps, num_chains, num_leapfrog, init
+    )
+
   return fn
 
 
@@ -333,9 +372,15 @@ def ais_log_px(model, x, keys, num_steps, num_chains, num_leapfrog, init="auto")
     start_key, run_key = jax.random.split(key)
     z0, init_log_prob = _ais_start(model, x1, start_key, num_chains, init)
     xc = jnp.broadcast_to(x1, (num_chains, *x1.shape[1:]))
-    out = estimators.ais_log_marginal(run_key, z0, init_log_prob,
-                                      lambda zs: model.log_joint(xc, zs), betas, num_chains,
-                                      num_leapfrog=num_leapfrog)
+    out = estimators.ais_log_marginal(
+      run_key,
+      z0,
+      init_log_prob,
+      lambda zs: model.log_joint(xc, zs),
+      betas,
+      num_chains,
+      num_leapfrog=num_leapfrog,
+    )
     return out["log_z"][0], jnp.mean(out["accept_rate"])
 
   log_px, accept = jax.vmap(one)(keys, x)
@@ -359,13 +404,22 @@ def bdmc_fn(graphdef, num_steps, num_leapfrog, init="auto"):
       x = model.likelihood.sample(k_x, model.generate(z))
       z0, init_log_prob = _ais_start(model, x, k_start, 1, init)
       log_target = lambda zs: model.log_joint(x, zs)
-      forward = estimators.ais(k_fwd, z0, init_log_prob, log_target, betas,
-                               num_leapfrog=num_leapfrog)
-      reverse = estimators.reverse_ais(k_rev, z, init_log_prob, log_target, betas,
-                                       num_leapfrog=num_leapfrog,
-                                       step_size=forward["step_sizes"], adapt=False)
+      forward = estimators.ais(
+        k_fwd, z0, init_log_prob, log_target, betas, num_leapfrog=num_leapfrog
+      )
+      reverse = estimators.reverse_ais(
+        k_rev,
+        z,
+        init_log_prob,
+        log_target,
+        betas,
+        num_leapfrog=num_leapfrog,
+        step_size=forward["step_sizes"],
+        adapt=False,
+      )
       return forward["log_z"][0], reverse["log_z"][0]
 
     lower, upper = jax.vmap(one)(keys)
     return dict(bdmc_lower=lower, bdmc_upper=upper, bdmc_gap=upper - lower)
+
   return fn

@@ -11,6 +11,7 @@ Whether log p(x) is a log-likelihood depends on the protocol and the likelihood
 (data/protocols.py): only then are `nll` and `bits_per_dim` reported; otherwise the row says
 `is_probability_model: false` and what the figures are instead.
 """
+
 import json
 import math
 import os
@@ -35,8 +36,9 @@ def summarize(values: dict):
     v = np.asarray(v, np.float64)
     mean = v.mean(axis=0)
     err = v.std(axis=0, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else np.zeros_like(mean)
-    out[key], out[key + "_stderr"] = (mean.tolist(), err.tolist()) if v.ndim > 1 else (
-        float(mean), float(err))
+    out[key], out[key + "_stderr"] = (
+      (mean.tolist(), err.tolist()) if v.ndim > 1 else (float(mean), float(err))
+    )
   return out
 
 
@@ -49,17 +51,30 @@ def eval_rng(seed):
 def likelihood_note(protocol, likelihood):
   """What log p(x) is under this protocol and likelihood, when it is not a log-likelihood."""
   if likelihood.data_kind == "continuous":
-    return (f"the {likelihood.name} likelihood is a density, not a probability mass of the "
-            "data: log_px and elbo are log-density bounds, not comparable with likelihoods")
-  return (f"the {likelihood.name} likelihood is not a probability model of {protocol.name} "
-          f"data: log_px and elbo are bounds on a pseudo-likelihood (for Bernoulli on grey "
-          "levels: minus the binary cross-entropy the PyTorch example reports), not "
-          "log-likelihoods; use data.protocol="
-          f"{'binarized' if likelihood.data_kind == 'binary' else '8bit'} for one")
+    return (
+      f"the {likelihood.name} likelihood is a density, not a probability mass of the "
+      "data: log_px and elbo are log-density bounds, not comparable with likelihoods"
+    )
+  return (
+    f"the {likelihood.name} likelihood is not a probability model of {protocol.name} "
+    f"data: log_px and elbo are bounds on a pseudo-likelihood (for Bernoulli on grey "
+    "levels: minus the binary cross-entropy the PyTorch example reports), not "
+    "log-likelihoods; use data.protocol="
+    f"{'binarized' if likelihood.data_kind == 'binary' else '8bit'} for one"
+  )
 
 
-def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, final=False,
-             progress=False, eval_settings=None):
+def diagnose(
+  run,
+  evaluator,
+  params,
+  rng,
+  num_examples,
+  num_importance_samples,
+  final=False,
+  progress=False,
+  eval_settings=None,
+):
   """Every diagnostic the model supports over the first `num_examples` (None: all).
 
   The importance pass, then the optional diagnostics (evaluators.EVALUATORS) in their order.
@@ -72,15 +87,25 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, 
   start = time.perf_counter()
   k, protocol = num_importance_samples, run.protocol
   label = (lambda what: f"{what}:") if progress else (lambda what: None)
-  values = importance_values(run, evaluator, params, rng, num_examples, k,
-                             label(f"log p(x), K={k}"))
+  values = importance_values(
+    run, evaluator, params, rng, num_examples, k, label(f"log p(x), K={k}")
+  )
   q_means = [values.pop(f"q_mean_{i}") for i in range(len(run.model.latent_shapes))]
   khat = values.pop("khat")
   n, skipped, fields = len(values["log_px"]), {}, {}
   for name, evaluate in EVALUATORS.items():
-    found = evaluate(run=run, evaluator=evaluator, params=params, rng=rng, values=values,
-                     num_examples=num_examples, num_importance_samples=k, final=final,
-                     label=label, eval_settings=eval_settings)
+    found = evaluate(
+      run=run,
+      evaluator=evaluator,
+      params=params,
+      rng=rng,
+      values=values,
+      num_examples=num_examples,
+      num_importance_samples=k,
+      final=final,
+      label=label,
+      eval_settings=eval_settings,
+    )
     if isinstance(found, str):
       skipped[name] = found
       continue
@@ -117,8 +142,10 @@ def diagnose(run, evaluator, params, rng, num_examples, num_importance_samples, 
   row.update(summarize({k_: v for k_, v in values.items() if len(v) != n}))  # over fewer examples
   row.update(fields)
   if skipped:
-    row["skipped"] = {name: (f"model {run.settings.model.name!r} {why}" if "capability" in why
-                             else why) for name, why in skipped.items()}
+    row["skipped"] = {
+      name: (f"model {run.settings.model.name!r} {why}" if "capability" in why else why)
+      for name, why in skipped.items()
+    }
   row["seconds"] = time.perf_counter() - start
   return row
 
@@ -129,9 +156,14 @@ def importance_values(run, evaluator, params, rng, num_examples, k, progress):
   the host instead of scanned on the device: the same draws and figures."""
   rows = backend.host_chunk_rows(run.settings.model.name)
   if rows is None:
-    return evaluator.per_example(f"importance_{k}",
-                                 diagnostics.importance_fn(run.graphdef, run.protocol, k),
-                                 params, rng, num_examples, progress=progress)
+    return evaluator.per_example(
+      f"importance_{k}",
+      diagnostics.importance_fn(run.graphdef, run.protocol, k),
+      params,
+      rng,
+      num_examples,
+      progress=progress,
+    )
   per_device = evaluator.batch_for(num_examples) // evaluator.runner.num_devices
   chunk = max(1, min(k, rows // per_device))
   num_chunks = -(-k // chunk)
@@ -147,13 +179,22 @@ def importance_values(run, evaluator, params, rng, num_examples, k, progress):
   def reduce(total):
     out = dict(total, log_w=total["log_w"].T)  # back to [samples, batch]
     khat = np.asarray(jax.jit(estimators.psis_khat)(out["log_w"][:k]))
-    return {key: np.asarray(v) for key, v in diagnostics.importance_row(
-        diagnostics.finish(out, k), khat).items()}
+    return {
+      key: np.asarray(v)
+      for key, v in diagnostics.importance_row(diagnostics.finish(out, k), khat).items()
+    }
 
   return evaluator.per_example(
-      f"importance_{k}_chunks", diagnostics.importance_chunk_fn(run.graphdef, run.protocol, k,
-                                                                chunk),
-      params, rng, num_examples, progress=progress, chunks=num_chunks, fold=fold, reduce=reduce)
+    f"importance_{k}_chunks",
+    diagnostics.importance_chunk_fn(run.graphdef, run.protocol, k, chunk),
+    params,
+    rng,
+    num_examples,
+    progress=progress,
+    chunks=num_chunks,
+    fold=fold,
+    reduce=reduce,
+  )
 
 
 def periodic_evaluation(run, evaluator, params, rng):
@@ -178,8 +219,9 @@ def final_evaluation(run, evaluator, params, rng, settings=None, eval_settings=N
   eval settings'; `eval_settings` (settings.EvalSettings) replaces the run's."""
   eval_settings = eval_settings or run.settings.eval
   n, k = settings or final_settings(eval_settings)
-  return diagnose(run, evaluator, params, rng, n, k, final=True, progress=True,
-                  eval_settings=eval_settings)
+  return diagnose(
+    run, evaluator, params, rng, n, k, final=True, progress=True, eval_settings=eval_settings
+  )
 
 
 def result_file(eval_settings, eval_split, split, num_examples, num_importance_samples):
@@ -187,8 +229,7 @@ def result_file(eval_settings, eval_split, split, num_examples, num_importance_s
   eval_<split>_K<k>_N<n>.json otherwise, so an ad-hoc evaluation never replaces the one
   `report` and `make run` rely on."""
   final_n, final_k = final_settings(eval_settings)
-  if (split == eval_split and num_importance_samples == final_k
-      and num_examples == final_n):
+  if split == eval_split and num_importance_samples == final_k and num_examples == final_n:
     return FINAL_FILE
   return f"eval_{split}_K{num_importance_samples}_N{num_examples or 'all'}.json"
 

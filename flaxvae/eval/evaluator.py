@@ -5,6 +5,7 @@ diagnostics.py); the evaluator pads the last batch (a request for fewer examples
 gets a batch of their size), keeps at most two dispatches queued on the devices, drops the
 padding and returns numpy arrays over the examples.
 """
+
 import math
 from typing import Any
 
@@ -32,8 +33,19 @@ class Evaluator:
     devices = self.runner.num_devices
     return min(self.batch_size, max(1, math.ceil(num_examples / devices)) * devices)
 
-  def per_example(self, name, fn, params, rng, num_examples=None, rows=None, progress=None,
-                  chunks=0, fold=None, reduce=None):
+  def per_example(
+    self,
+    name,
+    fn,
+    params,
+    rng,
+    num_examples=None,
+    rows=None,
+    progress=None,
+    chunks=0,
+    fold=None,
+    reduce=None,
+  ):
     """fn over the first `num_examples` (all if None) of the split, or of `rows` if given.
 
     `progress` (a label) prints examples done, rate and time left as batches finish. With
@@ -48,8 +60,9 @@ class Evaluator:
     batch_size = self.batch_for(n)
     if name not in self._compiled:
       R, batch = parallel.REPLICATED, parallel.batch_axis(0)
-      self._compiled[name] = self.runner.wrap(fn, (R, R, batch, batch) + ((R,) if chunks else ()),
-                                              (batch,))
+      self._compiled[name] = self.runner.wrap(
+        fn, (R, R, batch, batch) + ((R,) if chunks else ()), (batch,)
+      )
     compiled = self._compiled[name]
     params, rng = self.runner.put((params, rng))
     outputs = []
@@ -59,7 +72,7 @@ class Evaluator:
     for start in range(0, n, batch_size):
       ids = np.arange(start, start + batch_size)
       ids = np.where(ids < n, ids, 0).astype(np.int32)
-      ids = ids[jax.process_index() * local:(jax.process_index() + 1) * local]
+      ids = ids[jax.process_index() * local : (jax.process_index() + 1) * local]
       images, ids = self.runner.put((source[ids], ids), parallel.batch_axis(0))
       if chunks:
         total = None

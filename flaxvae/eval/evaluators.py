@@ -18,6 +18,7 @@ why the model cannot give it: the row names it under `skipped`. A new diagnostic
 function here under @EVALUATORS.register(NAME). (evaluator.Evaluator is something else: it runs
 one per-example function over the devices.)
 """
+
 import math
 
 import numpy as np
@@ -38,10 +39,16 @@ def elbo_surgery(run, evaluator, params, rng, num_examples, **_):
   """rate = mutual_info + marginal_kl (diagnostics.aggregate_fn)."""
   if not contract.has(run.model, contract.AGGREGATE_POSTERIOR):
     return _lacks(contract.AGGREGATE_POSTERIOR)
-  q = evaluator.per_example("posterior", diagnostics.posterior_fn(run.graphdef, run.protocol),
-                            params, rng, num_examples)
-  found = evaluator.per_example("aggregate", diagnostics.aggregate_fn(), (q["mean"], q["logvar"]),
-                                rng, rows=np.stack([q["mean"], q["logvar"]], axis=1))
+  q = evaluator.per_example(
+    "posterior", diagnostics.posterior_fn(run.graphdef, run.protocol), params, rng, num_examples
+  )
+  found = evaluator.per_example(
+    "aggregate",
+    diagnostics.aggregate_fn(),
+    (q["mean"], q["logvar"]),
+    rng,
+    rows=np.stack([q["mean"], q["logvar"]], axis=1),
+  )
   return {**found, "mutual_info_max": math.log(len(q["mean"]))}
 
 
@@ -53,13 +60,26 @@ def ais(run, evaluator, params, rng, values, final, label, eval_settings, **_):
     return {}
   m = min(c.ais_examples or len(values["elbo"]), len(values["elbo"]))
   found = evaluator.per_example(
-      f"ais_{c.ais_steps}", diagnostics.ais_fn(run.graphdef, run.protocol, c.ais_steps,
-                                               c.ais_chains, c.ais_leapfrog, c.ais_init),
-      params, rng, m, progress=label(f"log p(x) by AIS, {c.ais_steps} steps"))
-  return {"log_px_iwae": values["log_px"], "inference_gap_iwae": values["inference_gap"],
-          "log_px": found["log_px_ais"], "inference_gap": found["log_px_ais"] - values["elbo"][:m],
-          "log_px_estimator": "ais", "ais_examples": m, "ais_steps": c.ais_steps,
-          "ais_chains": c.ais_chains, "ais_accept_rate": float(found["ais_accept_rate"].mean())}
+    f"ais_{c.ais_steps}",
+    diagnostics.ais_fn(
+      run.graphdef, run.protocol, c.ais_steps, c.ais_chains, c.ais_leapfrog, c.ais_init
+    ),
+    params,
+    rng,
+    m,
+    progress=label(f"log p(x) by AIS, {c.ais_steps} steps"),
+  )
+  return {
+    "log_px_iwae": values["log_px"],
+    "inference_gap_iwae": values["inference_gap"],
+    "log_px": found["log_px_ais"],
+    "inference_gap": found["log_px_ais"] - values["elbo"][:m],
+    "log_px_estimator": "ais",
+    "ais_examples": m,
+    "ais_steps": c.ais_steps,
+    "ais_chains": c.ais_chains,
+    "ais_accept_rate": float(found["ais_accept_rate"].mean()),
+  }
 
 
 @EVALUATORS.register("bdmc")
@@ -69,15 +89,20 @@ def bdmc(run, evaluator, params, rng, final, label, eval_settings, **_):
   if not final or not c.bdmc_examples:
     return {}
   found = evaluator.per_example(
-      "bdmc", diagnostics.bdmc_fn(run.graphdef, c.ais_steps, c.ais_leapfrog, c.ais_init),
-      params, rng, rows=np.zeros((c.bdmc_examples, 1), np.float32),
-      progress=label(f"BDMC on {c.bdmc_examples} simulated examples"))
+    "bdmc",
+    diagnostics.bdmc_fn(run.graphdef, c.ais_steps, c.ais_leapfrog, c.ais_init),
+    params,
+    rng,
+    rows=np.zeros((c.bdmc_examples, 1), np.float32),
+    progress=label(f"BDMC on {c.bdmc_examples} simulated examples"),
+  )
   return {**found, "bdmc_examples": c.bdmc_examples}
 
 
 @EVALUATORS.register("amortization_gap")
-def amortization_gap(run, evaluator, params, rng, values, num_importance_samples, final, label,
-                     eval_settings, **_):
+def amortization_gap(
+  run, evaluator, params, rng, values, num_importance_samples, final, label, eval_settings, **_
+):
   """The amortization and approximation gaps (Cremer et al. 2018) on eval.amortization_examples."""
   c = eval_settings
   examples = min(c.amortization_examples, len(values["log_px"])) if final else 0
@@ -85,13 +110,25 @@ def amortization_gap(run, evaluator, params, rng, values, num_importance_samples
     return {}
   if not contract.has(run.model, contract.LOCAL_POSTERIOR):
     return _lacks(contract.LOCAL_POSTERIOR)
-  fn = diagnostics.amortization_fn(run.graphdef, run.protocol, c.amortization_steps,
-                                   c.amortization_learning_rate,
-                                   num_eval_samples=min(num_importance_samples, 1000))
-  gaps = evaluator.per_example(f"amortization_{c.amortization_steps}", fn, params, rng, examples,
-                               progress=label(f"amortization gap, {c.amortization_steps} steps"))
+  fn = diagnostics.amortization_fn(
+    run.graphdef,
+    run.protocol,
+    c.amortization_steps,
+    c.amortization_learning_rate,
+    num_eval_samples=min(num_importance_samples, 1000),
+  )
+  gaps = evaluator.per_example(
+    f"amortization_{c.amortization_steps}",
+    fn,
+    params,
+    rng,
+    examples,
+    progress=label(f"amortization gap, {c.amortization_steps} steps"),
+  )
   m = len(gaps["elbo_optimized"])
-  return {"elbo_optimized": gaps["elbo_optimized"],
-          "amortization_gap": gaps["elbo_optimized"] - gaps["elbo_encoder"],
-          "approximation_gap": values["log_px"][:m] - gaps["elbo_optimized"],
-          "amortization_examples": m}
+  return {
+    "elbo_optimized": gaps["elbo_optimized"],
+    "amortization_gap": gaps["elbo_optimized"] - gaps["elbo_encoder"],
+    "approximation_gap": values["log_px"][:m] - gaps["elbo_optimized"],
+    "amortization_examples": m,
+  }

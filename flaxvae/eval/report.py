@@ -5,32 +5,43 @@ Periodic evaluations (few examples, small K) are drawn as lines with bands of
 markers, since its estimators are tighter (log p(x) higher, the mutual
 information cap log N larger).
 """
+
 import os
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from flaxvae.errors import ConfigError  # noqa: E402
-from flaxvae.train import outputs  # noqa: E402
+from flaxvae.errors import ConfigError
+from flaxvae.train import outputs
 
 PANELS = {
-    "elbo_and_log_px": ("ELBO and log p(x) (nats)", [("elbo", "ELBO"), ("log_px", "log p(x) (IWAE)")]),
-    "kl_to_prior_and_posterior": (
-        "KL of q(z|x) to the prior and to the posterior (nats)",
-        [("rate", "KL(q(z|x) || p(z))  rate"),
-         ("inference_gap", "KL(q(z|x) || p(z|x))  inference gap")]),
-    "elbo_surgery": ("ELBO surgery: rate = I(x;z) + KL(q(z) || p(z)) (nats)",
-                     [("mutual_info", "mutual information I(x;z)"),
-                      ("marginal_kl", "marginal KL(q(z) || p(z))"),
-                      ("mutual_info_max", "log N (cap on I)")]),
-    "active_units": ("Active units (Cov_x E_q[z] > 0.01)", [("active_units", "active units")]),
+  "elbo_and_log_px": (
+    "ELBO and log p(x) (nats)",
+    [("elbo", "ELBO"), ("log_px", "log p(x) (IWAE)")],
+  ),
+  "kl_to_prior_and_posterior": (
+    "KL of q(z|x) to the prior and to the posterior (nats)",
+    [
+      ("rate", "KL(q(z|x) || p(z))  rate"),
+      ("inference_gap", "KL(q(z|x) || p(z|x))  inference gap"),
+    ],
+  ),
+  "elbo_surgery": (
+    "ELBO surgery: rate = I(x;z) + KL(q(z) || p(z)) (nats)",
+    [
+      ("mutual_info", "mutual information I(x;z)"),
+      ("marginal_kl", "marginal KL(q(z) || p(z))"),
+      ("mutual_info_max", "log N (cap on I)"),
+    ],
+  ),
+  "active_units": ("Active units (Cov_x E_q[z] > 0.01)", [("active_units", "active units")]),
 }
 LAYER_PANELS = {  # one line per latent layer (top layer first)
-    "rate_by_layer": ("KL to the prior by latent layer (nats)", "rate_by_layer"),
-    "active_units_by_layer": ("Active units by latent layer", "active_units_by_layer"),
+  "rate_by_layer": ("KL to the prior by latent layer (nats)", "rate_by_layer"),
+  "active_units_by_layer": ("Active units by latent layer", "active_units_by_layer"),
 }
 
 
@@ -43,8 +54,10 @@ def evaluation_rows(workdir):
   if "log_px" in extra and all(r["step"] != extra.get("step") for r in final):
     final.append(extra)
   if not periodic and not final:
-    raise ConfigError(f"no evaluations in {workdir}: train with eval.every_steps > 0, "
-                      "or run flaxvae evaluate --workdir DIR first")
+    raise ConfigError(
+      f"no evaluations in {workdir}: train with eval.every_steps > 0, "
+      "or run flaxvae evaluate --workdir DIR first"
+    )
   return periodic, final
 
 
@@ -56,9 +69,16 @@ def _plot(ax, rows, key, label, color, final, count_key="num_examples"):
   values = np.array([r[key] for r in rows])
   errors = np.array([r.get(key + "_stderr", 0.0) for r in rows])
   if final:
-    ax.errorbar(steps, values, yerr=2 * errors, fmt="D", color=color, capsize=3,
-                label=f"{label}, final (K={rows[-1].get('num_importance_samples')}, "
-                      f"N={rows[-1].get(count_key)})")
+    ax.errorbar(
+      steps,
+      values,
+      yerr=2 * errors,
+      fmt="D",
+      color=color,
+      capsize=3,
+      label=f"{label}, final (K={rows[-1].get('num_importance_samples')}, "
+      f"N={rows[-1].get(count_key)})",
+    )
   else:
     ax.plot(steps, values, "-o", ms=3, color=color, label=label)
     ax.fill_between(steps, values - 2 * errors, values + 2 * errors, color=color, alpha=0.2)
@@ -107,16 +127,20 @@ def _layer_panel(out_dir, name, title, key, periodic, final):
   """Each layer's figure over training (lines) and at the final evaluation (markers)."""
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
   rows = [r for r in periodic if isinstance(r.get(key), list)]
-  depth = max([len(r[key]) for r in rows + [f for f in final if isinstance(f.get(key), list)]],
-              default=0)
+  depth = max(
+    [len(r[key]) for r in rows + [f for f in final if isinstance(f.get(key), list)]], default=0
+  )
   for layer in range(depth):
     color = f"C{layer % 10}"
     label = "top layer" if layer == 0 else f"layer {layer + 1} from the top"
     points = [(r["step"], r[key][layer]) for r in rows if len(r[key]) > layer]
     if points:
       ax.plot(*zip(*points), "-o", ms=3, color=color, label=label if depth <= 12 else None)
-    ends = [(r["step"], r[key][layer]) for r in final
-            if isinstance(r.get(key), list) and len(r[key]) > layer]
+    ends = [
+      (r["step"], r[key][layer])
+      for r in final
+      if isinstance(r.get(key), list) and len(r[key]) > layer
+    ]
     if ends:
       ax.plot(*zip(*ends), "D", color=color)
   _step_axis(ax, periodic + final)

@@ -5,6 +5,7 @@ standard deviations (one value, or one per latent layer, top first); `keep_layer
 reconstructs an image keeping the top L layers from q(z|x) and sampling the rest from the
 prior (VDVAE's latent-level grids: what each layer of the hierarchy encodes).
 """
+
 import functools
 import os
 
@@ -41,8 +42,10 @@ def samples(run, params, key, n, temperature=1.0):
 def check_keep_layers(keep, depth):
   """A one-line error unless 0 <= keep <= depth (the model's number of latent layers)."""
   if not 0 <= keep <= depth:
-    raise UsageError(f"keep_layers {keep} is not a count of the model's {depth} latent layers: "
-                     f"give 0 (all from the prior) to {depth} (all from q(z|x))")
+    raise UsageError(
+      f"keep_layers {keep} is not a count of the model's {depth} latent layers: "
+      f"give 0 (all from the prior) to {depth} (all from q(z|x))"
+    )
 
 
 def reconstructions(run, params, images_uint8, key, keep_layers=None):
@@ -67,14 +70,17 @@ def save_image_grids(run, params, workdir, step, n, seed):
     return
   params = jax.tree.map(jnp.asarray, params)
   columns = max(1, n // 4)
-  x, recon = reconstructions(run, params, run.eval_images[:2 * columns], jax.random.key(seed))
+  x, recon = reconstructions(run, params, run.eval_images[: 2 * columns], jax.random.key(seed))
   pairs = np.concatenate([x[:columns], recon[:columns], x[columns:], recon[columns:]])
   images_dir = os.path.join(workdir, "images")
   os.makedirs(images_dir, exist_ok=True)
-  outputs.save_image_grid(os.path.join(images_dir, f"reconstructions_{step:07d}.png"), pairs,
-                          columns)
-  outputs.save_image_grid(os.path.join(images_dir, f"samples_{step:07d}.png"),
-                          samples(run, params, jax.random.key(seed), n))
+  outputs.save_image_grid(
+    os.path.join(images_dir, f"reconstructions_{step:07d}.png"), pairs, columns
+  )
+  outputs.save_image_grid(
+    os.path.join(images_dir, f"samples_{step:07d}.png"),
+    samples(run, params, jax.random.key(seed), n),
+  )
 
 
 def write_sample_grid(model, workdir, n, temperature, keep_layers, seed=0, out=None):

@@ -35,6 +35,7 @@ The registry checks a model class against these when it registers (`check_model_
 model that lacks a method fails on import with one line, not in the middle of an evaluation.
 A model may narrow its class's capabilities per instance (an IAF posterior has no closed form).
 """
+
 from typing import NamedTuple, Protocol
 
 import jax
@@ -52,6 +53,7 @@ class Noise(Protocol):
   `normal(layer, shape)` returns [num_samples, batch, *shape]; the trainer draws it per global
   batch (device-count invariant), evaluation per example id (subset invariant).
   """
+
   num_samples: int
 
   def normal(self, layer: int, shape: tuple) -> jax.Array: ...
@@ -76,6 +78,7 @@ class Terms(NamedTuple):
 
 class VAE(Protocol):
   """The methods every model gives; latents are tuples with one array per layer, top first."""
+
   likelihood: object  # objectives/likelihoods.py: p(x | z) from the raw parameters
 
   @property
@@ -127,15 +130,21 @@ class PosteriorDensity(Protocol):
     """[b] log q(z|x) at given latents."""
 
 
-CAPABILITY_PROTOCOLS = {LOCAL_POSTERIOR: LocalPosterior, AGGREGATE_POSTERIOR: AggregatePosterior,
-                        POSTERIOR_DENSITY: PosteriorDensity}
+CAPABILITY_PROTOCOLS = {
+  LOCAL_POSTERIOR: LocalPosterior,
+  AGGREGATE_POSTERIOR: AggregatePosterior,
+  POSTERIOR_DENSITY: PosteriorDensity,
+}
 
 
 def _lacking(cls, protocol):
   """The protocol's methods that `cls` does not define (the protocol's own stubs do not count),
   in the order the protocol declares them."""
-  return [name for name, stub in vars(protocol).items()
-          if not name.startswith("_") and getattr(cls, name, None) in (None, stub)]
+  return [
+    name
+    for name, stub in vars(protocol).items()
+    if not name.startswith("_") and getattr(cls, name, None) in (None, stub)
+  ]
 
 
 def check_model_class(name, cls):
@@ -144,18 +153,24 @@ def check_model_class(name, cls):
   what = f"model {name!r} ({cls.__module__}.{cls.__qualname__})"
   lacking = _lacking(cls, VAE)
   if lacking:
-    raise ModelContractError(f"{what} lacks {', '.join(lacking)} of the model contract "
-                             "(flaxvae/models/contract.py VAE): implement them")
+    raise ModelContractError(
+      f"{what} lacks {', '.join(lacking)} of the model contract "
+      "(flaxvae/models/contract.py VAE): implement them"
+    )
   declared = getattr(cls, "CAPABILITIES", ())
   unknown = [c for c in declared if c not in CAPABILITY_PROTOCOLS]
   if unknown:
-    raise ModelContractError(f"{what} declares unknown capabilities {unknown}: the known ones "
-                             f"are {', '.join(CAPABILITY_PROTOCOLS)}")
+    raise ModelContractError(
+      f"{what} declares unknown capabilities {unknown}: the known ones "
+      f"are {', '.join(CAPABILITY_PROTOCOLS)}"
+    )
   for capability in declared:
     lacking = _lacking(cls, CAPABILITY_PROTOCOLS[capability])
     if lacking:
-      raise ModelContractError(f"{what} declares the {capability} capability but lacks "
-                               f"{', '.join(lacking)}: implement them or drop the capability")
+      raise ModelContractError(
+        f"{what} declares the {capability} capability but lacks "
+        f"{', '.join(lacking)}: implement them or drop the capability"
+      )
   return cls
 
 

@@ -5,6 +5,7 @@ decoder mirrors it and upsamples with a 3x3 conv to 4x the channels followed by
 depth-to-space (sub-pixel conv), which XLA:CPU runs far faster than the gradient of a strided
 transposed conv.
 """
+
 import math
 
 import jax.numpy as jnp
@@ -18,18 +19,31 @@ from flaxvae.models.registry import MODELS
 
 @MODELS.register("conv")
 class ConvVAE(GaussianLatentVAE):
-  def __init__(self, *, image_shape, likelihood, rngs, dtype=jnp.float32, latent_dim=16,
-               channels=(32, 64), blocks_per_stage=1, activation="relu"):
+  def __init__(
+    self,
+    *,
+    image_shape,
+    likelihood,
+    rngs,
+    dtype=jnp.float32,
+    latent_dim=16,
+    channels=(32, 64),
+    blocks_per_stage=1,
+    activation="relu",
+  ):
     height, width, colors = image_shape
     scale = 2 ** len(channels)
     if height % scale or width % scale:
-      raise ConfigError(f"model.channels has {len(channels)} stages, which need image sides "
-                        f"divisible by {scale}; got {height}x{width}")
+      raise ConfigError(
+        f"model.channels has {len(channels)} stages, which need image sides "
+        f"divisible by {scale}; got {height}x{width}"
+      )
     self.image_shape, self.likelihood, self.latent_dim = image_shape, likelihood, latent_dim
     self.act, self.dtype = layers.ACTIVATIONS[activation], dtype
     out_channels = likelihood.channels_out(colors)
-    blocks = lambda c: nnx.List([layers.ResidualBlock(c, self.act, rngs, dtype)
-                                 for _ in range(blocks_per_stage)])
+    blocks = lambda c: nnx.List(
+      [layers.ResidualBlock(c, self.act, rngs, dtype) for _ in range(blocks_per_stage)]
+    )
     ins = [colors, *channels[:-1]]
     self.down = nnx.List([layers.conv(i, o, rngs, dtype, stride=2) for i, o in zip(ins, channels)])
     self.down_blocks = nnx.List([blocks(c) for c in channels])
@@ -39,7 +53,9 @@ class ConvVAE(GaussianLatentVAE):
     self.from_latent = layers.dense(latent_dim, flat, rngs, dtype)
     outs = [*reversed(channels[:-1]), out_channels]
     self.up_blocks = nnx.List([blocks(c) for c in reversed(channels)])
-    self.up = nnx.List([layers.conv(i, 4 * o, rngs, dtype) for i, o in zip(reversed(channels), outs)])
+    self.up = nnx.List(
+      [layers.conv(i, 4 * o, rngs, dtype) for i, o in zip(reversed(channels), outs)]
+    )
 
   def encode(self, x):
     h = x.astype(self.dtype)

@@ -5,6 +5,7 @@ plus whatever a richer posterior needs), `posterior_sample(local, eps)` (z and t
 log q of it) and `decode(z [n, latent]) -> raw [n, H, W, channels_out]`; this base turns them
 into `terms`, `log_joint`, sampling and reconstruction (models/contract.py).
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,8 +17,12 @@ from flaxvae.objectives import gaussian
 class GaussianLatentVAE(nnx.Module):
   """Base of single-latent-layer VAEs (mlp, conv): subclasses set likelihood, image_shape,
   latent_dim and implement encode(x) -> (mean, logvar) and decode(z)."""
-  CAPABILITIES = (contract.LOCAL_POSTERIOR, contract.AGGREGATE_POSTERIOR,
-                  contract.POSTERIOR_DENSITY)
+
+  CAPABILITIES = (
+    contract.LOCAL_POSTERIOR,
+    contract.AGGREGATE_POSTERIOR,
+    contract.POSTERIOR_DENSITY,
+  )
 
   @property
   def latent_shapes(self):
@@ -50,8 +55,9 @@ class GaussianLatentVAE(nnx.Module):
       q_mean = jnp.broadcast_to(mean, z.shape)
     else:
       kl, q_mean = log_q_units - log_p_units, z
-    layer = contract.LatentLayer(z=z, log_q=jnp.sum(log_q_units, -1),
-                                 log_p=jnp.sum(log_p_units, -1), kl=kl, q_mean=q_mean)
+    layer = contract.LatentLayer(
+      z=z, log_q=jnp.sum(log_q_units, -1), log_p=jnp.sum(log_p_units, -1), kl=kl, q_mean=q_mean
+    )
     return contract.Terms(self.log_likelihood(x, z), (layer,))
 
   def terms(self, x, noise):

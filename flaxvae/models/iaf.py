@@ -8,6 +8,7 @@ sigma_t,d: still a sum over units, which the contract's per-unit KL needs. Steps
 the unit order. sigma_t = 2 * sigmoid(s_t) keeps every step's scale in (0, 2), and the last
 layers start at zero, so an untrained flow is the identity: q is then exactly the Gaussian.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,8 +50,11 @@ def made_masks(latent_dim, hidden, reverse):
   order = np.arange(latent_dim)[::-1] if reverse else np.arange(latent_dim)
   degree_in = np.empty(latent_dim, int)
   degree_in[order] = np.arange(1, latent_dim + 1)
-  degree_hidden = (np.arange(hidden) % max(latent_dim - 1, 1)) + 1 if latent_dim > 1 else np.full(
-      hidden, latent_dim + 1)  # one unit: hidden units see no input unit, only the context
+  degree_hidden = (
+    (np.arange(hidden) % max(latent_dim - 1, 1)) + 1
+    if latent_dim > 1
+    else np.full(hidden, latent_dim + 1)
+  )  # one unit: hidden units see no input unit, only the context
   to_hidden = degree_hidden[None, :] >= degree_in[:, None]
   to_output = degree_in[None, :] > degree_hidden[:, None]
   return to_hidden, to_output
@@ -74,8 +78,12 @@ class IAF(nnx.Module):
   """`steps` IAF steps; returns z_T and sum_t log sigma_t per unit."""
 
   def __init__(self, latent_dim, context_dim, steps, hidden, rngs, dtype):
-    self.steps = nnx.List([IAFStep(latent_dim, context_dim, hidden, reverse=bool(t % 2),
-                                   rngs=rngs, dtype=dtype) for t in range(steps)])
+    self.steps = nnx.List(
+      [
+        IAFStep(latent_dim, context_dim, hidden, reverse=bool(t % 2), rngs=rngs, dtype=dtype)
+        for t in range(steps)
+      ]
+    )
 
   def __call__(self, z, context):
     context = jnp.broadcast_to(context, (*z.shape[:-1], context.shape[-1]))

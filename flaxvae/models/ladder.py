@@ -6,6 +6,7 @@ conditional an MLP mirroring the inference net. The top layer's KL to N(0, I) is
 given its sampled input; lower layers' KLs are single-sample (log q - log p per unit), since
 their prior depends on a layer sampled after them.
 """
+
 import math
 
 import jax
@@ -35,22 +36,39 @@ class GaussianHead(nnx.Module):
 class LadderMLPVAE(nnx.Module):
   CAPABILITIES = (contract.POSTERIOR_DENSITY,)
 
-  def __init__(self, *, image_shape, likelihood, rngs, dtype=jnp.float32,
-               hidden=((200, 200), (100, 100)), latent_dims=(100, 50), activation="tanh"):
+  def __init__(
+    self,
+    *,
+    image_shape,
+    likelihood,
+    rngs,
+    dtype=jnp.float32,
+    hidden=((200, 200), (100, 100)),
+    latent_dims=(100, 50),
+    activation="tanh",
+  ):
     if len(hidden) != len(latent_dims) or not latent_dims:
-      raise ConfigError(f"model.hidden has {len(hidden)} groups of widths but model.latent_dims "
-                        f"{len(latent_dims)} layers: give one group of hidden widths per layer")
+      raise ConfigError(
+        f"model.hidden has {len(hidden)} groups of widths but model.latent_dims "
+        f"{len(latent_dims)} layers: give one group of hidden widths per layer"
+      )
     act = layers.ACTIVATIONS[activation]
     self.image_shape, self.likelihood, self.dtype = image_shape, likelihood, dtype
     height, width, colors = image_shape
     self.raw_shape = (height, width, likelihood.channels_out(colors))
     self.latent_dims = tuple(latent_dims)  # bottom first, as in the paper's description
     inputs = [math.prod(image_shape), *latent_dims[:-1]]
-    self.inference = nnx.List([GaussianHead([i, *h], d, act, rngs, dtype)
-                               for i, h, d in zip(inputs, hidden, latent_dims)])
-    self.generative = nnx.List([GaussianHead([latent_dims[i + 1], *reversed(hidden[i + 1])],
-                                             latent_dims[i], act, rngs, dtype)
-                                for i in range(len(latent_dims) - 1)])
+    self.inference = nnx.List(
+      [GaussianHead([i, *h], d, act, rngs, dtype) for i, h, d in zip(inputs, hidden, latent_dims)]
+    )
+    self.generative = nnx.List(
+      [
+        GaussianHead(
+          [latent_dims[i + 1], *reversed(hidden[i + 1])], latent_dims[i], act, rngs, dtype
+        )
+        for i in range(len(latent_dims) - 1)
+      ]
+    )
     self.to_x = layers.DenseStack([latent_dims[0], *reversed(hidden[0])], act, rngs, dtype)
     self.to_output = layers.dense(hidden[0][0], math.prod(self.raw_shape), rngs, dtype)
 
@@ -71,8 +89,9 @@ class LadderMLPVAE(nnx.Module):
 
   def _posterior_pass(self, x, noise):
     """Bottom-up samples: [(z, mean, logvar)] bottom first, each [k, b, d]."""
-    h = jnp.broadcast_to(x.reshape(1, x.shape[0], -1), (noise.num_samples, x.shape[0],
-                                                         math.prod(x.shape[1:])))
+    h = jnp.broadcast_to(
+      x.reshape(1, x.shape[0], -1), (noise.num_samples, x.shape[0], math.prod(x.shape[1:]))
+    )
     out, top = [], len(self.latent_dims) - 1
     for i, head in enumerate(self.inference):
       mean, logvar = head(h.astype(self.dtype))
@@ -91,8 +110,11 @@ class LadderMLPVAE(nnx.Module):
       log_q = gaussian.log_normal_per_unit(z, mean, logvar)
       log_p = gaussian.log_normal_per_unit(z, prior_mean, prior_logvar)
       kl = gaussian.kl_per_unit(mean, logvar) if i == top else log_q - log_p
-      result.append(contract.LatentLayer(z=z, log_q=jnp.sum(log_q, -1), log_p=jnp.sum(log_p, -1),
-                                         kl=kl, q_mean=mean))
+      result.append(
+        contract.LatentLayer(
+          z=z, log_q=jnp.sum(log_q, -1), log_p=jnp.sum(log_p, -1), kl=kl, q_mean=mean
+        )
+      )
     log_px_z = self.likelihood.log_prob(self._decode(samples[0][0]), x)
     return contract.Terms(log_px_z, tuple(result))
 
@@ -115,8 +137,9 @@ class LadderMLPVAE(nnx.Module):
     for level in range(len(self.latent_dims)):
       i = len(self.latent_dims) - 1 - level
       mean, logvar = self._prior(i, zs[-1] if zs else None)
-      zs.append(mean + jnp.exp(0.5 * logvar) * jax.random.normal(keys[level],
-                                                                  (n, self.latent_dims[i])))
+      zs.append(
+        mean + jnp.exp(0.5 * logvar) * jax.random.normal(keys[level], (n, self.latent_dims[i]))
+      )
     return tuple(zs)
 
   def log_posterior(self, x, zs):
@@ -131,8 +154,9 @@ class LadderMLPVAE(nnx.Module):
 
     `eps(level, dim)` gives [n, dim] standard-normal noise for layer `level` (0 is the top).
     """
-    temps = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32).reshape(-1),
-                             (len(self.latent_dims),))
+    temps = jnp.broadcast_to(
+      jnp.asarray(temperature, jnp.float32).reshape(-1), (len(self.latent_dims),)
+    )
     zs = list(zs_top)
     for level in range(len(zs), len(self.latent_dims)):
       i = len(self.latent_dims) - 1 - level
@@ -142,8 +166,7 @@ class LadderMLPVAE(nnx.Module):
 
   def sample(self, key, n, temperature=1.0):
     keys = jax.random.split(key, len(self.latent_dims))
-    return self._generate(lambda level, d: jax.random.normal(keys[level], (n, d)), [],
-                          temperature)
+    return self._generate(lambda level, d: jax.random.normal(keys[level], (n, d)), [], temperature)
 
   def reconstruct(self, x, noise, keep_layers=None):
     samples = self._posterior_pass(x, noise)

@@ -3,6 +3,7 @@
 Parameters are float32; `dtype` sets the compute precision (bfloat16 on accelerators) and
 outputs that feed the loss are returned in float32.
 """
+
 import contextlib
 import contextvars
 
@@ -12,8 +13,14 @@ from flax import nnx
 
 from flaxvae.objectives import elementwise
 
-ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "silu": jax.nn.silu,
-               "tanh": jnp.tanh, "elu": jax.nn.elu, "softplus": elementwise.softplus}
+ACTIVATIONS = {
+  "relu": jax.nn.relu,
+  "gelu": jax.nn.gelu,
+  "silu": jax.nn.silu,
+  "tanh": jnp.tanh,
+  "elu": jax.nn.elu,
+  "softplus": elementwise.softplus,
+}
 
 
 _SHAPES_ONLY = contextvars.ContextVar("flaxvae_shapes_only", default=False)
@@ -62,8 +69,15 @@ def conv(i, o, rngs, dtype, kernel=3, stride=1, **kwargs):
   """A SAME-padded conv with float32 parameters; 1x1 stride-1 ones as PointwiseConv."""
   pointwise = kernel == 1 and stride == 1 and not kwargs
   return (PointwiseConv if pointwise else nnx.Conv)(
-      i, o, (kernel, kernel), strides=stride, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-      **kwargs)
+    i,
+    o,
+    (kernel, kernel),
+    strides=stride,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
+    **kwargs,
+  )
 
 
 class DenseStack(nnx.Module):

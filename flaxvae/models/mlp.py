@@ -1,6 +1,7 @@
 """The fully connected VAE: the classic 784-400-20 model by default, with a Gaussian or an IAF
 posterior (`model.posterior`; Kingma et al. 2016), so the gap decomposition of Cremer et al.
 (2018) can compare exactly these two families on one decoder."""
+
 import math
 
 import jax.numpy as jnp
@@ -22,9 +23,22 @@ class MLPVAE(GaussianLatentVAE):
   al.'s larger encoder, which shrinks the amortization gap.
   """
 
-  def __init__(self, *, image_shape, likelihood, rngs, dtype=jnp.float32, latent_dim=20,
-               hidden=(400,), activation="relu", posterior="gaussian", iaf_steps=2,
-               iaf_hidden=320, iaf_context=64, encoder_hidden=()):
+  def __init__(
+    self,
+    *,
+    image_shape,
+    likelihood,
+    rngs,
+    dtype=jnp.float32,
+    latent_dim=20,
+    hidden=(400,),
+    activation="relu",
+    posterior="gaussian",
+    iaf_steps=2,
+    iaf_hidden=320,
+    iaf_context=64,
+    encoder_hidden=(),
+  ):
     if posterior not in POSTERIORS:
       raise ConfigError(f"unknown model.posterior {posterior!r}: use gaussian or iaf")
     self.image_shape, self.likelihood, self.latent_dim = image_shape, likelihood, latent_dim
@@ -40,8 +54,9 @@ class MLPVAE(GaussianLatentVAE):
     self.to_mean = layers.dense(features, latent_dim, rngs, dtype)
     self.to_logvar = layers.dense(features, latent_dim, rngs, dtype)
     self.decoder = layers.DenseStack([latent_dim, *reversed(hidden)], act, rngs, dtype).layers
-    self.to_output = layers.dense(hidden[0] if hidden else latent_dim, math.prod(self.raw_shape),
-                                  rngs, dtype)
+    self.to_output = layers.dense(
+      hidden[0] if hidden else latent_dim, math.prod(self.raw_shape), rngs, dtype
+    )
     if posterior == "iaf":
       self.to_context = layers.dense(features, iaf_context, rngs, dtype)
       self.flow = IAF(latent_dim, iaf_context, iaf_steps, iaf_hidden, rngs, dtype)

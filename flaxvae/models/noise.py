@@ -12,6 +12,7 @@ split; one named constructor per way:
                     of examples, any chunk of samples and any device count score the same
   from_key          images (sampling, reconstructions): layer l draws from fold_in(key, l)
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -19,8 +20,18 @@ import jax.numpy as jnp
 class NoiseSource:
   """Noise for the posterior samples; build it with a named constructor (module docstring)."""
 
-  def __init__(self, num_samples, *, key=None, first_stream=0, first=None, num_rows=None,
-               total_rows=None, example_keys=None, index=None):
+  def __init__(
+    self,
+    num_samples,
+    *,
+    key=None,
+    first_stream=0,
+    first=None,
+    num_rows=None,
+    total_rows=None,
+    example_keys=None,
+    index=None,
+  ):
     self.num_samples = num_samples
     # One key draws a block of `total_rows` rows, of which this source keeps `num_rows` from
     # `first` (all of them when first is None)...
@@ -32,8 +43,14 @@ class NoiseSource:
   @classmethod
   def per_global_batch(cls, key, local_batch, num_samples, axes):
     """This device's `local_batch` rows of the global batch over the mesh `axes`."""
-    return cls(num_samples, key=key, first_stream=1, first=jax.lax.axis_index(axes) * local_batch,
-               num_rows=local_batch, total_rows=local_batch * jax.lax.axis_size(axes))
+    return cls(
+      num_samples,
+      key=key,
+      first_stream=1,
+      first=jax.lax.axis_index(axes) * local_batch,
+      num_rows=local_batch,
+      total_rows=local_batch * jax.lax.axis_size(axes),
+    )
 
   @classmethod
   def per_example(cls, example_keys, index):
@@ -49,14 +66,22 @@ class NoiseSource:
     """The noise of this source's rows [start, start + size) (a microbatch's): the same draws."""
     if self.first is None:
       raise ValueError("rows needs a source built by per_global_batch")
-    return NoiseSource(self.num_samples, key=self.key, first_stream=self.first_stream,
-                       first=self.first + start, num_rows=size, total_rows=self.total_rows)
+    return NoiseSource(
+      self.num_samples,
+      key=self.key,
+      first_stream=self.first_stream,
+      first=self.first + start,
+      num_rows=size,
+      total_rows=self.total_rows,
+    )
 
   def normal(self, layer, shape):
     if self.index is not None:
+
       def draw(key, i):
         key = jax.random.fold_in(key, i)
         return jax.random.normal(key if layer == 0 else jax.random.fold_in(key, layer), shape)
+
       eps = jax.vmap(lambda k: jax.vmap(lambda i: draw(k, i))(self.index))(self.example_keys)
       return jnp.swapaxes(eps, 0, 1)  # [n, batch, *shape]
     key = jax.random.fold_in(self.key, self.first_stream + layer)

@@ -26,6 +26,7 @@ order for the decoder, bottom-up for the encoder; widths per resolution):
     dec_layers "1:5,4:5,8:10,16:2,32:1"   enc_blocks "32:1,16:2,8:10,4:5,1:5"
     widths     "32:32,16:64,8:128,4:256,1:512"   (or one number for every resolution)
 """
+
 import math
 
 import jax
@@ -43,14 +44,15 @@ MIN_STD_INPUT = -20.0  # below this the softplus std underflows float32
 
 
 def parse_counts(spec, what):
-  """"1:5,4:5" -> [(1, 5), (4, 5)]; a one-line ConfigError otherwise."""
+  """ "1:5,4:5" -> [(1, 5), (4, 5)]; a one-line ConfigError otherwise."""
   try:
     pairs = [tuple(int(v) for v in part.split(":")) for part in str(spec).split(",") if part]
     if not pairs or any(len(p) != 2 or p[0] <= 0 or p[1] < 0 for p in pairs):
       raise ValueError
   except ValueError:
-    raise ConfigError(f"model.{what} {spec!r} is not a list of resolution:count pairs "
-                      "(e.g. '1:5,4:5,8:10')") from None
+    raise ConfigError(
+      f"model.{what} {spec!r} is not a list of resolution:count pairs (e.g. '1:5,4:5,8:10')"
+    ) from None
   return pairs
 
 
@@ -78,7 +80,9 @@ def gaussian_log_density(z, mean, log_std):
 def gaussian_kl(q_mean, q_log_std, p_mean, p_log_std):
   """KL(N(q) || N(p)) per unit, from log standard deviations."""
   ratio = jnp.exp(2 * (q_log_std - p_log_std))
-  return 0.5 * (ratio + ((q_mean - p_mean) * jnp.exp(-p_log_std)) ** 2 - 1.0) + p_log_std - q_log_std
+  return (
+    0.5 * (ratio + ((q_mean - p_mean) * jnp.exp(-p_log_std)) ** 2 - 1.0) + p_log_std - q_log_std
+  )
 
 
 class Block(nnx.Module):
@@ -87,8 +91,12 @@ class Block(nnx.Module):
   def __init__(self, cin, mid, cout, kernel, act, rngs, dtype, residual, last_scale=1.0):
     conv = lambda i, o, k: layers.conv(i, o, rngs, dtype, kernel=k)
     self.act, self.residual = act, residual
-    self.c1, self.c2, self.c3, self.c4 = (conv(cin, mid, 1), conv(mid, mid, kernel),
-                                          conv(mid, mid, kernel), conv(mid, cout, 1))
+    self.c1, self.c2, self.c3, self.c4 = (
+      conv(cin, mid, 1),
+      conv(mid, mid, kernel),
+      conv(mid, mid, kernel),
+      conv(mid, cout, 1),
+    )
     self.c4.kernel[...] = self.c4.kernel[...] * last_scale
 
   def __call__(self, x):
@@ -102,18 +110,21 @@ class DecoderLayer(nnx.Module):
   def __init__(self, width, mid, latent, kernel, act, out_scale, rngs, dtype):
     self.latent = latent
     self.posterior = Block(2 * width, mid, 2 * latent, kernel, act, rngs, dtype, residual=False)
-    self.prior = Block(width, mid, 2 * latent + width, kernel, act, rngs, dtype, residual=False,
-                       last_scale=0.0)
+    self.prior = Block(
+      width, mid, 2 * latent + width, kernel, act, rngs, dtype, residual=False, last_scale=0.0
+    )
     self.z_proj = layers.conv(latent, width, rngs, dtype, kernel=1)
     self.z_proj.kernel[...] = self.z_proj.kernel[...] * out_scale
-    self.resnet = Block(width, mid, width, kernel, act, rngs, dtype, residual=True,
-                        last_scale=out_scale)
+    self.resnet = Block(
+      width, mid, width, kernel, act, rngs, dtype, residual=True, last_scale=out_scale
+    )
 
 
 class EncoderBlock(nnx.Module):
   def __init__(self, width, mid, kernel, act, out_scale, rngs, dtype):
-    self.block = Block(width, mid, width, kernel, act, rngs, dtype, residual=True,
-                       last_scale=out_scale)
+    self.block = Block(
+      width, mid, width, kernel, act, rngs, dtype, residual=True, last_scale=out_scale
+    )
 
 
 def stacked(make, count):
@@ -127,8 +138,9 @@ def stacked(make, count):
   first = make(0)
   graphdef, state = nnx.split(first)
   if layers.building_shapes_only():
-    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.broadcast_to(a, (count, *a.shape)),
-                                            state))
+    return nnx.merge(
+      graphdef, jax.tree.map(lambda a: jnp.broadcast_to(a, (count, *a.shape)), state)
+    )
   states = [state] + [nnx.split(make(i))[1] for i in range(1, count)]
   return nnx.merge(graphdef, jax.tree.map(lambda *a: jnp.stack(a), *states))
 
@@ -144,7 +156,7 @@ def run_stack(stack, x, xs, body, scan, remat):
     return jax.lax.scan(step, x, (state, xs))
   ys = []
   for i in range(count):
-    x, y = step(x, jax.tree.map(lambda a: a[i], (state, xs)))
+    x, y = step(x, jax.tree.map(lambda a: a[i], (state, xs)))  # noqa: B023  (called at once)
     ys.append(y)
   return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
@@ -161,11 +173,25 @@ def upsample(x, factor):
 @MODELS.register("vdvae")
 class VDVAE(nnx.Module):
   CAPABILITIES = (contract.POSTERIOR_DENSITY,)
-  def __init__(self, *, image_shape, likelihood, rngs, dtype=jnp.float32,
-               dec_layers="1:5,4:5,8:10,16:2,32:1", enc_blocks="32:1,16:2,8:10,4:5,1:5",
-               widths="32:32,16:64,8:128,4:256,1:512", bottleneck=1.0, latent_channels=32,
-               pad_to=32, activation="gelu", scan_blocks="auto", remat=False,
-               bias_max_resolution=64):
+
+  def __init__(
+    self,
+    *,
+    image_shape,
+    likelihood,
+    rngs,
+    dtype=jnp.float32,
+    dec_layers="1:5,4:5,8:10,16:2,32:1",
+    enc_blocks="32:1,16:2,8:10,4:5,1:5",
+    widths="32:32,16:64,8:128,4:256,1:512",
+    bottleneck=1.0,
+    latent_channels=32,
+    pad_to=32,
+    activation="gelu",
+    scan_blocks="auto",
+    remat=False,
+    bias_max_resolution=64,
+  ):
     height, width, colors = image_shape
     self.image_shape, self.likelihood, self.dtype = image_shape, likelihood, dtype
     self.act = layers.ACTIVATIONS[activation]
@@ -181,12 +207,16 @@ class VDVAE(nnx.Module):
       if side % r:
         raise ConfigError(f"vdvae resolution {r} does not divide the (padded) image side {side}")
     if self.dec_spec[-1][0] != side or self.enc_spec[0][0] != side:
-      raise ConfigError(f"model.dec_layers must end and model.enc_blocks start at the image "
-                        f"side {side} (after pad_to)")
+      raise ConfigError(
+        f"model.dec_layers must end and model.enc_blocks start at the image "
+        f"side {side} (after pad_to)"
+      )
     missing = sorted({r for r, _ in self.dec_spec} - {r for r, _ in self.enc_spec})
     if missing:
-      raise ConfigError(f"model.enc_blocks has no blocks at resolution(s) {missing}, which the "
-                        "decoder's posteriors read")
+      raise ConfigError(
+        f"model.enc_blocks has no blocks at resolution(s) {missing}, which the "
+        "decoder's posteriors read"
+      )
     width_of = parse_widths(widths, resolutions)
     self.widths = tuple(sorted(width_of.items()))
     self.latent_channels = latent_channels
@@ -201,30 +231,66 @@ class VDVAE(nnx.Module):
     kernel = lambda r: 3 if r > 2 else 1
     # Encoder: input conv, then per resolution a stack of blocks, pooled to the next.
     self.enc_in = layers.conv(colors, width_of[side], rngs, dtype)
-    self.enc_groups = nnx.List([
-        stacked(lambda i, r=r: EncoderBlock(width_of[r], mid(r), kernel(r), self.act,
-                                            math.sqrt(1 / num_enc), rngs, dtype), n)
-        for r, n in self.enc_spec])
-    self.enc_proj = nnx.List([
+    self.enc_groups = nnx.List(
+      [
+        stacked(
+          lambda i, r=r: EncoderBlock(
+            width_of[r], mid(r), kernel(r), self.act, math.sqrt(1 / num_enc), rngs, dtype
+          ),
+          n,
+        )
+        for r, n in self.enc_spec
+      ]
+    )
+    self.enc_proj = nnx.List(
+      [
         layers.conv(width_of[r], width_of[nxt], rngs, dtype, kernel=1)
-        if width_of[r] != width_of[nxt] else None
-        for (r, _), (nxt, _) in zip(self.enc_spec[:-1], self.enc_spec[1:])])
+        if width_of[r] != width_of[nxt]
+        else None
+        for (r, _), (nxt, _) in zip(self.enc_spec[:-1], self.enc_spec[1:])
+      ]
+    )
     # Decoder: a learned start per resolution, a stack of latent layers per group.
     # (VDVAE learns no start above 64x64: at 256x256 it would be most of the parameters.)
-    self.dec_bias = nnx.List([nnx.Param(jnp.zeros((1, r, r, width_of[r]), jnp.float32))
-                              if r <= bias_max_resolution else None for r, _ in self.dec_spec])
-    self.dec_proj = nnx.List([
+    self.dec_bias = nnx.List(
+      [
+        nnx.Param(jnp.zeros((1, r, r, width_of[r]), jnp.float32))
+        if r <= bias_max_resolution
+        else None
+        for r, _ in self.dec_spec
+      ]
+    )
+    self.dec_proj = nnx.List(
+      [
         layers.conv(width_of[prev], width_of[r], rngs, dtype, kernel=1)
-        if width_of[prev] != width_of[r] else None
-        for (prev, _), (r, _) in zip(self.dec_spec[:-1], self.dec_spec[1:])])
-    self.dec_groups = nnx.List([
-        stacked(lambda i, r=r: DecoderLayer(width_of[r], mid(r), latent_channels, kernel(r),
-                                            self.act, math.sqrt(1 / num_dec), rngs, dtype), n)
-        for r, n in self.dec_spec])
+        if width_of[prev] != width_of[r]
+        else None
+        for (prev, _), (r, _) in zip(self.dec_spec[:-1], self.dec_spec[1:])
+      ]
+    )
+    self.dec_groups = nnx.List(
+      [
+        stacked(
+          lambda i, r=r: DecoderLayer(
+            width_of[r],
+            mid(r),
+            latent_channels,
+            kernel(r),
+            self.act,
+            math.sqrt(1 / num_dec),
+            rngs,
+            dtype,
+          ),
+          n,
+        )
+        for r, n in self.dec_spec
+      ]
+    )
     self.out_gain = nnx.Param(jnp.ones((width_of[side],), jnp.float32))
     self.out_bias = nnx.Param(jnp.zeros((width_of[side],), jnp.float32))
-    self.to_output = layers.conv(width_of[side], likelihood.channels_out(colors), rngs, dtype,
-                                 kernel=1)
+    self.to_output = layers.conv(
+      width_of[side], likelihood.channels_out(colors), rngs, dtype, kernel=1
+    )
 
   # -- shapes ----------------------------------------------------------------------------
   @property
@@ -252,8 +318,7 @@ class VDVAE(nnx.Module):
           h = self.enc_proj[i](h)
     return acts
 
-  def _decode(self, batch, *, eps, acts=None, given=None, use_posterior=None,
-              temperature=None):
+  def _decode(self, batch, *, eps, acts=None, given=None, use_posterior=None, temperature=None):
     """The top-down pass over `batch` rows; returns (raw likelihood parameters, per-layer stats).
 
     eps: per layer [batch, r, r, c] standard-normal noise; acts: the encoder's activations
@@ -270,19 +335,23 @@ class VDVAE(nnx.Module):
     x, first, stats = None, 0, []
     for g, ((r, n), group) in enumerate(zip(self.dec_spec, self.dec_groups)):
       bias = self.dec_bias[g]
-      start = jnp.broadcast_to(bias[...].astype(self.dtype) if bias is not None else
-                               jnp.zeros((), self.dtype), (batch, r, r, dict(self.widths)[r]))
+      start = jnp.broadcast_to(
+        bias[...].astype(self.dtype) if bias is not None else jnp.zeros((), self.dtype),
+        (batch, r, r, dict(self.widths)[r]),
+      )
       if x is None:
         x = start
       else:
         up = upsample(x, r // self.dec_spec[g - 1][0])
         x = start + (self.dec_proj[g - 1](up) if self.dec_proj[g - 1] is not None else up)
       act = acts[r] if acts is not None else None
-      xs = dict(eps=jnp.stack(eps[first:first + n]),
-                select=jnp.asarray(use_posterior[first:first + n], jnp.float32),
-                temperature=jnp.asarray(temperature[first:first + n], jnp.float32))
+      xs = dict(
+        eps=jnp.stack(eps[first : first + n]),
+        select=jnp.asarray(use_posterior[first : first + n], jnp.float32),
+        temperature=jnp.asarray(temperature[first : first + n], jnp.float32),
+      )
       if given is not None:
-        xs["given"] = jnp.stack(given[first:first + n])
+        xs["given"] = jnp.stack(given[first : first + n])
       body = lambda layer, x, inputs, act=act: self._layer(layer, x, act, inputs)
       x, out = run_stack(group, x, xs, body, self.scan, self.remat)
       stats.extend(jax.tree.map(lambda a, i=i: a[i], out) for i in range(n))
@@ -290,12 +359,12 @@ class VDVAE(nnx.Module):
     h = x.astype(jnp.float32) * self.out_gain[...] + self.out_bias[...]
     raw = self.to_output(h.astype(self.dtype)).astype(jnp.float32)
     p = self.pad
-    return raw[:, p:self.side - p, p:self.side - p], stats
+    return raw[:, p : self.side - p, p : self.side - p], stats
 
   def _layer(self, layer, x, act, inputs):
     c = self.latent_channels
     prior = layer.prior(x).astype(jnp.float32)
-    p_mean, (p_std, p_log_std) = prior[..., :c], std_of(prior[..., c:2 * c])
+    p_mean, (p_std, p_log_std) = prior[..., :c], std_of(prior[..., c : 2 * c])
     eps, t = inputs["eps"].astype(jnp.float32), inputs["temperature"]
     z = p_mean + p_std * t * eps
     if act is not None:  # q reads the state before the prior's features are added
@@ -310,16 +379,22 @@ class VDVAE(nnx.Module):
       kl = gaussian_kl(q_mean, q_log_std, p_mean, p_log_std)
     else:
       log_q = kl = q_mean = jnp.zeros_like(z)
-    x = x + prior[..., 2 * c:].astype(x.dtype)
+    x = x + prior[..., 2 * c :].astype(x.dtype)
     x = layer.resnet(x + layer.z_proj(z.astype(self.dtype)))
     flat = lambda a: a.reshape(a.shape[0], -1)
-    return x, dict(z=z, log_q=jnp.sum(flat(log_q), -1), log_p=jnp.sum(flat(log_p), -1),
-                   kl=flat(kl), q_mean=flat(q_mean))
+    return x, dict(
+      z=z,
+      log_q=jnp.sum(flat(log_q), -1),
+      log_p=jnp.sum(flat(log_p), -1),
+      kl=flat(kl),
+      q_mean=flat(q_mean),
+    )
 
   def _eps(self, noise):
     """Per layer [k * b, r, r, c] noise, from `noise` (layer l draws stream l)."""
-    return [noise.normal(l, shape).reshape(-1, *shape) for l, shape in
-            enumerate(self.latent_shapes)]
+    return [
+      noise.normal(l, shape).reshape(-1, *shape) for l, shape in enumerate(self.latent_shapes)
+    ]
 
   def _repeat(self, acts, k):
     return {r: jnp.tile(a, (k, 1, 1, 1)) for r, a in acts.items()}
@@ -331,8 +406,9 @@ class VDVAE(nnx.Module):
     raw, stats = self._decode(k * b, eps=self._eps(noise), acts=acts)
     log_px_z = self.likelihood.log_prob(raw.reshape(k, b, *raw.shape[1:]), x)
     unflat = lambda a: a.reshape(k, b, *a.shape[1:])
-    layers_out = tuple(contract.LatentLayer(*(unflat(s[f]) for f in contract.LatentLayer._fields))
-                       for s in stats)
+    layers_out = tuple(
+      contract.LatentLayer(*(unflat(s[f]) for f in contract.LatentLayer._fields)) for s in stats
+    )
     return contract.Terms(log_px_z, layers_out)
 
   def _given(self, zs):
@@ -356,15 +432,20 @@ class VDVAE(nnx.Module):
     return tuple(s["z"] for s in stats)
 
   def log_posterior(self, x, zs):
-    _, stats = self._decode(x.shape[0], eps=[jnp.zeros_like(z) for z in zs],
-                            acts=self.encode_activations(x), given=list(zs))
+    _, stats = self._decode(
+      x.shape[0],
+      eps=[jnp.zeros_like(z) for z in zs],
+      acts=self.encode_activations(x),
+      given=list(zs),
+    )
     return sum(s["log_q"] for s in stats)
 
   def _temperatures(self, temperature):
     t = jnp.asarray(temperature, jnp.float32).reshape(-1)
     if t.shape[0] not in (1, self.num_layers):
-      raise ConfigError(f"give one temperature or one per latent layer ({self.num_layers}), "
-                        f"got {t.shape[0]}")
+      raise ConfigError(
+        f"give one temperature or one per latent layer ({self.num_layers}), got {t.shape[0]}"
+      )
     return list(jnp.broadcast_to(t, (self.num_layers,)))
 
   def sample(self, key, n, temperature=1.0):
@@ -376,6 +457,7 @@ class VDVAE(nnx.Module):
   def reconstruct(self, x, noise, keep_layers=None):
     keep = self.num_layers if keep_layers is None else keep_layers
     select = [1.0 if l < keep else 0.0 for l in range(self.num_layers)]
-    raw, _ = self._decode(x.shape[0], eps=self._eps(noise), acts=self.encode_activations(x),
-                          use_posterior=select)
+    raw, _ = self._decode(
+      x.shape[0], eps=self._eps(noise), acts=self.encode_activations(x), use_posterior=select
+    )
     return raw

@@ -4,6 +4,7 @@ Inputs are `models.contract.Terms`-shaped: log p(x|z) [k, b] and per latent laye
 log q, log p [k, b] and per-unit KL contributions [k, b, units]. Everything is per example;
 the trainer and evaluator take means. Pure functions of arrays: no Flax, no state, no config.
 """
+
 import math
 
 import jax
@@ -63,16 +64,17 @@ def free_bits_penalty(terms, free_bits, per, axis_name=None):
   return total
 
 
-def per_example(terms, objective="elbo", kl_scale=1.0, free_bits=0.0, free_bits_per="unit",
-                axis_name=None):
+def per_example(
+  terms, objective="elbo", kl_scale=1.0, free_bits=0.0, free_bits_per="unit", axis_name=None
+):
   """Everything the trainer and evaluator need from one batch, per example ([b] float32):
 
-    loss          the quantity to minimise: -(ELBO with kl_scale and free bits), or -IWAE;
-    elbo          the true (beta = 1) ELBO, averaged over the k samples;
-    rate          the total KL(q(z|x) || p(z)) estimate, averaged over the k samples;
-    distortion    -E_q log p(x|z), averaged over the k samples;
-    iwae          the k-sample importance-weighted bound log mean_k p(x, z_k)/q(z_k|x);
-    rate_by_layer [b, L] each layer's KL, top layer first.
+  loss          the quantity to minimise: -(ELBO with kl_scale and free bits), or -IWAE;
+  elbo          the true (beta = 1) ELBO, averaged over the k samples;
+  rate          the total KL(q(z|x) || p(z)) estimate, averaged over the k samples;
+  distortion    -E_q log p(x|z), averaged over the k samples;
+  iwae          the k-sample importance-weighted bound log mean_k p(x, z_k)/q(z_k|x);
+  rate_by_layer [b, L] each layer's KL, top layer first.
   """
   log_px_z = terms.log_px_z.astype(jnp.float32)
   kls = jnp.stack([layer_kl(layer) for layer in terms.layers], axis=-1)  # [k, b, L]
@@ -83,13 +85,22 @@ def per_example(terms, objective="elbo", kl_scale=1.0, free_bits=0.0, free_bits_
   if objective == "iwae":
     loss = -iwae
   elif objective == "elbo":
-    penalty = (jnp.mean(free_bits_penalty(terms, free_bits, free_bits_per, axis_name), axis=0)
-               if free_bits else rate)
+    penalty = (
+      jnp.mean(free_bits_penalty(terms, free_bits, free_bits_per, axis_name), axis=0)
+      if free_bits
+      else rate
+    )
     loss = distortion + kl_scale * penalty
   else:
     raise ValueError(f"unknown objective {objective!r}: use elbo or iwae")
-  return dict(loss=loss, elbo=-distortion - rate, rate=rate, distortion=distortion, iwae=iwae,
-              rate_by_layer=rate_by_layer)
+  return dict(
+    loss=loss,
+    elbo=-distortion - rate,
+    rate=rate,
+    distortion=distortion,
+    iwae=iwae,
+    rate_by_layer=rate_by_layer,
+  )
 
 
 def bits_per_dim(nats_per_example, num_dims):

@@ -9,6 +9,7 @@ section). The same values to float32 rounding; infinities give what softplus giv
 The derivative is written out (custom_jvp) because autodiff of max and |x| gives 0 at x = 0,
 where the slope is 1/2, and zero inputs are common: zero-initialised last layers.
 """
+
 import jax
 import jax.numpy as jnp
 

@@ -17,6 +17,7 @@ the gradient of each one, which is how one `jax.grad` serves the whole batch.
   Ghahramani & Adams, 2015), a stochastic upper bound of log p(x) when started
   at an exact posterior sample; with `ais` it sandwiches log p(x).
 """
+
 import math
 
 import jax
@@ -70,7 +71,7 @@ def psis_khat(log_w):
   top = jax.lax.top_k(jnp.moveaxis(log_w, 0, -1), m + 1)[0]
   s = jnp.moveaxis(top[..., ::-1], -1, 0)
   s = s - s[-1]
-  exceed = jnp.exp(s[1:]) - jnp.exp(s[0])   # [M, b], ascending
+  exceed = jnp.exp(s[1:]) - jnp.exp(s[0])  # [M, b], ascending
   k = _gpd_shape(exceed)
   return jnp.where(jnp.isnan(k), jnp.inf, k)  # a tail that underflowed: see the docstring
 
@@ -83,7 +84,7 @@ def _gpd_shape(x):
   j = jnp.arange(1, grid + 1, dtype=x.dtype)
   # The grid of theta = -k/sigma, centered by the first quartile and maximum.
   quartile = x[int(n / 4 + 0.5) - 1]
-  theta = 1 / x[-1] + expand(1 - jnp.sqrt(grid / (j - 0.5))) / (3 * quartile)   # [grid, ...]
+  theta = 1 / x[-1] + expand(1 - jnp.sqrt(grid / (j - 0.5))) / (3 * quartile)  # [grid, ...]
   # For each theta the profile MLE of k is mean(log(1 - theta x)); theta < 1/max(x) keeps it finite.
   k = jnp.mean(jnp.log1p(-theta[:, None] * x[None]), axis=1)
   profile = n * (jnp.log(-theta / k) - k - 1)
@@ -103,7 +104,8 @@ def linear_schedule(num_steps):
 
 
 def sigmoid_schedule(num_steps, rad=4):
-  """num_steps + 1 betas from 0 to 1 along a sigmoid of [-rad, rad] (Grosse et al., 2015; Wu et al., 2017).
+  """num_steps + 1 betas from 0 to 1 along a sigmoid of [-rad, rad] (Grosse et al., 2015; Wu et
+  al., 2017).
 
   Most of the free energy changes near both ends of the path (leaving the
   initial distribution and sharpening into the posterior), so the sigmoid spends
@@ -121,8 +123,9 @@ def _per_example(v, leaf):
   return v.reshape(v.shape + (1,) * (leaf.ndim - 1))
 
 
-def _anneal(key, z, init_log_prob, log_target, betas, num_leapfrog, step_size, target_accept,
-            adapt):
+def _anneal(
+  key, z, init_log_prob, log_target, betas, num_leapfrog, step_size, target_accept, adapt
+):
   """Walk z along betas[0] -> betas[-1]: at each step add the AIS increment, then move by HMC.
 
   Step t (t = 1..T) adds f_t(z) - f_{t-1}(z) = (b_t - b_{t-1}) (log_target(z) -
@@ -154,10 +157,12 @@ def _anneal(key, z, init_log_prob, log_target, betas, num_leapfrog, step_size, t
 
   def density_and_grad(z, beta):
     """f_beta per example, its two parts, and the gradient of f_beta (one backward pass)."""
+
     def total(z):
       l0, l1 = init_log_prob(z), log_target(z)
       f = (1 - beta) * l0 + beta * l1
       return jnp.sum(f), (f, l0, l1)
+
     (_, aux), grad = jax.value_and_grad(total, has_aux=True)(z)
     return aux, grad
 
@@ -170,8 +175,12 @@ def _anneal(key, z, init_log_prob, log_target, betas, num_leapfrog, step_size, t
 
     # HMC with unit mass: num_leapfrog leapfrog steps, Metropolis accept per example.
     k_mom, k_acc = jax.random.split(key)
-    momentum = treedef.unflatten([jax.random.normal(k, l.shape, l.dtype)
-                                  for k, l in zip(jax.random.split(k_mom, len(leaves)), leaves)])
+    momentum = treedef.unflatten(
+      [
+        jax.random.normal(k, l.shape, l.dtype)
+        for k, l in zip(jax.random.split(k_mom, len(leaves)), leaves)
+      ]
+    )
     kick = lambda p, g, c: jax.tree.map(lambda p, g: p + c * _per_example(eps, p) * g, p, g)
     drift = lambda z, p: jax.tree.map(lambda z, p: z + _per_example(eps, z) * p, z, p)
 
@@ -183,7 +192,7 @@ def _anneal(key, z, init_log_prob, log_target, betas, num_leapfrog, step_size, t
 
     p = kick(momentum, grad, 0.5)
     z_new, p, f_new, grad_new = jax.lax.fori_loop(0, num_leapfrog, leapfrog, (z, p, f, grad))
-    p = kick(p, grad_new, -0.5)   # the loop's last full kick was half a kick too many
+    p = kick(p, grad_new, -0.5)  # the loop's last full kick was half a kick too many
     log_accept = (f_new - 0.5 * sqnorm(p)) - (f - 0.5 * sqnorm(momentum))
     log_accept = jnp.where(jnp.isnan(log_accept), -jnp.inf, log_accept)
     accept = jnp.log(jax.random.uniform(k_acc, (batch,), dtype)) < log_accept
@@ -201,19 +210,30 @@ def _anneal(key, z, init_log_prob, log_target, betas, num_leapfrog, step_size, t
   return dict(log_w=log_w, accept_rate=accepted / num_steps, step_sizes=used, state=z)
 
 
-def _tuned(key, z, init_log_prob, log_target, betas, num_leapfrog, step_size, target_accept,
-           adapt):
+def _tuned(key, z, init_log_prob, log_target, betas, num_leapfrog, step_size, target_accept, adapt):
   """_anneal with, when adapt, a pilot pass whose step sizes the returned pass replays."""
   if adapt:
     key, k_pilot = jax.random.split(key)
-    step_size = _anneal(k_pilot, z, init_log_prob, log_target, betas, num_leapfrog, step_size,
-                        target_accept, True)["step_sizes"]
-  return _anneal(key, z, init_log_prob, log_target, betas, num_leapfrog, step_size,
-                 target_accept, False)
+    step_size = _anneal(
+      k_pilot, z, init_log_prob, log_target, betas, num_leapfrog, step_size, target_accept, True
+    )["step_sizes"]
+  return _anneal(
+    key, z, init_log_prob, log_target, betas, num_leapfrog, step_size, target_accept, False
+  )
 
 
-def ais(key, init_sample, init_log_prob, log_target, betas, *, num_leapfrog=10, step_size=0.05,
-        target_accept=0.65, adapt=True):
+def ais(
+  key,
+  init_sample,
+  init_log_prob,
+  log_target,
+  betas,
+  *,
+  num_leapfrog=10,
+  step_size=0.05,
+  target_accept=0.65,
+  adapt=True,
+):
   """Annealed importance sampling (Neal, 2001): a stochastic lower bound of log Z per example.
 
   The chain starts at `init_sample`, an exact draw from the *normalized*
@@ -259,14 +279,34 @@ def ais(key, init_sample, init_log_prob, log_target, betas, *, num_leapfrog=10, 
   With T = 1 (betas = [0, 1]) log_z is the one-sample importance weight
   log_target(z0) - init_log_prob(z0).
   """
-  out = _tuned(key, init_sample, init_log_prob, log_target, betas, num_leapfrog, step_size,
-               target_accept, adapt)
+  out = _tuned(
+    key,
+    init_sample,
+    init_log_prob,
+    log_target,
+    betas,
+    num_leapfrog,
+    step_size,
+    target_accept,
+    adapt,
+  )
   out["log_z"] = out.pop("log_w")
   return out
 
 
-def ais_log_marginal(key, init_sample, init_log_prob, log_target, betas, num_chains, *,
-                     num_leapfrog=10, step_size=0.05, target_accept=0.65, adapt=True):
+def ais_log_marginal(
+  key,
+  init_sample,
+  init_log_prob,
+  log_target,
+  betas,
+  num_chains,
+  *,
+  num_leapfrog=10,
+  step_size=0.05,
+  target_accept=0.65,
+  adapt=True,
+):
   """AIS with num_chains chains per example, combined by log-mean-exp.
 
   The chains are folded into the batch axis, chain-major: leaves of
@@ -282,15 +322,38 @@ def ais_log_marginal(key, init_sample, init_log_prob, log_target, betas, num_cha
   trusted; accept_rate [num_chains, b]; step_sizes [T, num_chains * b]; state,
   the folded final pytree).
   """
-  out = ais(key, init_sample, init_log_prob, log_target, betas, num_leapfrog=num_leapfrog,
-            step_size=step_size, target_accept=target_accept, adapt=adapt)
+  out = ais(
+    key,
+    init_sample,
+    init_log_prob,
+    log_target,
+    betas,
+    num_leapfrog=num_leapfrog,
+    step_size=step_size,
+    target_accept=target_accept,
+    adapt=adapt,
+  )
   log_w = out.pop("log_z").reshape(num_chains, -1)
-  return dict(out, log_z=jax.nn.logsumexp(log_w, axis=0) - math.log(num_chains), log_w=log_w,
-              accept_rate=out["accept_rate"].reshape(num_chains, -1))
+  return dict(
+    out,
+    log_z=jax.nn.logsumexp(log_w, axis=0) - math.log(num_chains),
+    log_w=log_w,
+    accept_rate=out["accept_rate"].reshape(num_chains, -1),
+  )
 
 
-def reverse_ais(key, exact_sample, init_log_prob, log_target, betas, *, num_leapfrog=10,
-                step_size=0.05, target_accept=0.65, adapt=True):
+def reverse_ais(
+  key,
+  exact_sample,
+  init_log_prob,
+  log_target,
+  betas,
+  *,
+  num_leapfrog=10,
+  step_size=0.05,
+  target_accept=0.65,
+  adapt=True,
+):
   """The reverse AIS chain of bidirectional Monte Carlo: a stochastic UPPER bound of log Z.
 
   Start at an exact sample of the normalized target (the posterior p(z|x) when
@@ -319,10 +382,21 @@ def reverse_ais(key, exact_sample, init_log_prob, log_target, betas, *, num_leap
     forward order; state, the final pytree, approximately distributed as the
     initial distribution).
   """
-  if jnp.ndim(step_size) == 2:   # reverse step j moves at betas[T - j]; the last move (beta 0) is idle
+  if (
+    jnp.ndim(step_size) == 2
+  ):  # reverse step j moves at betas[T - j]; the last move (beta 0) is idle
     step_size = jnp.concatenate([step_size[-2::-1], step_size[:1]])
-  out = _tuned(key, exact_sample, init_log_prob, log_target, jnp.asarray(betas)[::-1],
-               num_leapfrog, step_size, target_accept, adapt)
+  out = _tuned(
+    key,
+    exact_sample,
+    init_log_prob,
+    log_target,
+    jnp.asarray(betas)[::-1],
+    num_leapfrog,
+    step_size,
+    target_accept,
+    adapt,
+  )
   used = out["step_sizes"]
   out["step_sizes"] = jnp.concatenate([used[-2::-1], used[-1:]])
   out["log_z"] = -out.pop("log_w")

@@ -1,4 +1,5 @@
 """Diagonal Gaussians: densities and KLs, summed over the last axis unless said otherwise."""
+
 import math
 
 import jax
@@ -8,11 +9,16 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def kl_per_unit(mean, logvar, prior_mean=None, prior_logvar=None):
-  """KL(N(mean, e^logvar) || N(prior_mean, e^prior_logvar)) per unit; the prior is N(0, 1) if None."""
+  """KL(N(mean, e^logvar) || N(prior_mean, e^prior_logvar)) per unit; the prior is N(0, 1) if
+  None."""
   if prior_mean is None:
     return 0.5 * (jnp.exp(logvar) + mean**2 - 1.0 - logvar)
-  return 0.5 * (prior_logvar - logvar + (jnp.exp(logvar) + (mean - prior_mean) ** 2)
-                * jnp.exp(-prior_logvar) - 1.0)
+  return 0.5 * (
+    prior_logvar
+    - logvar
+    + (jnp.exp(logvar) + (mean - prior_mean) ** 2) * jnp.exp(-prior_logvar)
+    - 1.0
+  )
 
 
 def kl_to_standard(mean, logvar):

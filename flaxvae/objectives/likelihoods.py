@@ -74,8 +74,10 @@ log_prob conditions on.
 clipped logistic mean; for the mixture the softmax-weighted mean of the per-component
 coupled means (each clipped to the data range), in [0, 1].
 """
+
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +104,7 @@ class Likelihood(NamedTuple):
   data_kind     "binary" (a pmf only on {0, 1}), "8bit" (a pmf over the 256 levels k/255)
                 or "continuous" (a density).
   """
+
   name: str
   channels_out: Callable[[int], int]
   log_prob: Callable
@@ -123,12 +126,16 @@ def _check_channels(num_channels):
 def _check_shapes(name, channels_out, raw, x):
   """raw [..., batch, H, W, K] against x [..., batch, H, W, C]; K must be channels_out(C)."""
   if raw.ndim < 4 or x.ndim < 4:
-    raise ValueError(f"{name}: raw must be [..., batch, H, W, channels] and x [batch, H, W, C], "
-                     f"got raw {raw.shape} and x {x.shape}")
+    raise ValueError(
+      f"{name}: raw must be [..., batch, H, W, channels] and x [batch, H, W, C], "
+      f"got raw {raw.shape} and x {x.shape}"
+    )
   want = channels_out(x.shape[-1])
   if raw.shape[-3:-1] != x.shape[-3:-1] or raw.shape[-1] != want:
-    raise ValueError(f"{name}: raw {raw.shape} does not fit x {x.shape}: want raw "
-                     f"[..., batch, {x.shape[-3]}, {x.shape[-2]}, {want}]")
+    raise ValueError(
+      f"{name}: raw {raw.shape} does not fit x {x.shape}: want raw "
+      f"[..., batch, {x.shape[-3]}, {x.shape[-2]}, {want}]"
+    )
 
 
 def _flat_dims(raw, x, params):
@@ -162,9 +169,11 @@ def _log1mexp(log_d):
   d = jnp.exp(log_d)
   tiny = d < 1e-3
   d_safe = jnp.where(tiny, 1.0, d)  # keeps the unused branches (and their gradients) finite
-  return jnp.where(tiny, log_d - 0.5 * d,
-                   jnp.where(d_safe <= math.log(2.0), jnp.log(-jnp.expm1(-d_safe)),
-                             jnp.log1p(-jnp.exp(-d_safe))))
+  return jnp.where(
+    tiny,
+    log_d - 0.5 * d,
+    jnp.where(d_safe <= math.log(2.0), jnp.log(-jnp.expm1(-d_safe)), jnp.log1p(-jnp.exp(-d_safe))),
+  )
 
 
 def _discretized_logistic_log_mass(x, mean, log_scale, half_bin, low, high, bin_mass):
@@ -266,8 +275,14 @@ def _discretized_logistic(bin_mass="exact"):
     _check_shapes(name, channels_out, raw, x)
     raw, x = _flat_dims(raw, x, 2)
     log_mass = _discretized_logistic_log_mass(
-        x, raw[..., 0], jnp.maximum(raw[..., 1], LOG_SCALE_MIN), half_bin,
-        half_bin, 1.0 - half_bin, bin_mass)
+      x,
+      raw[..., 0],
+      jnp.maximum(raw[..., 1], LOG_SCALE_MIN),
+      half_bin,
+      half_bin,
+      1.0 - half_bin,
+      bin_mass,
+    )
     return jnp.sum(log_mass, axis=-1)
 
   def mean(raw):
@@ -307,8 +322,10 @@ def _mixture_logistic(num_mixtures=10, bin_mass="exact"):
       return 3
     c, rest = divmod(k // m - 1, 2) if k % m == 0 else (0, 1)
     if rest or c < 1 or c == 3:
-      raise ValueError(f"{name}: {k} raw channels fit no channel count for {m} mixtures "
-                       f"(want 10*M for RGB, M*(1+2C) otherwise)")
+      raise ValueError(
+        f"{name}: {k} raw channels fit no channel count for {m} mixtures "
+        f"(want 10*M for RGB, M*(1+2C) otherwise)"
+      )
     return c
 
   def split(raw, c):
@@ -316,16 +333,24 @@ def _mixture_logistic(num_mixtures=10, bin_mass="exact"):
     coupling coefficients [..., C, M, N] (coefficients None unless C == 3)."""
     per = 3 if c == 3 else 2
     p = raw[..., m:, :].reshape(*raw.shape[:-2], c, per * m, raw.shape[-1])
-    coeffs = jnp.tanh(p[..., 2 * m:, :]) if c == 3 else None
-    return (raw[..., :m, :], p[..., :m, :], jnp.maximum(p[..., m:2 * m, :], LOG_SCALE_MIN),
-            coeffs)
+    coeffs = jnp.tanh(p[..., 2 * m :, :]) if c == 3 else None
+    return (
+      raw[..., :m, :],
+      p[..., :m, :],
+      jnp.maximum(p[..., m : 2 * m, :], LOG_SCALE_MIN),
+      coeffs,
+    )
 
   def couple(means, coeffs, r, g, clip=lambda v: v):
     """The means of R, of G given r and of B given r and g: [..., C, M, N]."""
-    return jnp.stack([means[..., 0, :, :],
-                      clip(means[..., 1, :, :] + coeffs[..., 0, :, :] * r),
-                      clip(means[..., 2, :, :] + coeffs[..., 1, :, :] * r + coeffs[..., 2, :, :] * g)],
-                     axis=-3)
+    return jnp.stack(
+      [
+        means[..., 0, :, :],
+        clip(means[..., 1, :, :] + coeffs[..., 0, :, :] * r),
+        clip(means[..., 2, :, :] + coeffs[..., 1, :, :] * r + coeffs[..., 2, :, :] * g),
+      ],
+      axis=-3,
+    )
 
   def log_prob(raw, x):
     _check_shapes(name, channels_out, raw, x)
@@ -335,8 +360,9 @@ def _mixture_logistic(num_mixtures=10, bin_mass="exact"):
     logits, means, log_scales, coeffs = split(raw, c)  # x: [..., batch, C, N]
     if coeffs is not None:  # G's and B's means given the data's R (and G)
       means = couple(means, coeffs, x[..., 0:1, :], x[..., 1:2, :])
-    log_mass = _discretized_logistic_log_mass(x[..., None, :], means, log_scales, half_bin,
-                                              -edge, edge, bin_mass)  # [..., batch, C, M, N]
+    log_mass = _discretized_logistic_log_mass(
+      x[..., None, :], means, log_scales, half_bin, -edge, edge, bin_mass
+    )  # [..., batch, C, M, N]
     log_joint = jnp.sum(log_mass, axis=-3) + jax.nn.log_softmax(logits, axis=-2)
     return jnp.sum(jax.nn.logsumexp(log_joint, axis=-2), axis=-1)
 
@@ -406,10 +432,10 @@ def _bin_mass(option, value):
 
 # name -> (factory, {option: validator})
 _REGISTRY = {
-    "bernoulli": (_bernoulli, {}),
-    "gaussian": (_gaussian, {"gaussian_logvar": _number}),
-    "discretized_logistic": (_discretized_logistic, {"bin_mass": _bin_mass}),
-    "mixture_logistic": (_mixture_logistic, {"num_mixtures": _positive_int, "bin_mass": _bin_mass}),
+  "bernoulli": (_bernoulli, {}),
+  "gaussian": (_gaussian, {"gaussian_logvar": _number}),
+  "discretized_logistic": (_discretized_logistic, {"bin_mass": _bin_mass}),
+  "mixture_logistic": (_mixture_logistic, {"num_mixtures": _positive_int, "bin_mass": _bin_mass}),
 }
 LIKELIHOODS = tuple(_REGISTRY)
 

@@ -6,6 +6,7 @@ inside a loop it keeps the loop's layouts and cannot call its convolution librar
 a convolutional model's stacked layers are unrolled, and its evaluation dispatches chunks of
 importance samples from the host instead of scanning over them on the device.
 """
+
 import jax
 
 # Decoder rows per device in one host-dispatched chunk of importance samples, per registered

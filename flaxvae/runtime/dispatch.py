@@ -13,6 +13,7 @@ Why a helper thread: a main thread blocked inside the runtime (`block_until_read
 signal exits at once" promise would work while the host waits. The wait happens on a
 daemon thread; the main thread sleeps on a lock, which signals interrupt.
 """
+
 import collections
 import queue
 import threading
@@ -70,10 +71,11 @@ def wait(tree, timeout_s, what="device work"):
   start = time.monotonic()
   if not _WAITER.wait(pending, timeout_s):
     raise DeviceTimeout(
-        f"{what} did not finish within {timeout_s:.0f} s (after {time.monotonic() - start:.0f} s "
-        "of waiting): a collective is probably stuck (a process died or stopped, or devices "
-        "deadlocked). Rerun the same command to resume from the last committed checkpoint; if "
-        "single dispatches legitimately take longer, raise parallel.wait_timeout_s")
+      f"{what} did not finish within {timeout_s:.0f} s (after {time.monotonic() - start:.0f} s "
+      "of waiting): a collective is probably stuck (a process died or stopped, or devices "
+      "deadlocked). Rerun the same command to resume from the last committed checkpoint; if "
+      "single dispatches legitimately take longer, raise parallel.wait_timeout_s"
+    )
   return tree
 
 

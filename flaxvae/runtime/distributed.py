@@ -11,6 +11,7 @@ On CPU the collectives run over gloo. A process that dies stops the others: JAX'
 coordination service aborts the survivors once the dead one misses its heartbeats,
 so `heartbeat_timeout_seconds` bounds how long they can hang in a collective.
 """
+
 import logging
 import os
 
@@ -22,8 +23,13 @@ log = logging.getLogger("flaxvae")
 
 HEARTBEAT_TIMEOUT_S = int(os.environ.get("FLAXVAE_HEARTBEAT_TIMEOUT", "30"))
 # Environment variables that mean "JAX can find the cluster by itself".
-CLUSTER_MARKERS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                   "JOBSET_NAME", "MEGASCALE_COORDINATOR_ADDRESS")
+CLUSTER_MARKERS = (
+  "SLURM_JOB_ID",
+  "OMPI_COMM_WORLD_SIZE",
+  "TPU_WORKER_HOSTNAMES",
+  "JOBSET_NAME",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+)
 
 
 def explicit_settings(coordinator_address=None, num_processes=None, process_id=None):
@@ -36,8 +42,10 @@ def explicit_settings(coordinator_address=None, num_processes=None, process_id=N
   if not any(given):
     return None
   if not all(given):
-    raise ConfigError("multi-process runs need all of --coordinator_address, --num_processes "
-                      "and --process_id (or FLAXVAE_COORDINATOR_ADDRESS/_NUM_PROCESSES/_PROCESS_ID)")
+    raise ConfigError(
+      "multi-process runs need all of --coordinator_address, --num_processes "
+      "and --process_id (or FLAXVAE_COORDINATOR_ADDRESS/_NUM_PROCESSES/_PROCESS_ID)"
+    )
   count, index = int(count), int(index)
   if not 0 <= index < count:
     raise ConfigError(f"--process_id {index} must be in [0, {count}) for --num_processes {count}")
@@ -55,9 +63,18 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None):
     jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
   else:
     address, count, index = settings
-    jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                               process_id=index, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
-  log.info("process %d of %d: %d local / %d global devices (%s)", jax.process_index(),
-           jax.process_count(), jax.local_device_count(), jax.device_count(),
-           jax.devices()[0].device_kind)
+    jax.distributed.initialize(
+      coordinator_address=address,
+      num_processes=count,
+      process_id=index,
+      heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    )
+  log.info(
+    "process %d of %d: %d local / %d global devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+  )
   return jax.process_index(), jax.process_count()

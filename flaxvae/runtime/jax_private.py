@@ -4,6 +4,7 @@ way to ask.
 tests/runtime/test_jax_private.py checks each against what it must answer, so a JAX release
 that moves one fails a test instead of silently turning a guard off.
 """
+
 import sys
 
 
@@ -13,6 +14,7 @@ def backends_started():
   if "jax" not in sys.modules:
     return False
   from jax._src import xla_bridge  # noqa: PLC0415  (no public equivalent)
+
   return xla_bridge.backends_are_initialized()
 
 
@@ -20,9 +22,10 @@ def compilations(fn):
   """How many programs `fn`, a jax.jit function, has compiled and cached; None for a function
   jax.jit did not make (jax.pmap's keep no count)."""
   import jax  # noqa: PLC0415
+
   if not isinstance(fn, type(jax.jit(_identity))):
     return None
-  return fn._cache_size()  # noqa: SLF001  (no public equivalent)
+  return fn._cache_size()
 
 
 def _identity(x):

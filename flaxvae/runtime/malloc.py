@@ -19,14 +19,18 @@ PID, so launchers and signals are unaffected. FLAXVAE_MALLOC_DEFAULTS=0 turns it
 the user already set in GLIBC_TUNABLES keeps the user's value. A glibc older than 2.35 ignores
 `hugetlb`.
 """
+
 import os
 import platform
 import sys
 
 from flaxvae.runtime import xla_flags
 
-TUNABLES = ("glibc.malloc.mmap_threshold=2147483647", "glibc.malloc.trim_threshold=4294967295",
-            "glibc.malloc.hugetlb=1")
+TUNABLES = (
+  "glibc.malloc.mmap_threshold=2147483647",
+  "glibc.malloc.trim_threshold=4294967295",
+  "glibc.malloc.hugetlb=1",
+)
 
 
 def tuned_environment(environ):
@@ -47,8 +51,11 @@ def reexec_with_tuned_malloc(argv=None):
   env = tuned_environment(os.environ)
   if env is None:
     return
-  command = ([sys.executable, "-m", "flaxvae.cli", *argv[1:]] if argv is not None
-             else [sys.executable, *sys.orig_argv[1:]])
+  command = (
+    [sys.executable, "-m", "flaxvae.cli", *argv[1:]]
+    if argv is not None
+    else [sys.executable, *sys.orig_argv[1:]]
+  )
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, command, env)

@@ -6,13 +6,15 @@ places replicated values and batch-sharded arrays, wraps per-device functions,
 and turns device values back into one host-side copy. Both backends take the
 same host arrays and give the same results, so callers never branch on them.
 """
+
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flaxvae.errors import ConfigError
 from flaxvae.runtime import dispatch
@@ -30,21 +32,22 @@ def batch_axis(axis: int):
 
 
 def parse_mesh(spec, num_devices):
-  """"data:2,fsdp:4" -> (data, fsdp) sizes for `num_devices`; "" puts every device on data."""
+  """ "data:2,fsdp:4" -> (data, fsdp) sizes for `num_devices`; "" puts every device on data."""
   if not spec:
     return num_devices, 1
   sizes = {}
   for part in str(spec).split(","):
     name, _, size = part.partition(":")
     if name not in (AXIS, FSDP) or not size.isdigit() or int(size) <= 0 or name in sizes:
-      raise ConfigError(f"parallel.mesh {spec!r}: give data:N and/or fsdp:M, e.g. "
-                        "'data:2,fsdp:4'")
+      raise ConfigError(f"parallel.mesh {spec!r}: give data:N and/or fsdp:M, e.g. 'data:2,fsdp:4'")
     sizes[name] = int(size)
   data, fsdp = sizes.get(AXIS, 0), sizes.get(FSDP, 1)
   data = data or num_devices // fsdp
   if data * fsdp != num_devices:
-    raise ConfigError(f"parallel.mesh {spec!r} has {data * fsdp} devices but {num_devices} are "
-                      "used: make data x fsdp equal the device count (parallel.num_devices)")
+    raise ConfigError(
+      f"parallel.mesh {spec!r} has {data * fsdp} devices but {num_devices} are "
+      "used: make data x fsdp equal the device count (parallel.num_devices)"
+    )
   return data, fsdp
 
 
@@ -82,8 +85,10 @@ class Runner:
     if len(self.devices) == 1 and jax.process_count() == 1:
       self.wait_timeout_s = None
     if self.fsdp > 1 and self.backend == "pmap":
-      raise ConfigError("the pmap backend is pure data parallelism: it cannot split parameters "
-                        "over an fsdp axis; use parallel.backend=shard_map with parallel.mesh")
+      raise ConfigError(
+        "the pmap backend is pure data parallelism: it cannot split parameters "
+        "over an fsdp axis; use parallel.backend=shard_map with parallel.mesh"
+      )
     # shard_map: explicit axes, so every array placed here carries its sharding in its type
     # and a layout the step did not ask for is an error at trace time, not a silent copy.
     # pmap maps a leading device axis of its own: its mesh only places the stacked copies.
@@ -91,10 +96,11 @@ class Runner:
       shape, self.batch_axes = (self.num_devices // self.fsdp, self.fsdp), (AXIS, FSDP)
     else:
       shape, self.batch_axes = (self.num_devices,), AXIS
-    names = (AXIS, FSDP)[:len(shape)]
+    names = (AXIS, FSDP)[: len(shape)]
     kind = AxisType.Explicit if self.backend == "shard_map" else AxisType.Auto
-    self.mesh = jax.make_mesh(shape, names, axis_types=(kind,) * len(shape),
-                              devices=list(self.devices))
+    self.mesh = jax.make_mesh(
+      shape, names, axis_types=(kind,) * len(shape), devices=list(self.devices)
+    )
 
   @property
   def num_devices(self):
@@ -119,9 +125,11 @@ class Runner:
 
   def state_specs(self, tree):
     """PartitionSpecs of a state tree: each array split over fsdp along `fsdp_dim`."""
+
     def spec(x):
       dim = fsdp_dim(np.shape(x), self.fsdp)
       return full_rank(P() if dim is None else P(*([None] * dim), FSDP), np.ndim(x))
+
     return jax.tree.map(spec, tree)
 
   def sharding(self, kind=REPLICATED, ndim=0):
@@ -147,6 +155,7 @@ class Runner:
         parts = [x] * n if kind in (REPLICATED, "state") else np.split(x, n, axis=kind[1])
         stacked = NamedSharding(self.mesh, full_rank(P(AXIS), x.ndim + 1))
         return jax.make_array_from_process_local_data(stacked, np.stack(parts))
+
       return jax.tree.map(stack, tree)
     if kind == "state":
       return jax.tree.map(self._place_whole, tree, self.state_shardings(tree))
@@ -157,6 +166,7 @@ class Runner:
       if kind == REPLICATED:
         return self._place_whole(x, sharding)
       return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
     return jax.tree.map(place, tree)
 
   @staticmethod
@@ -186,16 +196,19 @@ class Runner:
       if x.is_fully_addressable:
         return np.asarray(x)
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
     return jax.tree.map(whole, tree)
 
   def gather(self, tree):
     """Batch-sharded device values (axis 0) -> full host arrays, from every process."""
     dispatch.wait(tree, self.wait_timeout_s)
+
     def full(x):
       if jax.process_count() > 1:
         x = multihost_utils.process_allgather(x, tiled=self.backend == "shard_map")
       x = np.asarray(x)
       return x.reshape(-1, *x.shape[2:]) if self.backend == "pmap" else x
+
     return jax.tree.map(full, tree)
 
   def unreplicate(self, tree):
@@ -228,8 +241,9 @@ class Runner:
     in_specs, out_specs = spec_tree(in_kinds), spec_tree(out_kinds)
     if len(out_kinds) == 1:
       out_specs = out_specs[0]
-    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                           check_vma=False)
+    mapped = jax.shard_map(
+      fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
     return jax.jit(mapped, donate_argnums=donate_argnums)
 
 
@@ -239,14 +253,18 @@ def create_runner(settings, batch_size):
   devices = jax.devices()
   wanted = settings.num_devices or len(devices)
   if wanted > len(devices):
-    raise ConfigError(f"parallel.num_devices={wanted} but JAX sees only {len(devices)} devices: "
-                      "lower it or set 0 for all")
+    raise ConfigError(
+      f"parallel.num_devices={wanted} but JAX sees only {len(devices)} devices: "
+      "lower it or set 0 for all"
+    )
   if batch_size <= 0:
     raise ConfigError(f"batch_size must be positive, got {batch_size}")
   if batch_size % wanted:
-    raise ConfigError(f"batch_size {batch_size} does not divide evenly over {wanted} devices: "
-                      f"use a multiple of {wanted} (e.g. {(batch_size // wanted + 1) * wanted}) "
-                      "or set parallel.num_devices")
+    raise ConfigError(
+      f"batch_size {batch_size} does not divide evenly over {wanted} devices: "
+      f"use a multiple of {wanted} (e.g. {(batch_size // wanted + 1) * wanted}) "
+      "or set parallel.num_devices"
+    )
   if settings.backend == "pmap" and jax.process_count() > 1 and wanted != len(devices):
     raise ConfigError("parallel.num_devices must be 0 with the pmap backend on several processes")
   _, fsdp = parse_mesh(settings.mesh, wanted)

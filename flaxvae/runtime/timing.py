@@ -5,6 +5,7 @@ state. Steady-state windows wait only on their last call's result: calls queue a
 as they do in a training loop. This module imports nothing but the standard library, so the
 PyTorch twins in benchmarks/ (whose environment has no JAX) time themselves with it too.
 """
+
 import dataclasses
 import statistics
 import time
@@ -13,6 +14,7 @@ import time
 @dataclasses.dataclass(frozen=True)
 class Timing:
   """Seconds of the warm-up calls and of each timed window of `calls_per_window` calls."""
+
   warmup_s: float
   window_s: tuple
   calls_per_window: int
@@ -37,8 +39,9 @@ def _done(result):
   return result
 
 
-def time_calls(call, *, wait=_done, warmup=1, windows=1, calls_per_window=None,
-               window_seconds=None, seconds=None):
+def time_calls(
+  call, *, wait=_done, warmup=1, windows=1, calls_per_window=None, window_seconds=None, seconds=None
+):
   """Runs `call()` `warmup` times, waiting on each result with `wait` (jax.block_until_ready,
   torch's .item(), ...), then times `windows` windows of `calls_per_window` calls, waiting on
   the last result of each.

@@ -7,6 +7,7 @@ command applies these defaults; a library user calls `flaxvae.apply_process_defa
 importing JAX. A flag the user already set in XLA_FLAGS wins, and FLAXVAE_XLA_DEFAULTS=0 turns
 these defaults off.
 """
+
 import importlib.metadata
 import os
 

@@ -42,6 +42,7 @@ Preemption exit statuses (see `preemption.py`): 128 + signal number (143 for SIG
 130 for SIGINT) after the checkpoint of the current step has committed; 137 when a
 second signal forced an immediate exit (only the last committed checkpoint counts).
 """
+
 import json
 import logging
 import os
@@ -60,13 +61,28 @@ log = logging.getLogger("flaxvae")
 
 # Keys whose change alters what the run computes: resuming across them needs
 # checkpoint.allow_config_change=True. A key matches itself and everything under it.
-MEANING_KEYS = ("seed", "num_steps", "batch_size", "dtype", "ema_decay", "model", "objective",
-                "optimizer", "data.name", "data.protocol", "data.train_split")
+MEANING_KEYS = (
+  "seed",
+  "num_steps",
+  "batch_size",
+  "dtype",
+  "ema_decay",
+  "model",
+  "objective",
+  "optimizer",
+  "data.name",
+  "data.protocol",
+  "data.train_split",
+)
 # Keys that keep the run's meaning but, with scan_unroll > 1, change where dispatches
 # start and so the last bits of the numbers (an unrolled scan fuses across steps).
-DISPATCH_KEYS = ("scan_unroll", "steps_per_dispatch", "log_every_steps", "eval.every_steps",
-                 "checkpoint.every_steps")
-
+DISPATCH_KEYS = (
+  "scan_unroll",
+  "steps_per_dispatch",
+  "log_every_steps",
+  "eval.every_steps",
+  "checkpoint.every_steps",
+)
 
 
 def _flatten(tree, prefix=""):
@@ -102,16 +118,20 @@ def check_resumable(saved, current, step, directory):
   allowed = current["checkpoint"]["allow_config_change"]  # both configs hold every default
   if changes and not allowed:
     raise ConfigError(
-        f"the config differs from the one checkpoint step {step} in {directory} was written "
-        f"with, in {'; '.join(changes)}. Use a new --workdir, or pass "
-        "--config.checkpoint.allow_config_change=True if the change is intended")
+      f"the config differs from the one checkpoint step {step} in {directory} was written "
+      f"with, in {'; '.join(changes)}. Use a new --workdir, or pass "
+      "--config.checkpoint.allow_config_change=True if the change is intended"
+    )
   if changes:
     log.warning("resuming with a changed config (allowed): %s", "; ".join(changes))
   if current["scan_unroll"] > 1 or saved["scan_unroll"] > 1:
     drift = config_changes(saved, current, DISPATCH_KEYS)
     if drift:
-      log.warning("with scan_unroll > 1, changing %s moves dispatch boundaries: the resumed run "
-                  "will not be bitwise identical to an uninterrupted one", "; ".join(drift))
+      log.warning(
+        "with scan_unroll > 1, changing %s moves dispatch boundaries: the resumed run "
+        "will not be bitwise identical to an uninterrupted one",
+        "; ".join(drift),
+      )
 
 
 def _all_finite(state):
@@ -125,14 +145,17 @@ def _all_finite(state):
 
 @jax.jit
 def _finite(tree):
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _storage_error(action, directory, error):
-  return CheckpointError(f"could not {action} in {directory}: {error}. Free space or fix "
-                         "permissions (or choose another --workdir); earlier checkpoints are intact")
+  return CheckpointError(
+    f"could not {action} in {directory}: {error}. Free space or fix "
+    "permissions (or choose another --workdir); earlier checkpoints are intact"
+  )
 
 
 class Checkpointer:
@@ -142,12 +165,19 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     keep = [policies.LatestN(n=checkpoint_config.max_to_keep)]
     if checkpoint_config.keep_best:
-      keep.append(policies.BestN(get_metric_fn=lambda m: m["elbo"], reverse=False,
-                                 n=checkpoint_config.keep_best,
-                                 keep_checkpoints_without_metrics=False))
+      keep.append(
+        policies.BestN(
+          get_metric_fn=lambda m: m["elbo"],
+          reverse=False,
+          n=checkpoint_config.keep_best,
+          keep_checkpoints_without_metrics=False,
+        )
+      )
     self._options = ocp.CheckpointManagerOptions(
-        preservation_policy=policies.AnyPreservationPolicy(keep),
-        enable_async_checkpointing=True, create=True)
+      preservation_policy=policies.AnyPreservationPolicy(keep),
+      enable_async_checkpointing=True,
+      create=True,
+    )
     self._manager = None
     self.last_blocked_s = 0.0  # how long the last save() held up the caller
     self._closed = False
@@ -195,15 +225,23 @@ class Checkpointer:
     """
     if not _all_finite(state):
       raise Diverged(
-          f"the train state at step {step} holds a NaN or inf, so it was not saved; last good "
-          f"checkpoint: step {self.latest_step()} in {self.directory}")
+        f"the train state at step {step} holds a NaN or inf, so it was not saved; last good "
+        f"checkpoint: step {self.latest_step()} in {self.directory}"
+      )
     start = time.perf_counter()
     try:
-      self.manager.save(int(step), args=ocp.args.Composite(
-          state=ocp.args.StandardSave(dict(state._asdict()) if hasattr(state, "_asdict") else state),
+      self.manager.save(
+        int(step),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(
+            dict(state._asdict()) if hasattr(state, "_asdict") else state
+          ),
           data=ocp.args.JsonSave(data_state),
-          config=ocp.args.JsonSave(config_json)),
-          metrics=None if metrics is None else {"elbo": float(metrics["elbo"])}, force=True)
+          config=ocp.args.JsonSave(config_json),
+        ),
+        metrics=None if metrics is None else {"elbo": float(metrics["elbo"])},
+        force=True,
+      )
     except OSError as e:
       raise _storage_error(f"save step {step}", self.directory, e) from None
     self.last_blocked_s = time.perf_counter() - start
@@ -238,17 +276,23 @@ class Checkpointer:
 
   # -- restoring --------------------------------------------------------------
   def read_config(self, step):
-    return self.manager.restore(int(step), args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
+    return self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+      "config"
+    ]
 
   def restore(self, step, abstract_state):
     """(state, data_state, config_json) of `step`, laid out (and typed) as `abstract_state`."""
     as_dict = hasattr(abstract_state, "_asdict")
-    restored = self.manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(dict(abstract_state._asdict()) if as_dict
-                                       else abstract_state),
+    restored = self.manager.restore(
+      int(step),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(
+          dict(abstract_state._asdict()) if as_dict else abstract_state
+        ),
         data=ocp.args.JsonRestore(),
-        config=ocp.args.JsonRestore()))
+        config=ocp.args.JsonRestore(),
+      ),
+    )
     state = type(abstract_state)(**restored["state"]) if as_dict else restored["state"]
     return state, restored["data"], restored["config"]
 
@@ -260,6 +304,7 @@ class Checkpointer:
     by `newest_readable` (the readers' fallback too) and then set aside (renamed, never
     deleted), so the next save, which must be newer than the latest step, can proceed.
     """
+
     def read(step):
       saved = self.read_config(step)
       if current_config is not None:
@@ -270,8 +315,12 @@ class Checkpointer:
       return state, data_state, config_json
 
     step, restored, skipped = newest_readable(
-        self.directory, self.all_steps(), read,
-        none_left="no earlier checkpoint: starting from scratch", required=False)
+      self.directory,
+      self.all_steps(),
+      read,
+      none_left="no earlier checkpoint: starting from scratch",
+      required=False,
+    )
     self._set_aside(skipped)
     return None if step is None else (step, *restored)
 
@@ -309,8 +358,9 @@ def _open_manager(directory, options):
   return ocp.CheckpointManager(directory, options=options)
 
 
-def newest_readable(directory, steps, read, step=None, none_left="no earlier checkpoint",
-                    required=True):
+def newest_readable(
+  directory, steps, read, step=None, none_left="no earlier checkpoint", required=True
+):
   """(step, read(step), skipped steps) for the newest of `steps` that `read` opens.
 
   Each step `read` fails on (a truncated file, a missing item or metadata file, an empty
@@ -324,8 +374,9 @@ def newest_readable(directory, steps, read, step=None, none_left="no earlier che
   steps = sorted(steps, reverse=True)
   if step is not None:
     if step not in steps:
-      raise CheckpointError(f"no checkpoint for step {step} in {directory}: available steps "
-                            f"are {sorted(steps)}")
+      raise CheckpointError(
+        f"no checkpoint for step {step} in {directory}: available steps are {sorted(steps)}"
+      )
     try:
       return step, read(step), []
     except FlaxvaeError:
@@ -333,9 +384,10 @@ def newest_readable(directory, steps, read, step=None, none_left="no earlier che
     except Exception as e:  # whatever orbax, tensorstore or the OS raised: this step is damaged
       why = why_unreadable(directory, step, e)
       raise CheckpointError(
-          f"checkpoint step {step} in {directory} is unreadable ({why}): choose another --step "
-          f"(steps there: {sorted(steps)}), or leave --step out to use the newest readable "
-          "one") from None
+        f"checkpoint step {step} in {directory} is unreadable ({why}): choose another --step "
+        f"(steps there: {sorted(steps)}), or leave --step out to use the newest readable "
+        "one"
+      ) from None
   skipped = []
   for i, candidate in enumerate(steps):
     try:
@@ -344,18 +396,28 @@ def newest_readable(directory, steps, read, step=None, none_left="no earlier che
       raise
     except Exception as e:  # whatever orbax, tensorstore or the OS raised: this step is damaged
       fallback = steps[i + 1] if i + 1 < len(steps) else None
-      log.warning("checkpoint step %d in %s is unreadable (%s); %s", candidate, directory,
-                  why_unreadable(directory, candidate, e),
-                  f"falling back to step {fallback}" if fallback is not None else none_left)
+      log.warning(
+        "checkpoint step %d in %s is unreadable (%s); %s",
+        candidate,
+        directory,
+        why_unreadable(directory, candidate, e),
+        f"falling back to step {fallback}" if fallback is not None else none_left,
+      )
       skipped.append(candidate)
   if required:
     which = ", ".join(map(str, skipped))
-    which = ("" if not skipped else
-             f": step {which} is unreadable (the warning above says why)" if len(skipped) == 1
-             else f": steps {which} are unreadable (the warnings above say why)")
-    raise CheckpointError(f"no readable checkpoint in {directory}{which}. Train it again "
-                          "(flaxvae train --config ... --workdir DIR), or restore checkpoints/ "
-                          "from a copy")
+    which = (
+      ""
+      if not skipped
+      else f": step {which} is unreadable (the warning above says why)"
+      if len(skipped) == 1
+      else f": steps {which} are unreadable (the warnings above say why)"
+    )
+    raise CheckpointError(
+      f"no readable checkpoint in {directory}{which}. Train it again "
+      "(flaxvae train --config ... --workdir DIR), or restore checkpoints/ "
+      "from a copy"
+    )
   return None, None, skipped
 
 
@@ -384,8 +446,9 @@ def why_unreadable(directory, step, error):
 
 def read_only_manager(directory):
   """An Orbax manager over `directory` that never writes (readers; a run may be writing)."""
-  return _open_manager(directory, ocp.CheckpointManagerOptions(
-      create=False, read_only=True, save_interval_steps=0))
+  return _open_manager(
+    directory, ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
+  )
 
 
 def restore_items(manager, step, **items):
@@ -396,9 +459,13 @@ def restore_items(manager, step, **items):
 def restore_state(manager, step, abstract_state):
   """The `state` item of `step` alone, laid out (and typed) as `abstract_state`."""
   as_dict = hasattr(abstract_state, "_asdict")
-  restored = restore_items(manager, step, state=ocp.args.StandardRestore(
-      dict(abstract_state._asdict()) if as_dict else abstract_state))["state"]
+  restored = restore_items(
+    manager,
+    step,
+    state=ocp.args.StandardRestore(dict(abstract_state._asdict()) if as_dict else abstract_state),
+  )["state"]
   return type(abstract_state)(**restored) if as_dict else restored
+
 
 def read_state(state_dir):
   """A checkpoint's `state` item as host arrays, whatever topology wrote it (orbax alone)."""
@@ -412,13 +479,14 @@ def read_state(state_dir):
 def trained_params(workdir):
   """The parameters evaluation uses (the EMA when kept) of a run's newest readable checkpoint."""
   directory = os.path.join(workdir, "checkpoints")
-  steps = [int(p) for p in os.listdir(directory) if p.isdigit()] if os.path.isdir(
-      directory) else []
+  steps = [int(p) for p in os.listdir(directory) if p.isdigit()] if os.path.isdir(directory) else []
   if not steps:
-    raise CheckpointError(f"init.params_from={workdir}: no checkpoint in {directory}; train "
-                          "that run first")
-  _, state, _ = newest_readable(directory, steps, lambda step: read_state(
-      os.path.join(directory, str(step), "state")))
+    raise CheckpointError(
+      f"init.params_from={workdir}: no checkpoint in {directory}; train that run first"
+    )
+  _, state, _ = newest_readable(
+    directory, steps, lambda step: read_state(os.path.join(directory, str(step), "state"))
+  )
   return state["ema_params"] if state.get("ema_params") else state["params"]
 
 
@@ -427,5 +495,6 @@ def abstract_like(tree, sharding):
   a restore, which lays the saved arrays out so whatever mesh wrote them."""
   if isinstance(sharding, jax.sharding.Sharding):
     sharding = jax.tree.map(lambda _: sharding, tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      sharding)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding
+  )

@@ -10,6 +10,7 @@ finite norm enters the window, skipped or not: if the norms move to a new
 level for good, the quantile follows them and training cannot get stuck
 skipping every step. Pure functions of arrays, run inside the jitted step.
 """
+
 import jax.numpy as jnp
 
 MIN_HISTORY = 20  # norms needed before the adaptive threshold applies
@@ -33,8 +34,9 @@ def threshold(guard, cfg):
   if cfg.adaptive_skip:
     history = jnp.minimum(guard["count"], guard["norms"].shape[0])
     recent = jnp.nanquantile(guard["norms"], cfg.adaptive_skip_quantile)
-    adaptive = jnp.where(history >= min(MIN_HISTORY, guard["norms"].shape[0]),
-                         cfg.adaptive_skip * recent, jnp.inf)
+    adaptive = jnp.where(
+      history >= min(MIN_HISTORY, guard["norms"].shape[0]), cfg.adaptive_skip * recent, jnp.inf
+    )
     limit = jnp.minimum(limit, adaptive)
   return limit
 

@@ -6,6 +6,7 @@ Schedules: `constant`; `warmup_constant` (linear warm-up, then flat: VDVAE); `wa
 `end_factor` x the peak by `num_steps`: Efficient-VDVAE's schedule; with decay_start 0 it is
 the usual warm-up-cosine).
 """
+
 import jax
 import optax
 
@@ -22,13 +23,18 @@ def _decayed(tx, c):
 
 
 OPTIMIZERS.register("adam")(lambda lr, c: optax.adam(lr, b1=c.b1, b2=c.b2, eps=c.eps))
-OPTIMIZERS.register("adamw")(lambda lr, c: optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps,
-                                                       weight_decay=c.weight_decay))
-OPTIMIZERS.register("adamax")(lambda lr, c: optax.chain(
+OPTIMIZERS.register("adamw")(
+  lambda lr, c: optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+)
+OPTIMIZERS.register("adamax")(
+  lambda lr, c: optax.chain(
     _decayed(optax.scale_by_adamax(b1=c.b1, b2=c.b2, eps=c.eps), c),
-    optax.scale_by_learning_rate(lr)))
-OPTIMIZERS.register("lamb")(lambda lr, c: optax.lamb(lr, b1=c.b1, b2=c.b2, eps=c.eps,
-                                                     weight_decay=c.weight_decay))
+    optax.scale_by_learning_rate(lr),
+  )
+)
+OPTIMIZERS.register("lamb")(
+  lambda lr, c: optax.lamb(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+)
 
 
 def learning_rate_schedule(optimizer, num_steps):
@@ -40,13 +46,18 @@ def learning_rate_schedule(optimizer, num_steps):
     return optax.join_schedules([warmup, optax.constant_schedule(lr)], [c.warmup_steps])
   if c.schedule == "warmup_cosine" and not c.decay_start:
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=c.warmup_steps, decay_steps=max(num_steps, c.warmup_steps + 1),
-        end_value=lr * c.end_factor)
+      0.0,
+      lr,
+      warmup_steps=c.warmup_steps,
+      decay_steps=max(num_steps, c.warmup_steps + 1),
+      end_value=lr * c.end_factor,
+    )
   if c.schedule == "warmup_cosine":
     start = max(c.decay_start, c.warmup_steps)
     cosine = optax.cosine_decay_schedule(lr, max(num_steps - start, 1), alpha=c.end_factor)
-    return optax.join_schedules([warmup, optax.constant_schedule(lr), cosine],
-                                [c.warmup_steps, start])
+    return optax.join_schedules(
+      [warmup, optax.constant_schedule(lr), cosine], [c.warmup_steps, start]
+    )
   raise ConfigError(f"unknown optimizer.schedule {c.schedule!r}: use {', '.join(SCHEDULES)}")
 
 
@@ -65,6 +76,9 @@ def create_optimizer(optimizer, num_steps):
   tx = make(schedule, optimizer)
   if optimizer.frozen:
     frozen = set(optimizer.frozen)
-    mask = lambda params: {k: jax.tree.map(lambda _: k in frozen, v) for k, v in params.items()}
+    mask = lambda params: {
+      k: jax.tree.map(lambda _: k in frozen, v)  # noqa: B023  (called within its iteration)
+      for k, v in params.items()
+    }
     tx = optax.chain(tx, optax.masked(optax.set_to_zero(), mask))
   return tx, schedule

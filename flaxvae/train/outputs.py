@@ -14,6 +14,7 @@ the resumed step + 1, and TensorBoard, on reading it, discards the events of tha
 (tensorboard/ folder) with a step at or beyond it that came before it in the event files; the
 files themselves keep them.
 """
+
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from flaxvae.errors import OutputError, one_line
 
 log = logging.getLogger("flaxvae")
 METRICS_FILE = "metrics.jsonl"
+
 
 def is_writer():
   return jax.process_index() == 0
@@ -57,9 +59,11 @@ class MetricWriter:
       with open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
     except OSError as e:
-      raise OutputError(f"could not write step {step}'s metrics to {self.path}: "
-                        f"{e.strerror or e}. Free space or fix permissions, then rerun the same "
-                        "command: it resumes from the last checkpoint") from None
+      raise OutputError(
+        f"could not write step {step}'s metrics to {self.path}: "
+        f"{e.strerror or e}. Free space or fix permissions, then rerun the same "
+        "command: it resumes from the last checkpoint"
+      ) from None
     for key, value in row.items():
       if key not in ("step", "split") and isinstance(value, (int, float)):
         self._tb.add_scalar(f"{split}/{key}", value, step)
@@ -91,9 +95,14 @@ def _parse(text):
 
 def _torn_warning(path, numbers, action):
   lines = ", ".join(map(str, numbers[:10])) + (" ..." if len(numbers) > 10 else "")
-  log.warning("%s: %s (a write cut short by a kill?): %s", path,
-              f"line {lines} is not a complete JSON row" if len(numbers) == 1 else
-              f"lines {lines} are not complete JSON rows", action)
+  log.warning(
+    "%s: %s (a write cut short by a kill?): %s",
+    path,
+    f"line {lines} is not a complete JSON row"
+    if len(numbers) == 1
+    else f"lines {lines} are not complete JSON rows",
+    action,
+  )
 
 
 def settle_metrics(path, resumed_from):
@@ -106,8 +115,10 @@ def settle_metrics(path, resumed_from):
   except FileNotFoundError:
     return
   except OSError as e:
-    raise OutputError(f"could not read {path}: {e.strerror or one_line(e)}. Fix permissions, "
-                      "then rerun the same command") from None
+    raise OutputError(
+      f"could not read {path}: {e.strerror or one_line(e)}. Fix permissions, "
+      "then rerun the same command"
+    ) from None
   kept, torn, superseded = [], [], 0
   for number, line, row in _parse(text):
     if row is None:
@@ -122,10 +133,13 @@ def settle_metrics(path, resumed_from):
   if torn:
     _torn_warning(path, torn, "dropped before this run appends")
   if superseded:
-    log.warning("%s: %d row(s) logged %s by an earlier run marked superseded, as this run "
-                "logs those steps again", path, superseded,
-                f"after step {resumed_from}" if resumed_from else "before this run started "
-                "from step 0")
+    log.warning(
+      "%s: %d row(s) logged %s by an earlier run marked superseded, as this run "
+      "logs those steps again",
+      path,
+      superseded,
+      f"after step {resumed_from}" if resumed_from else "before this run started from step 0",
+    )
   temporary = f"{path}.tmp-{os.getpid()}"
   try:
     with open(temporary, "w") as f:
@@ -134,8 +148,10 @@ def settle_metrics(path, resumed_from):
       os.fsync(f.fileno())
     os.replace(temporary, path)
   except OSError as e:
-    raise OutputError(f"could not rewrite {path}: {e.strerror or one_line(e)}. Free space or "
-                      "fix permissions, then rerun the same command") from None
+    raise OutputError(
+      f"could not rewrite {path}: {e.strerror or one_line(e)}. Free space or "
+      "fix permissions, then rerun the same command"
+    ) from None
 
 
 def read_metrics(workdir, superseded=False):
@@ -150,8 +166,9 @@ def read_metrics(workdir, superseded=False):
   torn = [number for number, _, row in parsed if row is None]
   if torn:
     _torn_warning(path, torn, "skipped")
-  return [row for _, _, row in parsed
-          if row is not None and (superseded or not row.get("superseded"))]
+  return [
+    row for _, _, row in parsed if row is not None and (superseded or not row.get("superseded"))
+  ]
 
 
 def read_json(path, what):
@@ -180,7 +197,7 @@ def image_grid(images, columns=None):
   grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.float32)
   for i, image in enumerate(images):
     r, col = divmod(i, columns)
-    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = image
+    grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = image
   return (grid * 255).round().astype(np.uint8)
 
 

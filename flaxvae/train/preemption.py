@@ -11,6 +11,7 @@ On several processes every host must stop at the same dispatch, so the
 decision comes from Orbax's `reached_preemption` (JAX's preemption sync
 service, which owns SIGTERM there) and no handler is installed.
 """
+
 import logging
 import os
 import signal
@@ -52,8 +53,11 @@ class Watcher:
       os.write(2, b"\nsecond signal: exiting now; the last committed checkpoint is kept\n")
       os._exit(EXIT_FORCED)
     self.signum = signum
-    log.warning("%s received: finishing the current dispatch, then saving a checkpoint "
-                "(send it again to exit at once)", signal.Signals(signum).name)
+    log.warning(
+      "%s received: finishing the current dispatch, then saving a checkpoint "
+      "(send it again to exit at once)",
+      signal.Signals(signum).name,
+    )
 
   def should_stop(self, step):
     """True once a signal arrived (or, multi-host, all hosts reached the sync point)."""

@@ -19,6 +19,7 @@ updates only its own slice. The collectives are explicit, in this one per-device
 Gradient accumulation (`accumulate_steps`) splits each device's rows into microbatches whose
 gradients are averaged before the one update: the numbers of the large batch, in less memory.
 """
+
 import dataclasses
 import functools
 from typing import Any, NamedTuple
@@ -50,6 +51,7 @@ class TrainState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """The static settings the step closes over (hashable): the objective and the guards."""
+
   protocol: protocols.Protocol
   objective: str = "elbo"
   num_samples: int = 1
@@ -72,6 +74,7 @@ class Layout(NamedTuple):
   param_dims: per parameter, the dimension split over the fsdp axis, or -1 (whole on every
   device); runtime/parallel.fsdp_dim decides it from the whole shape.
   """
+
   batch_axes: Any = AXIS
   fsdp: int = 1
   param_dims: Any = None
@@ -80,9 +83,11 @@ class Layout(NamedTuple):
     """This device's slices -> whole parameters."""
     if self.fsdp == 1:
       return params
-    return jax.tree.map(lambda p, d: p if d < 0 else jax.lax.all_gather(p, FSDP, axis=d,
-                                                                        tiled=True),
-                        params, self.param_dims)
+    return jax.tree.map(
+      lambda p, d: p if d < 0 else jax.lax.all_gather(p, FSDP, axis=d, tiled=True),
+      params,
+      self.param_dims,
+    )
 
   def reduce(self, grads):
     """Whole per-device gradients -> the mean over every device, sliced as the parameters."""
@@ -94,6 +99,7 @@ class Layout(NamedTuple):
         return bounds.device_mean(g, self.batch_axes)
       g = jax.lax.psum_scatter(g, FSDP, scatter_dimension=d, tiled=True) / self.fsdp
       return bounds.device_mean(g, AXIS)
+
     return jax.tree.map(one, grads, self.param_dims)
 
   def norm(self, grads):
@@ -105,17 +111,27 @@ class Layout(NamedTuple):
     squares = lambda gs: sum((jnp.sum(jnp.square(g.astype(jnp.float32))) for g in gs), 0.0)
     return jnp.sqrt(jax.lax.psum(squares(split), FSDP) + squares(whole))
 
+
 def step_config(s):
   """StepConfig from settings.Settings `s`, every field named: a setting renamed on either side
   fails here, never falls back to StepConfig's default."""
   o, opt = s.objective, s.optimizer
   return StepConfig(
-      protocol=protocols.PROTOCOLS.get(s.data.protocol), objective=o.name,
-      num_samples=o.num_samples, beta=o.beta, kl_warmup_steps=o.kl_warmup_steps,
-      free_bits=o.free_bits, free_bits_per=o.free_bits_per, ema_decay=s.ema_decay,
-      skip_nonfinite=opt.skip_nonfinite, skip_threshold=opt.skip_threshold,
-      adaptive_skip=opt.adaptive_skip, adaptive_skip_quantile=opt.adaptive_skip_quantile,
-      grad_clip_norm=opt.grad_clip_norm, accumulate_steps=opt.accumulate_steps)
+    protocol=protocols.PROTOCOLS.get(s.data.protocol),
+    objective=o.name,
+    num_samples=o.num_samples,
+    beta=o.beta,
+    kl_warmup_steps=o.kl_warmup_steps,
+    free_bits=o.free_bits,
+    free_bits_per=o.free_bits_per,
+    ema_decay=s.ema_decay,
+    skip_nonfinite=opt.skip_nonfinite,
+    skip_threshold=opt.skip_threshold,
+    adaptive_skip=opt.adaptive_skip,
+    adaptive_skip_quantile=opt.adaptive_skip_quantile,
+    grad_clip_norm=opt.grad_clip_norm,
+    accumulate_steps=opt.accumulate_steps,
+  )
 
 
 def ema_decay_at(step, decay):
@@ -130,16 +146,20 @@ def ema_decay_at(step, decay):
 def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState, images):
   """One optimizer update from this device's slice of the global batch."""
   noise = NoiseSource.per_global_batch(
-      jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), images.shape[0],
-      cfg.num_samples, layout.batch_axes)
+    jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
+    images.shape[0],
+    cfg.num_samples,
+    layout.batch_axes,
+  )
   uniform = noise.uniform(images.shape[1:]) if cfg.protocol.dynamic else None
   x = protocols.train_targets(images, uniform, cfg.protocol)
   kl_scale = bounds.kl_weight(state.step, cfg.beta, cfg.kl_warmup_steps)
 
   def loss_fn(params, x, noise):
     terms = nnx.merge(graphdef, params).terms(x, noise)
-    values = bounds.per_example(terms, cfg.objective, kl_scale, cfg.free_bits, cfg.free_bits_per,
-                                axis_name=layout.batch_axes)
+    values = bounds.per_example(
+      terms, cfg.objective, kl_scale, cfg.free_bits, cfg.free_bits_per, axis_name=layout.batch_axes
+    )
     return jnp.mean(values["loss"]), jax.tree.map(lambda v: jnp.mean(v, axis=0), values)
 
   whole = layout.gather(state.params)
@@ -148,8 +168,10 @@ def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState,
     (_, values), grads = grad_fn(whole, x, noise)
   else:  # microbatches of this device's rows, averaged: the large batch's gradient
     size = x.shape[0] // cfg.accumulate_steps
-    parts = [grad_fn(whole, x[m * size:(m + 1) * size], noise.rows(m * size, size))
-             for m in range(cfg.accumulate_steps)]
+    parts = [
+      grad_fn(whole, x[m * size : (m + 1) * size], noise.rows(m * size, size))
+      for m in range(cfg.accumulate_steps)
+    ]
     values, grads = jax.tree.map(lambda *a: sum(a) / len(a), *[(v, g) for (_, v), g in parts])
   grads = layout.reduce(grads)
   metrics = bounds.device_mean(values, layout.batch_axes)
@@ -172,25 +194,42 @@ def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState,
   if cfg.skip_nonfinite or guards.enabled(cfg):
     # A branch, not a select over every array: a skipped step costs nothing, a taken one no copy.
     params, opt_state, ema = jax.lax.cond(
-        ok, update, lambda _: (state.params, state.opt_state, state.ema_params), None)
+      ok, update, lambda _: (state.params, state.opt_state, state.ema_params), None
+    )
   else:
     params, opt_state, ema = update(None)
   skipped = (~ok).astype(jnp.int32)
-  new_state = TrainState(state.step + 1, params, opt_state, ema, state.rng,
-                         state.skipped + skipped, (state.consecutive_skips + skipped) * skipped,
-                         guards.update(state.guard, grad_norm))
+  new_state = TrainState(
+    state.step + 1,
+    params,
+    opt_state,
+    ema,
+    state.rng,
+    state.skipped + skipped,
+    (state.consecutive_skips + skipped) * skipped,
+    guards.update(state.guard, grad_norm),
+  )
   metrics = dict(metrics, grad_norm=grad_norm, skipped=skipped.astype(jnp.float32))
   return new_state, metrics
 
 
-def train_steps(graphdef, tx, cfg: StepConfig, layout: Layout, unroll: int, state: TrainState,
-                batches, batch_of=lambda b: b):
+def train_steps(
+  graphdef,
+  tx,
+  cfg: StepConfig,
+  layout: Layout,
+  unroll: int,
+  state: TrainState,
+  batches,
+  batch_of=lambda b: b,
+):
   """`len(batches)` train steps in one lax.scan; returns the mean of each metric.
 
   `batch_of` turns a scanned item into the step's uint8 images (the identity for
   image batches, a gather for indices). Metrics are summed on device so the host
   only reads them when it logs.
   """
+
   def body(state, item):
     return train_step(graphdef, tx, cfg, layout, state, batch_of(item))
 
@@ -218,13 +257,15 @@ def gather_train_steps(graphdef, tx, cfg, layout, unroll, state, dataset, indice
 
 def layout_of(runner: parallel.Runner, params):
   """The Layout of `params` on `runner`'s mesh."""
-  dims = jax.tree.map(lambda p: -1 if (d := parallel.fsdp_dim(p.shape, runner.fsdp)) is None
-                      else d, params)
+  dims = jax.tree.map(
+    lambda p: -1 if (d := parallel.fsdp_dim(p.shape, runner.fsdp)) is None else d, params
+  )
   return Layout(runner.batch_axes, runner.fsdp, dims)
 
 
-def build_train_fn(runner: parallel.Runner, graphdef, tx, cfg: StepConfig, unroll: int, state,
-                   inputs="indices"):
+def build_train_fn(
+  runner: parallel.Runner, graphdef, tx, cfg: StepConfig, unroll: int, state, inputs="indices"
+):
   """The jitted train function, state donated: the only place it is assembled.
 
   inputs "indices": (state, dataset, indices [n, batch]) gathering on device (in-memory feed);
@@ -237,7 +278,10 @@ def build_train_fn(runner: parallel.Runner, graphdef, tx, cfg: StepConfig, unrol
   layout = layout_of(runner, state.params)
   kinds: tuple[Any, ...]
   if inputs == "indices":
-    fn, kinds = functools.partial(gather_train_steps, graphdef, tx, cfg, layout, unroll), (R, batch(1))
+    fn, kinds = (
+      functools.partial(gather_train_steps, graphdef, tx, cfg, layout, unroll),
+      (R, batch(1)),
+    )
   elif inputs == "batches":
     fn, kinds = functools.partial(train_steps, graphdef, tx, cfg, layout, unroll), (batch(1),)
   elif inputs == "one_step":

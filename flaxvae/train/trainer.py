@@ -7,6 +7,7 @@ each dispatch runs `config.steps_per_dispatch` steps in one jitted lax.scan, at 
 dispatches are queued (runtime/dispatch.py), and metrics stay on device until a log step
 fetches them.
 """
+
 import json
 import logging
 import os
@@ -33,8 +34,11 @@ log = logging.getLogger("flaxvae")
 
 def event_boundaries(settings):
   """Steps at which the host must act: log, evaluate, checkpoint or stop."""
-  return [s for s in (settings.log_every_steps, settings.eval.every_steps,
-                      settings.checkpoint.every_steps) if s > 0]
+  return [
+    s
+    for s in (settings.log_every_steps, settings.eval.every_steps, settings.checkpoint.every_steps)
+    if s > 0
+  ]
 
 
 def scheduled_evaluations(eval_settings, num_steps):
@@ -68,8 +72,10 @@ def check_no_recompilation(train_fn, sizes_run):
   strategy's function keeps no count)."""
   compiled = jax_private.compilations(train_fn)
   if compiled is not None and compiled > len(sizes_run):
-    raise RuntimeError(f"the train step compiled {compiled} times for dispatch sizes "
-                       f"{sorted(sizes_run)}: an argument changed shape, dtype or sharding")
+    raise RuntimeError(
+      f"the train step compiled {compiled} times for dispatch sizes "
+      f"{sorted(sizes_run)}: an argument changed shape, dtype or sharding"
+    )
 
 
 def every(step, interval):
@@ -96,8 +102,9 @@ def train(config, workdir, dataset=None):
   checkpointer = checkpoint_lib.Checkpointer(workdir, settings.checkpoint)
   config_json = dict(config_lib.to_json(config), image_shape=list(run.image_shape))
   state, data_state = run.initial_state(), None
-  target = checkpoint_lib.abstract_like(state, runner.state_shardings(state)
-                                        if runner.backend == "shard_map" else runner.sharding())
+  target = checkpoint_lib.abstract_like(
+    state, runner.state_shardings(state) if runner.backend == "shard_map" else runner.sharding()
+  )
   restored = checkpointer.restore_latest(target, config_json)
   if restored is not None:
     latest, state, data_state, _ = restored
@@ -114,9 +121,14 @@ def train(config, workdir, dataset=None):
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   writer = outputs.MetricWriter(workdir, resumed_from=restored[0] if restored else 0)
-  log.info("devices: %d x %s (%s backend), processes: %d; input pipeline: %s",
-           runner.num_devices, runner.devices[0].device_kind, settings.parallel.backend,
-           jax.process_count(), feed.name)
+  log.info(
+    "devices: %d x %s (%s backend), processes: %d; input pipeline: %s",
+    runner.num_devices,
+    runner.devices[0].device_kind,
+    settings.parallel.backend,
+    jax.process_count(),
+    feed.name,
+  )
 
   # --------------------------------------------------------------------------
   # Compile: the multi-step train function, with the state donated.
@@ -131,10 +143,12 @@ def train(config, workdir, dataset=None):
     row = diagnose(run, evaluator, params, eval_rng)
     writer.write(step, dict(row, final=final), split=settings.data.eval_split)
     if final:
-      evaluation.write_json(workdir, evaluation.FINAL_FILE,
-                            dict(row, step=step, split=settings.data.eval_split))
-    sampling.save_image_grids(run, params, workdir, step, settings.eval.num_image_samples,
-                              settings.seed)
+      evaluation.write_json(
+        workdir, evaluation.FINAL_FILE, dict(row, step=step, split=settings.data.eval_split)
+      )
+    sampling.save_image_grids(
+      run, params, workdir, step, settings.eval.num_image_samples, settings.seed
+    )
     return row
 
   # --------------------------------------------------------------------------
@@ -145,8 +159,9 @@ def train(config, workdir, dataset=None):
   pending, window_start, window_step = [], time.perf_counter(), step
   sizes_run = set()
   in_flight = dispatch.InFlight(runner.wait_timeout_s)
-  progress = console.Progress(settings.num_steps, "step", "steps", plain_every_s=0.0,
-                              start_done=step)
+  progress = console.Progress(
+    settings.num_steps, "step", "steps", plain_every_s=0.0, start_done=step
+  )
   evaluations = scheduled_evaluations(settings.eval, settings.num_steps)
   if step == 0 and 0 in evaluations:
     run_eval(0)
@@ -169,32 +184,51 @@ def train(config, workdir, dataset=None):
         row["epoch"] = feed.epoch
         row["wall_s"] = now - started  # since train() began: setup, compile, evals, saves
         writer.write(step, row)
-        progress.update(step, f"loss {row['loss']:.2f}, rate {row['rate']:.2f}, "
-                              f"{row['examples_per_s']:,.0f} ex/s")
-        _check_skips(runner.get(state.consecutive_skips), settings.max_consecutive_skips, step,
-                     checkpointer)
+        progress.update(
+          step, f"loss {row['loss']:.2f}, rate {row['rate']:.2f}, {row['examples_per_s']:,.0f} ex/s"
+        )
+        _check_skips(
+          runner.get(state.consecutive_skips), settings.max_consecutive_skips, step, checkpointer
+        )
         pending, window_start, window_step = [], time.perf_counter(), step
       eval_row = None
-      if ((every(step, settings.eval.every_steps) or step in evaluations)
-          and step < settings.num_steps):
+      if (
+        every(step, settings.eval.every_steps) or step in evaluations
+      ) and step < settings.num_steps:
         eval_row = run_eval(step)
       stop = watcher.should_stop(step)
-      out_of_time = logged and settings.time_budget_s and _all_agree(
-          time.perf_counter() - started >= settings.time_budget_s)
-      if (stop or out_of_time or step == settings.num_steps
-          or every(step, settings.checkpoint.every_steps)):
+      out_of_time = (
+        logged
+        and settings.time_budget_s
+        and _all_agree(time.perf_counter() - started >= settings.time_budget_s)
+      )
+      if (
+        stop
+        or out_of_time
+        or step == settings.num_steps
+        or every(step, settings.checkpoint.every_steps)
+      ):
         checkpointer.save(step, runner.unreplicate(state), feed.state(), config_json, eval_row)
-        log.info("checkpoint step %d: save() blocked the loop %.1f ms", step,
-                 1e3 * checkpointer.last_blocked_s)
+        log.info(
+          "checkpoint step %d: save() blocked the loop %.1f ms",
+          step,
+          1e3 * checkpointer.last_blocked_s,
+        )
       if stop:
         checkpointer.close()  # waits for the commit
-        log.warning("stopped at step %d on %s: checkpoint committed in %s; rerun the same "
-                    "command to resume", step, signal.Signals(watcher.signum).name,
-                    checkpointer.directory)
+        log.warning(
+          "stopped at step %d on %s: checkpoint committed in %s; rerun the same command to resume",
+          step,
+          signal.Signals(watcher.signum).name,
+          checkpointer.directory,
+        )
         raise preemption.Preempted(watcher.signum, step)
       if out_of_time:
-        log.info("time_budget_s=%s reached at step %d: evaluating that checkpoint",
-                 settings.time_budget_s, step)
+        log.info(
+          "time_budget_s=%s reached at step %d: evaluating that checkpoint",
+          settings.time_budget_s,
+          step,
+        )
         break
   except DeviceTimeout:
     watcher.close()  # the runtime is wedged: waiting for a save would hang too
@@ -233,12 +267,20 @@ def _already_evaluated(workdir, settings, step):
   except (OSError, ValueError):
     return None
   num_examples, k = evaluation.final_settings(settings.eval)
-  if (row.get("step") != step or row.get("split") != settings.data.eval_split
-      or row.get("num_importance_samples") != k
-      or (num_examples and row.get("num_examples") != num_examples)):
+  if (
+    row.get("step") != step
+    or row.get("split") != settings.data.eval_split
+    or row.get("num_importance_samples") != k
+    or (num_examples and row.get("num_examples") != num_examples)
+  ):
     return None
-  log.info("step %d is already evaluated in %s/eval.json; `flaxvae evaluate --workdir %s` "
-           "evaluates it again", step, workdir, workdir)
+  log.info(
+    "step %d is already evaluated in %s/eval.json; `flaxvae evaluate --workdir %s` "
+    "evaluates it again",
+    step,
+    workdir,
+    workdir,
+  )
   return row
 
 
@@ -260,7 +302,8 @@ def _mean_rows(pending):
 def _check_skips(consecutive, max_consecutive_skips, step, checkpointer):
   if max_consecutive_skips and consecutive >= max_consecutive_skips:
     raise Diverged(
-        f"{int(consecutive)} consecutive steps up to step {step} were skipped (non-finite loss "
-        f"or gradients, or a gradient norm over the guard's threshold); last good checkpoint: "
-        f"step {checkpointer.latest_step()} in {checkpointer.directory}. Lower "
-        "optimizer.learning_rate or set optimizer.grad_clip_norm, then resume")
+      f"{int(consecutive)} consecutive steps up to step {step} were skipped (non-finite loss "
+      f"or gradients, or a gradient norm over the guard's threshold); last good checkpoint: "
+      f"step {checkpointer.latest_step()} in {checkpointer.directory}. Lower "
+      "optimizer.learning_rate or set optimizer.grad_clip_norm, then resume"
+    )

@@ -41,6 +41,7 @@ Multi-process runs take it once: process 0 locks, and its outcome (held, or the 
 refusal) goes to every process, so all of them refuse together. Processes other than 0 never
 touch the file.
 """
+
 import contextlib
 import datetime
 import errno
@@ -72,8 +73,7 @@ def _now():
 
 
 def _iso(seconds):
-  return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime(
-      "%Y-%m-%dT%H:%M:%SZ")
+  return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def process_start_time(pid):
@@ -127,8 +127,11 @@ def _stale_reason(holder, now, flock_granted=True):
   On this machine (same host name and boot) a granted flock settles it: no process here holds
   the lock, and the pid only says why. Elsewhere the heartbeat decides.
   """
-  if (not isinstance(holder, dict) or not isinstance(holder.get("pid"), int)
-      or not isinstance(holder.get("host"), str)):
+  if (
+    not isinstance(holder, dict)
+    or not isinstance(holder.get("pid"), int)
+    or not isinstance(holder.get("host"), str)
+  ):
     return "it names no holder (a lock file left half-written)"
   pid, host, heartbeat = holder["pid"], holder["host"], _heartbeat(holder, 0.0)
   same_host = host == socket.gethostname()
@@ -145,8 +148,10 @@ def _stale_reason(holder, now, flock_granted=True):
   if same_host and boot is not None and heartbeat < boot:
     return "this machine restarted after its last heartbeat"
   if now - heartbeat > STALE_AFTER_S:
-    return (f"its last heartbeat from host {host} is {_ago(now - heartbeat)} old (stale after "
-            f"{_ago(STALE_AFTER_S)} without one)")
+    return (
+      f"its last heartbeat from host {host} is {_ago(now - heartbeat)} old (stale after "
+      f"{_ago(STALE_AFTER_S)} without one)"
+    )
   return None
 
 
@@ -158,9 +163,11 @@ def _heartbeat(holder, default):
 
 
 def _describe(holder, now):
-  return (f"process {holder.get('pid')} on host {holder.get('host')}, running since "
-          f"{holder.get('started_at', '?')} (last heartbeat {_ago(now - _heartbeat(holder, now))} "
-          "ago)")
+  return (
+    f"process {holder.get('pid')} on host {holder.get('host')}, running since "
+    f"{holder.get('started_at', '?')} (last heartbeat {_ago(now - _heartbeat(holder, now))} "
+    "ago)"
+  )
 
 
 class WorkdirLock:
@@ -182,21 +189,28 @@ class WorkdirLock:
     try:
       while self._fd is None:
         self._fd = self._try_lock()
-      self._record = {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
-                      "pid_start": process_start_time(os.getpid()), "started_at": _iso(_now()),
-                      "heartbeat": _now(), "command": " ".join(sys.argv)[:500]}
+      self._record = {
+        "host": socket.gethostname(),
+        "boot_id": _boot_id(),
+        "pid": os.getpid(),
+        "pid_start": process_start_time(os.getpid()),
+        "started_at": _iso(_now()),
+        "heartbeat": _now(),
+        "command": " ".join(sys.argv)[:500],
+      }
       self._write(self._record)
     except OSError as e:
       self.release()
       self._remove_created()
-      raise CheckpointError(f"could not lock {self.workdir} for writing ({self.path}: "
-                            f"{e.strerror or one_line(e)}). Fix its permissions or free space, "
-                            "or choose another --workdir") from None
+      raise CheckpointError(
+        f"could not lock {self.workdir} for writing ({self.path}: "
+        f"{e.strerror or one_line(e)}). Fix its permissions or free space, "
+        "or choose another --workdir"
+      ) from None
     except BaseException:
       self._remove_created()
       raise
-    self._thread = threading.Thread(target=self._beat, name="flaxvae-workdir-lock",
-                                    daemon=True)
+    self._thread = threading.Thread(target=self._beat, name="flaxvae-workdir-lock", daemon=True)
     self._thread.start()
     return self
 
@@ -232,9 +246,11 @@ class WorkdirLock:
     try:
       os.makedirs(self.workdir, exist_ok=True)
     except OSError as e:
-      raise CheckpointError(f"could not create the workdir {self.workdir}: "
-                            f"{e.strerror or one_line(e)}. Fix permissions or choose another "
-                            "--workdir") from None
+      raise CheckpointError(
+        f"could not create the workdir {self.workdir}: "
+        f"{e.strerror or one_line(e)}. Fix permissions or choose another "
+        "--workdir"
+      ) from None
     self._created = missing  # deepest first
 
   def _still_the_file(self, fd):
@@ -253,9 +269,12 @@ class WorkdirLock:
     reason = _stale_reason(holder, now, flock_granted)
     if reason is None:
       raise WorkdirInUse(self._refusal(holder))
-    log.warning("taking over the lock of %s, stale: it was left by %s, and %s", self.workdir,
-                _describe(holder, now) if isinstance(holder, dict) and holder else
-                "an unknown holder", reason)
+    log.warning(
+      "taking over the lock of %s, stale: it was left by %s, and %s",
+      self.workdir,
+      _describe(holder, now) if isinstance(holder, dict) and holder else "an unknown holder",
+      reason,
+    )
 
   def _read_holder(self, fd):
     """The holder's record; None for an empty file, {} for one unreadable after a few tries
@@ -276,9 +295,11 @@ class WorkdirLock:
   def _refusal(self, holder):
     holder = holder if isinstance(holder, dict) and holder else {}
     who = _describe(holder, _now()) if holder else "a process whose lock file is unreadable"
-    return (f"workdir {self.workdir} is in use by another flaxvae train: {who}. Wait for it to "
-            "finish, stop it, or use another --workdir; if that process is dead on another "
-            f"machine, delete {self.path}")
+    return (
+      f"workdir {self.workdir} is in use by another flaxvae train: {who}. Wait for it to "
+      "finish, stop it, or use another --workdir; if that process is dead on another "
+      f"machine, delete {self.path}"
+    )
 
   # -- holding it ---------------------------------------------------------------------
   def _write(self, record):
@@ -322,11 +343,12 @@ class WorkdirLock:
 
 def _share_outcome(error):
   """Process 0's outcome (None, or its one-line error) on every process; the others raise it."""
-  text = b"" if error is None else str(error).encode()[:_MESSAGE_BYTES - 2]
+  text = b"" if error is None else str(error).encode()[: _MESSAGE_BYTES - 2]
   kind = 0 if error is None else (1 if isinstance(error, WorkdirInUse) else 2)
   buffer = np.zeros(_MESSAGE_BYTES, np.uint8)
-  buffer[0], buffer[1:1 + len(text)] = kind, np.frombuffer(text, np.uint8)
+  buffer[0], buffer[1 : 1 + len(text)] = kind, np.frombuffer(text, np.uint8)
   from jax.experimental import multihost_utils  # noqa: PLC0415  (multi-process runs only)
+
   buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
   if buffer[0] and error is None:
     message = bytes(buffer[1:]).rstrip(b"\0").decode(errors="replace")
@@ -357,8 +379,10 @@ def held(workdir):
 
 def single_writer(train):
   """Decorates `train(config, workdir, ...)`: the whole call holds the workdir's lock."""
+
   @functools.wraps(train)
   def locked(config, workdir, *args, **kwargs):
     with held(workdir):
       return train(config, workdir, *args, **kwargs)
+
   return locked

@@ -1,13 +1,14 @@
 """flaxvae.data.fashion_mnist: IDX files -> ArrayRecord (records.write_dataset) -> arrays,
 checked on tiny fake data (and on the real files where Debian's package is installed)."""
+
 import gzip
 import os
 
 import numpy as np
 import pytest
 
-from flaxvae import defaults
 from flaxvae import data as data_lib
+from flaxvae import defaults
 from flaxvae.data import fashion_mnist, records
 from flaxvae.errors import DataError
 
@@ -42,6 +43,7 @@ def fake_source(folder, sizes=(7, 3), gz_train=True, gz_test=False):
 def tfds_examples(builder_dir, split):
   """[{"image", "label", "index"}] in stored order, decoded by TFDS itself (slow, independent)."""
   import tensorflow_datasets as tfds
+
   source = tfds.builder_from_directory(builder_dir).as_data_source(split)
   return [source[i] for i in range(len(source))]
 
@@ -65,8 +67,13 @@ def test_read_idx_round_trip(tmp_path, gz):
 @pytest.mark.parametrize("damage", ["truncated", "too_long", "magic", "empty", "bad_gzip"])
 def test_read_idx_rejects_damaged_files(tmp_path, damage):
   data = idx_bytes(np.zeros((2, 28, 28), np.uint8))
-  data = {"truncated": data[:-5], "too_long": data + b"\0", "magic": b"\1" + data[1:],
-          "empty": b"", "bad_gzip": b"not gzip at all"}[damage]
+  data = {
+    "truncated": data[:-5],
+    "too_long": data + b"\0",
+    "magic": b"\1" + data[1:],
+    "empty": b"",
+    "bad_gzip": b"not gzip at all",
+  }[damage]
   path = tmp_path / ("x.gz" if damage == "bad_gzip" else "x")
   path.write_bytes(data)
   with pytest.raises(DataError, match=str(path)) as e:
@@ -106,8 +113,9 @@ def test_prepare_is_idempotent(prepared, tmp_path):
   # The source is not even read again: a missing one does not matter once prepared, and the
   # files written before are left as they were.
   assert fashion_mnist.prepare_fashion_mnist(str(tmp_path / "gone"), data_dir) == builder_dir
-  assert mtimes == {f: os.stat(os.path.join(builder_dir, f)).st_mtime_ns
-                    for f in os.listdir(builder_dir)}
+  assert mtimes == {
+    f: os.stat(os.path.join(builder_dir, f)).st_mtime_ns for f in os.listdir(builder_dir)
+  }
 
 
 def test_prepared_dataset_reads_fashion_mnist(prepared, tmp_path):
@@ -187,23 +195,31 @@ def test_failed_prepare_is_redone(tmp_path, capsys):
     raise RuntimeError("disk on fire")
 
   with pytest.raises(RuntimeError, match="disk on fire"):  # the write prepare_fashion_mnist does
-    records.write_dataset(data, fashion_mnist.NAME, fashion_mnist.IMAGE_SHAPE,
-                          {"train": dies_half_way}, version=fashion_mnist.VERSION)
+    records.write_dataset(
+      data,
+      fashion_mnist.NAME,
+      fashion_mnist.IMAGE_SHAPE,
+      {"train": dies_half_way},
+      version=fashion_mnist.VERSION,
+    )
   assert os.listdir(os.path.join(data, "fashion_mnist_idx")) == []  # TFDS removed its temp folder
   with pytest.raises(DataError, match="not prepared"):
     records.Split(builder_dir, "train")
   # What a killed process leaves behind: TFDS's temporary folder and, say, a stray target folder.
   os.makedirs(os.path.join(data, "fashion_mnist_idx", "incomplete.KILLED_1.0.0"))
   os.makedirs(builder_dir)
-  open(os.path.join(builder_dir, "fashion_mnist_idx-train.array_record-00000-of-00001"), "w").close()
+  open(
+    os.path.join(builder_dir, "fashion_mnist_idx-train.array_record-00000-of-00001"), "w"
+  ).close()
   capsys.readouterr()
   assert fashion_mnist.prepare_fashion_mnist(src, data) == builder_dir
   # Preparing prints one progress line per split (sizes known), and nothing of TFDS's.
   out = capsys.readouterr().out
   assert "preparing fashion_mnist_idx/train 7/7 (100%)" in out
   assert "preparing fashion_mnist_idx/test 3/3 (100%)" in out
-  np.testing.assert_array_equal(records.Split(builder_dir, "train").read_all()[..., 0],
-                                arrays["train"][0])
+  np.testing.assert_array_equal(
+    records.Split(builder_dir, "train").read_all()[..., 0], arrays["train"][0]
+  )
   for e in tfds_examples(builder_dir, "train"):
     assert e["label"] == arrays["train"][1][e["index"]]
 
@@ -215,6 +231,7 @@ def test_real_fashion_mnist(tmp_path):
     images = records.Split(builder_dir, split).read_all()
     assert images.shape == (fashion_mnist.SPLIT_SIZES[split], 28, 28, 1)
     np.testing.assert_array_equal(
-        images[..., 0],
-        fashion_mnist.read_idx(os.path.join(REAL_SOURCE, f"{prefix}-images-idx3-ubyte.gz")))
+      images[..., 0],
+      fashion_mnist.read_idx(os.path.join(REAL_SOURCE, f"{prefix}-images-idx3-ubyte.gz")),
+    )
   assert fashion_mnist.SPLIT_SIZES == {"train": 60_000, "test": 10_000}

@@ -2,6 +2,7 @@
 
 Runs on a tiny raw dataset this file writes itself, so no download and no TensorFlow are needed.
 """
+
 import json
 
 import jax
@@ -31,8 +32,11 @@ def tiny(data_dir):
   """A 50-example raw dataset `tiny` (plus a test split): (images in example order, Split)."""
   images = {"train": random_images(50, shape=SHAPE), "test": random_images(20, seed=1, shape=SHAPE)}
   builder_dir = records.write_dataset(
-      data_dir, "tiny", SHAPE,
-      {split: (lambda x=x: ((im, 0) for im in x)) for split, x in images.items()})
+    data_dir,
+    "tiny",
+    SHAPE,
+    {split: (lambda x=x: ((im, 0) for im in x)) for split, x in images.items()},
+  )
   return images, records.Split(builder_dir, "train")
 
 
@@ -48,8 +52,9 @@ def choose(config, split="train"):
 
 
 def streaming(split, seed=0, batch_size=16, **kwargs):
-  return feeds.StreamingBatches(split, seed, batch_size, read_threads=2, prefetch_batches=4,
-                                **kwargs)
+  return feeds.StreamingBatches(
+    split, seed, batch_size, read_threads=2, prefetch_batches=4, **kwargs
+  )
 
 
 def one_line(e):
@@ -72,10 +77,12 @@ def test_streaming_gives_the_in_memory_order_across_epochs(tiny):
 def test_two_processes_read_disjoint_columns_that_cover_the_epoch(tiny):
   images, split = tiny
   n, batch = 48, 16  # 48 examples would be 3 whole batches; the split has 50, so check ids
-  per_process = [streaming(split, seed=5, batch_size=batch, process_index=p, process_count=2)
-                 for p in range(2)]
-  ids = [[feeds._LocalBatchIds(50, 5, batch, p * 8, p * 8 + 8)[b] for b in range(3)]
-         for p in range(2)]
+  per_process = [
+    streaming(split, seed=5, batch_size=batch, process_index=p, process_count=2) for p in range(2)
+  ]
+  ids = [
+    [feeds._LocalBatchIds(50, 5, batch, p * 8, p * 8 + 8)[b] for b in range(3)] for p in range(2)
+  ]
   ids0, ids1 = np.concatenate(ids[0]), np.concatenate(ids[1])
   assert not set(ids0) & set(ids1)
   assert sorted(np.concatenate([ids0, ids1])) == sorted(order.epoch_permutation(5, 0, 50)[:n])
@@ -83,7 +90,7 @@ def test_two_processes_read_disjoint_columns_that_cover_the_epoch(tiny):
   for p, batches in enumerate(per_process):
     got = batches.take(3)
     assert got.shape == (3, 8, *SHAPE)
-    assert np.array_equal(got, images["train"][global_order[:, p * 8:(p + 1) * 8]])
+    assert np.array_equal(got, images["train"][global_order[:, p * 8 : (p + 1) * 8]])
 
 
 def test_resume_from_a_checkpoint_gives_the_next_batches(tiny, tmp_path):
@@ -116,8 +123,9 @@ def test_resume_refuses_another_split_or_batch_size(tiny):
   with pytest.raises(DataError, match="whole number of batches of 24"):
     feeds.StreamingBatches.from_state(first.state(), split, 24, read_threads=1)
   with pytest.raises(DataError, match="49 examples.*this one has 50"):
-    feeds.StreamingBatches.from_state(dict(first.state(), num_examples=49), split, 16,
-                                      read_threads=1)
+    feeds.StreamingBatches.from_state(
+      dict(first.state(), num_examples=49), split, 16, read_threads=1
+    )
 
 
 def test_both_feeds_train_identically(tiny, data_dir):
@@ -150,13 +158,21 @@ def test_create_feed_resumes_either_path(tiny):
   memory = feeds.create_feed(images["train"], runner, seed=3, batch_size=16)
   assert memory.gathers
   np.testing.assert_array_equal(np.asarray(memory.args(2)[1]), uninterrupted[:2])  # 1 process
-  stream = feeds.create_feed(split, runner, seed=3, batch_size=16, read_threads=1,
-                             prefetch_batches=2, data_state=memory.state())
+  stream = feeds.create_feed(
+    split,
+    runner,
+    seed=3,
+    batch_size=16,
+    read_threads=1,
+    prefetch_batches=2,
+    data_state=memory.state(),
+  )
   assert not stream.gathers
   (batches,) = stream.args(2)
   np.testing.assert_array_equal(np.asarray(batches), images["train"][uninterrupted[2:4]])
-  back = feeds.create_feed(images["train"], runner, seed=0, batch_size=16,
-                           data_state=stream.state())
+  back = feeds.create_feed(
+    images["train"], runner, seed=0, batch_size=16, data_state=stream.state()
+  )
   np.testing.assert_array_equal(np.asarray(back.args(1)[1]), uninterrupted[4:5])
 
 

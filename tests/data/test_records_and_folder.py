@@ -4,6 +4,7 @@ the folder converter, and clear failures.
 Everything runs on tiny datasets this file writes itself (flaxvae's raw schema and the TFDS
 catalog's PNG schema), so no download and no TensorFlow are needed.
 """
+
 import os
 
 import numpy as np
@@ -93,8 +94,16 @@ def test_not_prepared_names_the_command(tmp_path):
 def test_registered_datasets_are_known_without_data_and_reserved(tmp_path):
   """Fashion-MNIST and the catalog register themselves: shapes and sizes need no prepared
   folder, and no folder dataset may take their names."""
-  assert {"fashion_mnist", "mnist", "binarized_mnist", "cifar10", "celeb_a", "imagenet32",
-          "imagenet64", "downsampled_imagenet"} <= set(registry.DATASETS.names())
+  assert {
+    "fashion_mnist",
+    "mnist",
+    "binarized_mnist",
+    "cifar10",
+    "celeb_a",
+    "imagenet32",
+    "imagenet64",
+    "downsampled_imagenet",
+  } <= set(registry.DATASETS.names())
   celeb_a = data_lib.PreparedDataset(config_for(str(tmp_path), "celeb_a").data)
   assert celeb_a.image_shape == (64, 64, 3)
   assert celeb_a.split_bytes("test") == 19_962 * 64 * 64 * 3
@@ -108,6 +117,7 @@ def test_registered_datasets_are_known_without_data_and_reserved(tmp_path):
 def test_catalog_preparation_without_tensorflow_says_how(tmp_path):
   try:
     import tensorflow  # noqa: F401
+
     pytest.skip("TensorFlow is installed: preparing would download")
   except ImportError:
     pass
@@ -121,9 +131,14 @@ def test_catalog_preparation_without_tensorflow_says_how(tmp_path):
 # ----------------------------------------------------------------------------
 def test_catalog_schema_reads_on_both_paths(tmp_path):
   images = random_images(30, seed=2, shape=(4, 4, 1)) // 255  # binarized_mnist stores 0/1
-  records.write_dataset(str(tmp_path), "binarized_mnist", (4, 4, 1),
-                        {"train": lambda: ((im, 0) for im in images)}, version="1.0.0",
-                        encoding="png")
+  records.write_dataset(
+    str(tmp_path),
+    "binarized_mnist",
+    (4, 4, 1),
+    {"train": lambda: ((im, 0) for im in images)},
+    version="1.0.0",
+    encoding="png",
+  )
   dataset = data_lib.PreparedDataset(config_for(str(tmp_path), "binarized_mnist").data)
   loaded = dataset.images("train")
   assert loaded.dtype == np.uint8 and set(np.unique(loaded)) <= {0, 255}
@@ -137,8 +152,9 @@ def test_catalog_schema_reads_on_both_paths(tmp_path):
 
 def test_write_dataset_progress_lines(tmp_path, capsys):
   images = random_images(5, seed=3, shape=SHAPE)
-  write = lambda name, **kw: records.write_dataset(  # noqa: E731
-      str(tmp_path), name, SHAPE, {"train": lambda: ((im, 0) for im in images)}, **kw)
+  write = lambda name, **kw: records.write_dataset(
+    str(tmp_path), name, SHAPE, {"train": lambda: ((im, 0) for im in images)}, **kw
+  )
   builder_dir = write("quiet")
   assert capsys.readouterr().out == ""  # TFDS's own chatter is silenced
   assert builder_dir == os.path.join(str(tmp_path), "quiet", records.FOLDER_VERSION)
@@ -159,8 +175,9 @@ def test_latest_version_dir_skips_incomplete_versions(tmp_path):
 
 def test_order_is_cached_beside_the_dataset(tmp_path):
   images = random_images(12, seed=5, shape=SHAPE)
-  builder_dir = records.write_dataset(str(tmp_path), "cached", SHAPE,
-                                      {"train": lambda: ((im, 0) for im in images)})
+  builder_dir = records.write_dataset(
+    str(tmp_path), "cached", SHAPE, {"train": lambda: ((im, 0) for im in images)}
+  )
   path = os.path.join(builder_dir, "flaxvae-order-train.npy")
   order = np.load(path)
   split = records.Split(builder_dir, "train")
@@ -173,14 +190,19 @@ def test_order_is_cached_beside_the_dataset(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_record_file_is_named(tmp_path, damage):
   images = random_images(40, seed=4, shape=SHAPE)
-  builder_dir = records.write_dataset(str(tmp_path), "fragile", SHAPE,
-                                      {"train": lambda: ((im, 0) for im in images)})
-  path = next(os.path.join(builder_dir, f) for f in os.listdir(builder_dir)
-              if "train.array_record" in f)
+  builder_dir = records.write_dataset(
+    str(tmp_path), "fragile", SHAPE, {"train": lambda: ((im, 0) for im in images)}
+  )
+  path = next(
+    os.path.join(builder_dir, f) for f in os.listdir(builder_dir) if "train.array_record" in f
+  )
   data = open(path, "rb").read()
   with open(path, "wb") as f:
-    f.write(data[:len(data) // 2] if damage == "truncated" else
-            data[:200] + bytes(255 - b for b in data[200:len(data) - 200]) + data[-200:])
+    f.write(
+      data[: len(data) // 2]
+      if damage == "truncated"
+      else data[:200] + bytes(255 - b for b in data[200 : len(data) - 200]) + data[-200:]
+    )
   with pytest.raises(DataError) as e:
     split = records.Split(builder_dir, "train")
     split.read_all()

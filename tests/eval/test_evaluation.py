@@ -1,6 +1,7 @@
 """The evaluation row: diagnostics a model lacks the capability for are skipped (and said so),
 per-layer figures come per layer, and NLL / bits per dim appear only where log p(x) is a
 log-likelihood of the scored data (protocol and likelihood agree)."""
+
 import dataclasses
 import math
 
@@ -31,8 +32,9 @@ def final_row(config):
 
 
 def test_a_model_without_the_capabilities_skips_those_diagnostics_and_says_why():
-  config = tiny_config("ladder_mlp", **{"eval.amortization_examples": 4,
-                                        "eval.amortization_steps": 2})
+  config = tiny_config(
+    "ladder_mlp", **{"eval.amortization_examples": 4, "eval.amortization_steps": 2}
+  )
   run, evaluator = run_and_evaluator(config)
   rng = evaluation.eval_rng(config.seed)
   row = evaluation.final_evaluation(run, evaluator, run.params, rng)
@@ -40,8 +42,13 @@ def test_a_model_without_the_capabilities_skips_those_diagnostics_and_says_why()
   assert "aggregate_posterior" in row["skipped"]["elbo_surgery"]
   assert "local_posterior" in row["skipped"]["amortization_gap"]
   assert all("'ladder_mlp'" in why for name, why in row["skipped"].items() if name != "khat")
-  for key in ("mutual_info", "marginal_kl", "amortization_gap", "approximation_gap",
-              "amortization_examples"):
+  for key in (
+    "mutual_info",
+    "marginal_kl",
+    "amortization_gap",
+    "approximation_gap",
+    "amortization_examples",
+  ):
     assert key not in row, key  # skipped, never reported as zero
   # What it can give, it gives, per layer (top first: latent_dims (4, 2) -> 2 units, then 4).
   assert len(row["rate_by_layer"]) == 2 == len(row["rate_by_layer_stderr"])
@@ -59,11 +66,13 @@ def test_a_model_without_the_capabilities_skips_those_diagnostics_and_says_why()
 
 def test_a_replaced_eval_section_runs_ais_and_leaves_the_run_settings_as_they_are():
   """What `flaxvae evaluate --log_px_estimator=ais` does: no config is written to."""
-  run, evaluator = run_and_evaluator(tiny_config(**{"eval.ais_steps": 2, "eval.ais_chains": 1,
-                                                     "eval.ais_examples": 4}))
+  run, evaluator = run_and_evaluator(
+    tiny_config(**{"eval.ais_steps": 2, "eval.ais_chains": 1, "eval.ais_examples": 4})
+  )
   ais = dataclasses.replace(run.settings.eval, log_px_estimator="ais")
-  row = evaluation.final_evaluation(run, evaluator, run.params,
-                                    evaluation.eval_rng(run.settings.seed), eval_settings=ais)
+  row = evaluation.final_evaluation(
+    run, evaluator, run.params, evaluation.eval_rng(run.settings.seed), eval_settings=ais
+  )
   assert row["log_px_estimator"] == "ais" and row["ais_examples"] == 4
   assert run.settings.eval.log_px_estimator == "iwae"
 
@@ -100,7 +109,9 @@ def test_binarized_bernoulli_is_a_probability_model_with_bits_per_dim():
   assert row["elbo_bits_per_dim"] >= row["bits_per_dim"]
 
 
-@pytest.mark.parametrize("protocol, likelihood, expected", [
+@pytest.mark.parametrize(
+  "protocol, likelihood, expected",
+  [
     ("grey", "bernoulli", False),
     ("binarized", "bernoulli", True),
     ("static_binarized", "bernoulli", True),
@@ -111,10 +122,13 @@ def test_binarized_bernoulli_is_a_probability_model_with_bits_per_dim():
     ("binarized", "discretized_logistic", False),
     ("8bit", "gaussian", False),
     ("binarized", "gaussian", False),
-])
+  ],
+)
 def test_which_protocol_and_likelihood_make_a_probability_model(protocol, likelihood, expected):
-  assert protocols.is_probability_model(protocols.PROTOCOLS.get(protocol),
-                                        get_likelihood(likelihood)) is expected
+  assert (
+    protocols.is_probability_model(protocols.PROTOCOLS.get(protocol), get_likelihood(likelihood))
+    is expected
+  )
 
 
 def test_the_note_says_what_the_figures_are_instead():
@@ -136,8 +150,12 @@ def test_summarize_gives_means_and_standard_errors_per_layer():
 
 def test_the_optional_diagnostics_run_in_their_registered_order():
   """AIS comes before the amortization gap, which compares against its log p(x)."""
-  assert [name for name, _ in EVALUATORS.items()] == ["elbo_surgery", "ais", "bdmc",
-                                                      "amortization_gap"]
+  assert [name for name, _ in EVALUATORS.items()] == [
+    "elbo_surgery",
+    "ais",
+    "bdmc",
+    "amortization_gap",
+  ]
 
 
 def test_host_dispatched_chunks_give_the_scanned_figures_from_one_running_total():
@@ -158,8 +176,9 @@ def test_host_dispatched_chunks_give_the_scanned_figures_from_one_running_total(
     patch.setitem(backend.HOST_CHUNK_ROWS_ON_CPU, "conv", 7)
     patch.setattr(diagnostics, "merge_chunk", lambda *a: traced.append(1) or real_merge(*a))
     chunked = evaluation.importance_values(run, evaluator, run.params, rng, n, k, None)
-  scanned = evaluator.per_example(f"importance_{k}", diagnostics.importance_fn(
-      run.graphdef, run.protocol, k), run.params, rng, n)
+  scanned = evaluator.per_example(
+    f"importance_{k}", diagnostics.importance_fn(run.graphdef, run.protocol, k), run.params, rng, n
+  )
   for key in ("log_px", "elbo", "rate", "distortion", "khat"):
     np.testing.assert_allclose(chunked[key], scanned[key], rtol=2e-5, atol=2e-4, err_msg=key)
   assert traced == [1]

@@ -1,5 +1,6 @@
 """The one noise source: however the work is split (devices, microbatches, subsets of examples,
 chunks of samples), every example gets the same draws."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +22,9 @@ def test_each_device_keeps_its_rows_of_one_global_draw():
   parts = _per_device(key, 2, 4)(lambda noise: noise.normal(1, SHAPE))  # [4, 3, 2, 4]
   np.testing.assert_array_equal(jnp.concatenate(list(parts), axis=1), whole)
   uniform = _per_device(key, 2, 4)(lambda noise: noise.uniform(SHAPE))
-  np.testing.assert_array_equal(uniform.reshape(8, *SHAPE),
-                                _per_device(key, 8, 1)(lambda noise: noise.uniform(SHAPE))[0])
+  np.testing.assert_array_equal(
+    uniform.reshape(8, *SHAPE), _per_device(key, 8, 1)(lambda noise: noise.uniform(SHAPE))[0]
+  )
   microbatch = _per_device(key, 8, 1)(lambda noise: noise.rows(2, 3).normal(1, SHAPE))[0]
   np.testing.assert_array_equal(microbatch, whole[:, 2:5])
 
@@ -37,6 +39,7 @@ def test_an_example_draws_the_same_whatever_else_is_evaluated_with_it():
 def test_from_key_draws_every_layer_from_its_own_stream():
   key = jax.random.key(2)
   noise = NoiseSource.from_key(key, 3, num_samples=2)
-  np.testing.assert_array_equal(noise.normal(1, SHAPE),
-                                jax.random.normal(jax.random.fold_in(key, 1), (2, 3, *SHAPE)))
+  np.testing.assert_array_equal(
+    noise.normal(1, SHAPE), jax.random.normal(jax.random.fold_in(key, 1), (2, 3, *SHAPE))
+  )
   assert not np.array_equal(noise.normal(0, SHAPE), noise.normal(1, SHAPE))

@@ -21,17 +21,25 @@ from tests.conftest import load_config, random_images, set_keys
 slow = pytest.mark.slow
 
 SHAPE = (12, 12, 1)
-SMALL = dict(dec_layers="1:2,4:3,16:2", enc_blocks="16:2,4:1,1:1", widths="16:8,4:12,1:16",
-             bottleneck=0.5, latent_channels=3, pad_to=16)
+SMALL = dict(
+  dec_layers="1:2,4:3,16:2",
+  enc_blocks="16:2,4:1,1:1",
+  widths="16:8,4:12,1:16",
+  bottleneck=0.5,
+  latent_channels=3,
+  pad_to=16,
+)
 TINY_SHAPE = (4, 4, 1)
-TINY = dict(dec_layers="4:3", enc_blocks="4:2", widths="4", bottleneck=0.5, latent_channels=2,
-            pad_to=4)
+TINY = dict(
+  dec_layers="4:3", enc_blocks="4:2", widths="4", bottleneck=0.5, latent_channels=2, pad_to=4
+)
 
 
 def build(shape=SHAPE, base=SMALL, **keys):
   model = settings.resolve_model(defaults.model_config("vdvae", **{**base, **keys}))
-  return models.create_model(model, image_shape=shape,
-                             likelihood=likelihoods.get_likelihood("bernoulli"))
+  return models.create_model(
+    model, image_shape=shape, likelihood=likelihoods.get_likelihood("bernoulli")
+  )
 
 
 def x_and_noise(k=2, n=3, shape=SHAPE):
@@ -47,8 +55,10 @@ def jitted(model, method, *args, **static):
 
 def loss_and_grads(model, x, noise):
   graphdef, params = nnx.split(model)
+
   def loss(params):
     return -jnp.mean(bounds.per_example(nnx.merge(graphdef, params).terms(x, noise))["elbo"])
+
   traced = jax.jit(jax.value_and_grad(loss)).trace(params)
   return traced.lower().compile(), params, traced.jaxpr
 
@@ -58,21 +68,28 @@ def test_a_tiny_scanned_model_has_the_unrolled_loss_and_gradients():
   gradients as the unrolled layers."""
   x, noise = x_and_noise(k=2, n=4, shape=TINY_SHAPE)
   (scanned, params, jaxpr), (unrolled, same_params, unrolled_jaxpr) = [
-      loss_and_grads(build(TINY_SHAPE, TINY, scan_blocks=scan), x, noise)
-      for scan in ("scan", "unroll")]
+    loss_and_grads(build(TINY_SHAPE, TINY, scan_blocks=scan), x, noise)
+    for scan in ("scan", "unroll")
+  ]
   assert "scan[" in str(jaxpr) and "scan[" not in str(unrolled_jaxpr)
   jax.tree.map(np.testing.assert_array_equal, params, same_params)
   (value, grads), (same_value, same_grads) = scanned(params), unrolled(params)
   np.testing.assert_allclose(value, same_value, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               grads, same_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, same_grads
+  )
 
 
 @slow
 def test_scanned_and_unrolled_layers_compute_the_same_model():
   unrolled, scanned = build(scan_blocks="unroll"), build(scan_blocks="scan")
-  assert jax.tree.all(jax.tree.map(lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)),
-                                   nnx.state(unrolled), nnx.state(scanned)))
+  assert jax.tree.all(
+    jax.tree.map(
+      lambda a, b: a.shape == b.shape and bool(jnp.all(a == b)),
+      nnx.state(unrolled),
+      nnx.state(scanned),
+    )
+  )
   x, noise = x_and_noise()
   a, b = jitted(unrolled, "terms", x, noise), jitted(scanned, "terms", x, noise)
   np.testing.assert_allclose(bounds.log_weights(a), bounds.log_weights(b), rtol=1e-5)
@@ -89,8 +106,11 @@ def test_remat_changes_memory_not_numbers():
     value, grads = compiled(params)
     results[remat] = (value, grads, compiled.memory_analysis().temp_size_in_bytes)
   np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               results[True][1], results[False][1])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    results[True][1],
+    results[False][1],
+  )
   assert results[True][2] < results[False][2]  # activations recomputed, not stored
 
 
@@ -122,16 +142,29 @@ def test_keeping_layers_moves_reconstructions_from_the_prior_to_the_posterior():
   assert not np.allclose(raws[0], raws[-1]) and not np.allclose(raws[1], raws[-1])
 
 
-CONFIGS = ["fashion_mnist_vdvae", "fashion_mnist_vdvae_8bit", "fashion_mnist_effvdvae",
-           "cifar10_vdvae", "imagenet32_vdvae", "imagenet64_vdvae", "ffhq256_vdvae"]
-SHAPES = {"fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3), "imagenet32": (32, 32, 3),
-          "imagenet64": (64, 64, 3), "ffhq256": (256, 256, 3)}
+CONFIGS = [
+  "fashion_mnist_vdvae",
+  "fashion_mnist_vdvae_8bit",
+  "fashion_mnist_effvdvae",
+  "cifar10_vdvae",
+  "imagenet32_vdvae",
+  "imagenet64_vdvae",
+  "ffhq256_vdvae",
+]
+SHAPES = {
+  "fashion_mnist": (28, 28, 1),
+  "cifar10": (32, 32, 3),
+  "imagenet32": (32, 32, 3),
+  "imagenet64": (64, 64, 3),
+  "ffhq256": (256, 256, 3),
+}
 
 
 @slow
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_shipped_config_trains_two_steps_on_data_of_its_shape(name, tmp_path,
-                                                                     compilation_cache):
+def test_every_shipped_config_trains_two_steps_on_data_of_its_shape(
+  name, tmp_path, compilation_cache
+):
   config = load_config(name, "tiny")
   shape = SHAPES[config.data.name]
   dataset = ArrayDataset({"train": random_images(16, 0, shape), "test": random_images(8, 1, shape)})
@@ -141,23 +174,30 @@ def test_every_shipped_config_trains_two_steps_on_data_of_its_shape(name, tmp_pa
 
 
 @slow
-def test_vdvae_trains_the_same_on_one_and_eight_devices_and_resumes_bitwise(tmp_path,
-                                                                            compilation_cache):
+def test_vdvae_trains_the_same_on_one_and_eight_devices_and_resumes_bitwise(
+  tmp_path, compilation_cache
+):
   def tiny(**changes):
-    return set_keys(load_config("fashion_mnist_vdvae", "tiny"), num_steps=4, log_every_steps=2,
-                    **changes)
+    return set_keys(
+      load_config("fashion_mnist_vdvae", "tiny"), num_steps=4, log_every_steps=2, **changes
+    )
+
   shape = (28, 28, 1)
   dataset = ArrayDataset({"train": random_images(32, 0, shape), "test": random_images(8, 1, shape)})
   state = lambda run: checkpoint_lib.read_state(tmp_path / run / "checkpoints" / "4" / "state")
   train(tiny(**{"parallel.num_devices": 1}), str(tmp_path / "one"), dataset)
   train(tiny(), str(tmp_path / "eight"), dataset)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
-               state("eight")["params"], state("one")["params"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+    state("eight")["params"],
+    state("one")["params"],
+  )
 
   # Stopped mid-run at step 2 (the time budget ends training at the first log step), resumed.
   train(tiny(time_budget_s=1e-9), str(tmp_path / "resumed"), dataset)
-  assert checkpoint_lib.Checkpointer(str(tmp_path / "resumed"),
-                                     tiny().checkpoint).all_steps() == [2]
+  assert checkpoint_lib.Checkpointer(str(tmp_path / "resumed"), tiny().checkpoint).all_steps() == [
+    2
+  ]
   train(tiny(), str(tmp_path / "resumed"), dataset)
   for a, b in zip(jax.tree.leaves(state("resumed")), jax.tree.leaves(state("eight"))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

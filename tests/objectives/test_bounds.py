@@ -4,6 +4,7 @@ Monte Carlo and direct computation.
 Terms come from a tiny one-latent model on the contract (models/gaussian_latent.py) with
 noise we choose, or are written by hand where a test needs exact per-unit KLs or two layers.
 """
+
 import math
 
 import jax
@@ -38,18 +39,23 @@ def test_gaussian_kl_to_a_general_prior_matches_monte_carlo_per_unit():
   mean, logvar = jnp.array([0.5, -1.0, 2.0]), jnp.array([-0.5, 0.3, 1.0])
   prior_mean, prior_logvar = jnp.array([0.1, 0.4, 1.0]), jnp.array([0.2, -0.7, 0.5])
   z = gaussian.reparameterize(key, mean, logvar, num_samples=400_000)
-  mc = jnp.mean(gaussian.log_normal_per_unit(z, mean, logvar)
-                - gaussian.log_normal_per_unit(z, prior_mean, prior_logvar), axis=0)
+  mc = jnp.mean(
+    gaussian.log_normal_per_unit(z, mean, logvar)
+    - gaussian.log_normal_per_unit(z, prior_mean, prior_logvar),
+    axis=0,
+  )
   analytic = gaussian.kl_per_unit(mean, logvar, prior_mean, prior_logvar)
   np.testing.assert_allclose(mc, analytic, rtol=0.03, atol=2e-3)
   # The N(0, 1) prior given explicitly is the default prior.
-  np.testing.assert_allclose(gaussian.kl_per_unit(mean, logvar, 0.0, 0.0),
-                             gaussian.kl_per_unit(mean, logvar), rtol=1e-6)
+  np.testing.assert_allclose(
+    gaussian.kl_per_unit(mean, logvar, 0.0, 0.0), gaussian.kl_per_unit(mean, logvar), rtol=1e-6
+  )
 
 
 def test_gaussian_kl_is_zero_at_the_prior():
-  np.testing.assert_allclose(gaussian.kl_to_standard(jnp.zeros((2, 5)), jnp.zeros((2, 5))), 0.0,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    gaussian.kl_to_standard(jnp.zeros((2, 5)), jnp.zeros((2, 5))), 0.0, atol=1e-7
+  )
   m, lv = jnp.array([0.3, -2.0]), jnp.array([1.5, -0.4])
   np.testing.assert_allclose(gaussian.kl_per_unit(m, lv, m, lv), 0.0, atol=1e-6)
 
@@ -58,8 +64,9 @@ def test_log_normal_matches_the_density():
   z, mean, logvar = 0.7, -0.2, math.log(0.3)
   want = -0.5 * math.log(2 * math.pi * 0.3) - (z - mean) ** 2 / (2 * 0.3)
   np.testing.assert_allclose(gaussian.log_normal(jnp.array([z]), mean, logvar), want, rtol=1e-6)
-  np.testing.assert_allclose(gaussian.log_standard_normal(jnp.array([z, 0.0])),
-                             -math.log(2 * math.pi) - z**2 / 2, rtol=1e-6)
+  np.testing.assert_allclose(
+    gaussian.log_standard_normal(jnp.array([z, 0.0])), -math.log(2 * math.pi) - z**2 / 2, rtol=1e-6
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -143,6 +150,7 @@ def test_iwae_with_one_sample_equals_elbo():
   def both(eps):
     terms = model.terms(x, GivenNoise(eps))
     return jnp.mean(bounds.log_weights(terms), 0), bounds.per_example(terms)["elbo"]
+
   mean_log_w, elbo = both(eps)
   np.testing.assert_allclose(mean_log_w, elbo, rtol=1e-2)
 
@@ -152,8 +160,10 @@ def test_iwae_bound_grows_with_samples():
   repeats = 100  # independent estimates per example, folded into the batch axis
   x = jnp.tile(binary_images(jax.random.key(7), 4), (repeats, 1, 1, 1))
   iwae = jax.jit(lambda eps: bounds.per_example(model.terms(x, GivenNoise(eps)))["iwae"])
-  means = [float(jnp.mean(iwae(jax.random.normal(jax.random.key(k), (k, 4 * repeats, 2)))))
-           for k in (1, 10, 100)]
+  means = [
+    float(jnp.mean(iwae(jax.random.normal(jax.random.key(k), (k, 4 * repeats, 2)))))
+    for k in (1, 10, 100)
+  ]
   assert means[0] < means[1] < means[2], means
 
 
@@ -162,10 +172,12 @@ def test_log_weights_and_rate_sum_over_layers():
   rng = np.random.default_rng(0)
   k, b = 3, 4
   arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-  top = contract.LatentLayer(z=arr(k, b, 2), log_q=arr(k, b), log_p=arr(k, b), kl=arr(k, b, 2),
-                             q_mean=arr(k, b, 2))
-  bottom = contract.LatentLayer(z=arr(k, b, 5), log_q=arr(k, b), log_p=arr(k, b),
-                                kl=arr(k, b, 5), q_mean=arr(k, b, 5))
+  top = contract.LatentLayer(
+    z=arr(k, b, 2), log_q=arr(k, b), log_p=arr(k, b), kl=arr(k, b, 2), q_mean=arr(k, b, 2)
+  )
+  bottom = contract.LatentLayer(
+    z=arr(k, b, 5), log_q=arr(k, b), log_p=arr(k, b), kl=arr(k, b, 5), q_mean=arr(k, b, 5)
+  )
   terms = contract.Terms(log_px_z=arr(k, b), layers=(top, bottom))
   log_w = terms.log_px_z + top.log_p - top.log_q + bottom.log_p - bottom.log_q
   np.testing.assert_allclose(bounds.log_weights(terms), log_w, rtol=1e-6)
@@ -173,8 +185,9 @@ def test_log_weights_and_rate_sum_over_layers():
   by_layer = np.stack([top.kl.sum(-1).mean(0), bottom.kl.sum(-1).mean(0)], -1)
   np.testing.assert_allclose(out["rate_by_layer"], by_layer, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out["rate"], by_layer.sum(-1), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(out["iwae"], np.log(np.mean(np.exp(np.asarray(log_w, np.float64)), 0)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    out["iwae"], np.log(np.mean(np.exp(np.asarray(log_w, np.float64)), 0)), rtol=1e-5
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -201,8 +214,9 @@ def test_free_bits_per_unit():
   penalty = bounds.free_bits_penalty(gaussian_terms(mean, logvar), 0.5, "unit")
   # Unit 0 is nearly unused (batch-mean KL ~ 0 < 0.5): it costs the floor; unit 1 its own KL (2).
   np.testing.assert_allclose(penalty, [[2.5, 2.5]], rtol=1e-4)
-  grads = jax.grad(lambda m: bounds.free_bits_penalty(gaussian_terms(m, logvar), 0.5,
-                                                      "unit").sum())(mean)
+  grads = jax.grad(
+    lambda m: bounds.free_bits_penalty(gaussian_terms(m, logvar), 0.5, "unit").sum()
+  )(mean)
   np.testing.assert_allclose(grads[:, 0], 0.0)
   np.testing.assert_allclose(grads[:, 1], mean[:, 1], rtol=1e-6)  # d/dm of m^2 / 2
   # The loss takes the penalty in place of the rate, scaled by beta; elbo and rate stay true.
@@ -216,13 +230,16 @@ def test_free_bits_per_layer():
   mean, logvar = jnp.array([[0.01, 2.0], [0.0, 2.0]]), jnp.zeros((2, 2))
   kl = gaussian.kl_to_standard(mean, logvar)
   # The layer's batch-mean KL (~2) is above 0.5: no floor, the KL itself.
-  np.testing.assert_allclose(bounds.free_bits_penalty(gaussian_terms(mean, logvar), 0.5,
-                                                      "layer")[0], kl, rtol=1e-6)
+  np.testing.assert_allclose(
+    bounds.free_bits_penalty(gaussian_terms(mean, logvar), 0.5, "layer")[0], kl, rtol=1e-6
+  )
   # Below a floor of 3 nats: the constant 3, without gradient.
-  np.testing.assert_allclose(bounds.free_bits_penalty(gaussian_terms(mean, logvar), 3.0,
-                                                      "layer")[0], [3.0, 3.0])
-  grads = jax.grad(lambda m: bounds.free_bits_penalty(gaussian_terms(m, logvar), 3.0,
-                                                      "layer").sum())(mean)
+  np.testing.assert_allclose(
+    bounds.free_bits_penalty(gaussian_terms(mean, logvar), 3.0, "layer")[0], [3.0, 3.0]
+  )
+  grads = jax.grad(
+    lambda m: bounds.free_bits_penalty(gaussian_terms(m, logvar), 3.0, "layer").sum()
+  )(mean)
   np.testing.assert_allclose(grads, 0.0)
 
 
@@ -234,9 +251,10 @@ def test_free_bits_group_mean_is_over_the_global_batch():
   whole = bounds.free_bits_penalty(gaussian_terms(mean, logvar), 0.5, "unit")
   # Alone, device 0 (unit 0 mean KL 0.64 > 0.5) and device 1 (0 < 0.5) would differ from
   # the whole batch (unit 0 mean 0.32 < 0.5: the floor everywhere).
-  split = jax.vmap(lambda m, lv: bounds.free_bits_penalty(gaussian_terms(m, lv), 0.5, "unit",
-                                                          axis_name="d"),
-                   axis_name="d")(mean.reshape(2, 2, 2), logvar.reshape(2, 2, 2))
+  split = jax.vmap(
+    lambda m, lv: bounds.free_bits_penalty(gaussian_terms(m, lv), 0.5, "unit", axis_name="d"),
+    axis_name="d",
+  )(mean.reshape(2, 2, 2), logvar.reshape(2, 2, 2))
   np.testing.assert_allclose(split.transpose(1, 0, 2).reshape(1, 4), whole, rtol=1e-6)
   alone = bounds.free_bits_penalty(gaussian_terms(mean[:2], logvar[:2]), 0.5, "unit")
   assert not np.allclose(alone, whole[:, :2])
@@ -253,7 +271,8 @@ def test_bits_per_dim():
 def test_log_mean_exp_is_exact_and_stable():
   v = jnp.array([[0.1, -2.0], [1.5, 0.3], [-0.7, 0.0]])
   np.testing.assert_allclose(bounds.log_mean_exp(v), np.log(np.mean(np.exp(v), 0)), rtol=1e-6)
-  np.testing.assert_allclose(bounds.log_mean_exp(v, axis=1), np.log(np.mean(np.exp(v), 1)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    bounds.log_mean_exp(v, axis=1), np.log(np.mean(np.exp(v), 1)), rtol=1e-6
+  )
   big = jnp.array([1000.0, 1000.0, -1000.0])
   assert float(bounds.log_mean_exp(big)) == pytest.approx(1000.0 + math.log(2 / 3), abs=1e-3)

@@ -1,4 +1,5 @@
 """flaxvae's softplus and log_sigmoid against jax.nn: values, slopes (at 0 too), infinities."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,9 @@ def test_softplus_and_log_sigmoid_at_the_infinities():
   np.testing.assert_array_equal(elementwise.log_sigmoid(x), [-jnp.inf, 0.0])
   np.testing.assert_array_equal(jax.vmap(jax.grad(elementwise.softplus))(x), [0.0, 1.0])
   assert bool(jnp.isnan(elementwise.softplus(jnp.nan)))
-  np.testing.assert_allclose(elementwise.log_sigmoid(jnp.linspace(-50.0, 50.0, 101)),
-                             jax.nn.log_sigmoid(jnp.linspace(-50.0, 50.0, 101)), rtol=1e-6,
-                             atol=1e-7)
+  np.testing.assert_allclose(
+    elementwise.log_sigmoid(jnp.linspace(-50.0, 50.0, 101)),
+    jax.nn.log_sigmoid(jnp.linspace(-50.0, 50.0, 101)),
+    rtol=1e-6,
+    atol=1e-7,
+  )

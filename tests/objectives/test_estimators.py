@@ -5,6 +5,7 @@ a 2-D latent model with a bimodal posterior (dense quadrature, float64 numpy);
 the Pareto shape of weights with a known tail; and an independent numpy
 transcription of the PSIS tail fit. The jitted computations run in float32.
 """
+
 import math
 
 import jax
@@ -26,7 +27,6 @@ def log_normal(z, mean, sd):
 # Linear-Gaussian model: z ~ N(0, I_d), x | z ~ N(W z + c, s^2 I_D)
 # ---------------------------------------------------------------------------
 class LinearGaussian:
-
   def __init__(self, seed, d=3, D=6, s=0.5):
     rng = np.random.default_rng(seed)
     self.d, self.s = d, s
@@ -57,16 +57,28 @@ def folded_init(key, mean, sd, num_chains, b, d):
 # narrow, shifted init, whose weights are also heavier-tailed) at 500 steps; with 128
 # chains the standard error of the mean error over the 8 x's is then ~0.015 or ~0.03,
 # that of one x up to ~0.08 or ~0.12.
-@pytest.mark.parametrize("init_mean, init_sd, tol, tol_each", [(0.0, 1.0, 0.05, 0.2), (1.0, 0.5, 0.1, 0.5)],
-                         ids=["prior", "mismatched"])
+@pytest.mark.parametrize(
+  "init_mean, init_sd, tol, tol_each",
+  [(0.0, 1.0, 0.05, 0.2), (1.0, 0.5, 0.1, 0.5)],
+  ids=["prior", "mismatched"],
+)
 def test_ais_matches_linear_gaussian_marginal(init_mean, init_sd, tol, tol_each):
   model, b, chains = LinearGaussian(0), 8, 128
   x, _ = model.simulate(b)
   exact = model.exact_log_marginal(x)
-  run = jax.jit(lambda key, z0: estimators.ais_log_marginal(
-      key, z0, lambda z: log_normal(z, init_mean, init_sd), model.log_joint(np.tile(x, (chains, 1))),
-      estimators.sigmoid_schedule(500), chains))
-  out = run(jax.random.key(1), folded_init(jax.random.key(2), init_mean, init_sd, chains, b, model.d))
+  run = jax.jit(
+    lambda key, z0: estimators.ais_log_marginal(
+      key,
+      z0,
+      lambda z: log_normal(z, init_mean, init_sd),
+      model.log_joint(np.tile(x, (chains, 1))),
+      estimators.sigmoid_schedule(500),
+      chains,
+    )
+  )
+  out = run(
+    jax.random.key(1), folded_init(jax.random.key(2), init_mean, init_sd, chains, b, model.d)
+  )
   error = np.asarray(out["log_z"]) - exact
   assert abs(np.mean(error)) < tol and np.all(np.abs(error) < tol_each), error
   assert out["log_w"].shape == (chains, b) and out["step_sizes"].shape == (500, chains * b)
@@ -83,30 +95,42 @@ def test_ais_with_one_step_is_importance_sampling_on_a_pytree_latent():
   z0 = folded_init(jax.random.key(0), 0.0, 1.0, 1, b, model.d)
   z0 = {"a": z0[:, :2], "b": z0[:, 2:].reshape(b, 1, 1)}
   out = jax.jit(lambda key, z0: estimators.ais(key, z0, init, target, jnp.array([0.0, 1.0])))(
-      jax.random.key(1), z0)
+    jax.random.key(1), z0
+  )
   np.testing.assert_allclose(out["log_z"], target(z0) - init(z0), rtol=1e-6)
   assert jax.tree.map(jnp.shape, out["state"]) == {"a": (b, 2), "b": (b, 1, 1)}
-  assert not np.allclose(out["state"]["a"], z0["a"])   # the final HMC move went somewhere
+  assert not np.allclose(out["state"]["a"], z0["a"])  # the final HMC move went somewhere
 
 
 def test_bdmc_sandwiches_linear_gaussian_marginal_and_closes_with_more_steps():
   model, b = LinearGaussian(2), 128
-  x, z_exact = model.simulate(b)   # z_exact is an exact posterior sample of x
+  x, z_exact = model.simulate(b)  # z_exact is an exact posterior sample of x
   exact = model.exact_log_marginal(x).mean()
   init, target = (lambda z: log_normal(z, 0.0, 1.0)), model.log_joint(x)
 
   @jax.jit
   def bounds(key, z0, z_exact, betas):
     forward = estimators.ais(key, z0, init, target, betas)
-    reverse = estimators.reverse_ais(jax.random.fold_in(key, 1), z_exact, init, target, betas,
-                                     step_size=forward["step_sizes"], adapt=False)
+    reverse = estimators.reverse_ais(
+      jax.random.fold_in(key, 1),
+      z_exact,
+      init,
+      target,
+      betas,
+      step_size=forward["step_sizes"],
+      adapt=False,
+    )
     return forward["log_z"].mean(), reverse["log_z"].mean()
 
   gaps = []
   for steps in (10, 500):
     z0 = folded_init(jax.random.key(steps), 0.0, 1.0, 1, b, model.d)
-    lower, upper = bounds(jax.random.key(3), z0, jnp.asarray(z_exact, jnp.float32),
-                          jnp.asarray(estimators.sigmoid_schedule(steps), jnp.float32))
+    lower, upper = bounds(
+      jax.random.key(3),
+      z0,
+      jnp.asarray(z_exact, jnp.float32),
+      jnp.asarray(estimators.sigmoid_schedule(steps), jnp.float32),
+    )
     # Averages of 128 single chains: standard errors ~0.05 at 500 steps.
     assert lower <= exact + 0.1 and upper >= exact - 0.1, (steps, lower, exact, upper)
     gaps.append(float(upper - lower))
@@ -114,13 +138,16 @@ def test_bdmc_sandwiches_linear_gaussian_marginal_and_closes_with_more_steps():
 
 
 def test_reverse_ais_replays_a_forward_schedule_at_the_same_betas():
-  """Step size 0 freezes a chain: zeros at betas[1..T-1] and not at betas[T] freeze the reverse chain only."""
+  """Step size 0 freezes a chain: zeros at betas[1..T-1] and not at betas[T] freeze the reverse
+  chain only."""
   b, steps = 4, 3
-  sizes = jnp.zeros((steps, b)).at[-1].set(0.3)   # row t for betas[t + 1]
+  sizes = jnp.zeros((steps, b)).at[-1].set(0.3)  # row t for betas[t + 1]
   init, target = (lambda z: log_normal(z, 0.0, 1.0)), (lambda z: log_normal(z, 1.0, 0.5))
   z = jax.random.normal(jax.random.key(0), (b, 2))
   betas = estimators.linear_schedule(steps)
-  reverse = estimators.reverse_ais(jax.random.key(1), z, init, target, betas, step_size=sizes, adapt=False)
+  reverse = estimators.reverse_ais(
+    jax.random.key(1), z, init, target, betas, step_size=sizes, adapt=False
+  )
   np.testing.assert_array_equal(reverse["state"], z)
   np.testing.assert_allclose(reverse["log_z"], target(z) - init(z), rtol=1e-6)
   np.testing.assert_array_equal(reverse["step_sizes"][:-1], sizes[:-1])
@@ -145,8 +172,13 @@ def bimodal_exact_log_marginal(x):
   m1, m2 = bimodal_mean(z1, z2)
   out = []
   for xi in x:
-    log_joint = (-0.5 * (z1**2 + z2**2) - LOG_2PI
-                 - 0.5 * ((xi[0] - m1) ** 2 + (xi[1] - m2) ** 2) / NOISE**2 - 2 * math.log(NOISE) - LOG_2PI)
+    log_joint = (
+      -0.5 * (z1**2 + z2**2)
+      - LOG_2PI
+      - 0.5 * ((xi[0] - m1) ** 2 + (xi[1] - m2) ** 2) / NOISE**2
+      - 2 * math.log(NOISE)
+      - LOG_2PI
+    )
     peak = log_joint.max()
     out.append(peak + math.log(np.exp(log_joint - peak).sum() * (grid[1] - grid[0]) ** 2))
   return np.array(out)
@@ -164,8 +196,16 @@ def test_ais_matches_quadrature_on_a_bimodal_posterior():
     m1, m2 = bimodal_mean(z[:, 0], z[:, 1])
     return log_normal(z, 0.0, 1.0) + log_normal(xs, jnp.stack([m1, m2], -1), NOISE)
 
-  run = jax.jit(lambda key, z0: estimators.ais_log_marginal(
-      key, z0, lambda z: log_normal(z, 0.0, 1.0), log_joint, estimators.sigmoid_schedule(1000), chains))
+  run = jax.jit(
+    lambda key, z0: estimators.ais_log_marginal(
+      key,
+      z0,
+      lambda z: log_normal(z, 0.0, 1.0),
+      log_joint,
+      estimators.sigmoid_schedule(1000),
+      chains,
+    )
+  )
   out = run(jax.random.key(0), folded_init(jax.random.key(1), 0.0, 1.0, chains, b, 2))
   np.testing.assert_allclose(out["log_z"], exact, atol=0.1)
   # The chains end in both modes (z1 > 0 and z1 < 0), and on them.
@@ -185,7 +225,9 @@ def reference_khat(log_w):
   m = int(np.ceil(min(n / 5, 3 * np.sqrt(n))))
   x = np.exp(log_w[-m:]) - np.exp(log_w[-m - 1])
   grid = 30 + int(np.floor(np.sqrt(m)))
-  theta = 1 / x[-1] + (1 - np.sqrt(grid / (np.arange(1, grid + 1) - 0.5))) / (3 * x[int(m / 4 + 0.5) - 1])
+  theta = 1 / x[-1] + (1 - np.sqrt(grid / (np.arange(1, grid + 1) - 0.5))) / (
+    3 * x[int(m / 4 + 0.5) - 1]
+  )
   k = np.array([np.mean(np.log1p(-t * x)) for t in theta])
   loglik = m * (np.log(-theta / k) - k - 1)
   weights = np.array([1 / np.sum(np.exp(loglik - l)) for l in loglik])
@@ -208,7 +250,7 @@ def gaussian_is_log_weights(rng, proposal_sd, num, b):
 
 
 khat = jax.jit(estimators.psis_khat)
-NUM, B = 4000, 16   # one compiled shape; the tail fit then uses the M = 190 largest weights
+NUM, B = 4000, 16  # one compiled shape; the tail fit then uses the M = 190 largest weights
 
 
 @pytest.mark.parametrize("shape", [0.5, 1.0])
@@ -221,19 +263,28 @@ def test_khat_recovers_a_known_pareto_tail(shape):
 def test_khat_of_gaussian_importance_sampling():
   rng = np.random.default_rng(1)
   wide = np.asarray(khat(gaussian_is_log_weights(rng, 1.5, NUM, B)))
-  assert np.all(wide < 0.5), wide   # bounded weights: a wider proposal is safe
+  assert np.all(wide < 0.5), wide  # bounded weights: a wider proposal is safe
   narrow = np.asarray(khat(gaussian_is_log_weights(rng, 0.5, NUM, B)))
-  assert 0.55 < narrow.mean() < 0.9, narrow   # true tail shape 0.75: too narrow a proposal
+  assert 0.55 < narrow.mean() < 0.9, narrow  # true tail shape 0.75: too narrow a proposal
 
 
 def test_khat_matches_the_numpy_reference():
   rng = np.random.default_rng(2)
-  log_w = np.concatenate([pareto_log_weights(rng, 0.7, NUM, 4), gaussian_is_log_weights(rng, 0.6, NUM, 4),
-                          gaussian_is_log_weights(rng, 1.5, NUM, 4), 3 * rng.normal(size=(NUM, 4))], axis=1)
+  log_w = np.concatenate(
+    [
+      pareto_log_weights(rng, 0.7, NUM, 4),
+      gaussian_is_log_weights(rng, 0.6, NUM, 4),
+      gaussian_is_log_weights(rng, 1.5, NUM, 4),
+      3 * rng.normal(size=(NUM, 4)),
+    ],
+    axis=1,
+  )
   log_w = log_w.astype(np.float32)
   # Agreement to float32 round-off; bounded weights (k < 0) lose a little more to
   # log1p(-theta x) with theta x close to 1.
-  np.testing.assert_allclose(khat(log_w), [reference_khat(col) for col in log_w.T], rtol=5e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    khat(log_w), [reference_khat(col) for col in log_w.T], rtol=5e-4, atol=1e-5
+  )
 
 
 def test_khat_needs_enough_samples():

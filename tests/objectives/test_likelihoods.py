@@ -1,9 +1,11 @@
-"""The output likelihoods against direct float64 computations, normalisation, stability and sampling.
+"""The output likelihoods against direct float64 computations, normalisation, stability and
+sampling.
 
 Everything runs in float32 under jit; the references are numpy float64 written from the
 definitions (a bin's mass is a difference of logistic CDFs), not from the module's
 identities.
 """
+
 import math
 
 import jax
@@ -80,9 +82,9 @@ def ref_mixture(raw, k, m):
   x = unit_11(k)
   per = 3 if c == 3 else 2
   p = raw[:, m:].reshape(n, c, per * m)
-  mu, scale = p[:, :, :m].copy(), np.exp(np.maximum(p[:, :, m:2 * m], -7.0))
+  mu, scale = p[:, :, :m].copy(), np.exp(np.maximum(p[:, :, m : 2 * m], -7.0))
   if c == 3:
-    a = np.tanh(p[:, :, 2 * m:])
+    a = np.tanh(p[:, :, 2 * m :])
     mu[:, 1] += a[:, 0] * x[:, 0:1]
     mu[:, 2] += a[:, 1] * x[:, 0:1] + a[:, 2] * x[:, 1:2]
   log_mass = ref_log_mass(k[:, :, None], mu, scale, 1.0 / 255, unit_11)
@@ -94,8 +96,10 @@ def pixels(raw, k):
   """Per-pixel arrays as a batch of 1x1 images: raw [n, K] -> [n, 1, 1, K], levels [n, C]
   -> x [n, 1, 1, C] in [0, 1]."""
   k = np.asarray(k).reshape(len(raw), -1)
-  return (jnp.asarray(raw, jnp.float32)[:, None, None, :],
-          jnp.asarray(k / 255.0, jnp.float32)[:, None, None, :])
+  return (
+    jnp.asarray(raw, jnp.float32)[:, None, None, :],
+    jnp.asarray(k / 255.0, jnp.float32)[:, None, None, :],
+  )
 
 
 def mixture_raw(rng, n, m, c, mean_range=1.2, log_scale=(-7.5, -1.0)):
@@ -105,9 +109,9 @@ def mixture_raw(rng, n, m, c, mean_range=1.2, log_scale=(-7.5, -1.0)):
   logits = rng.normal(size=(n, m)) * 2
   p = np.empty((n, c, per * m))
   p[:, :, :m] = rng.uniform(-mean_range, mean_range, (n, c, m))
-  p[:, :, m:2 * m] = rng.uniform(*log_scale, (n, c, m))
+  p[:, :, m : 2 * m] = rng.uniform(*log_scale, (n, c, m))
   if c == 3:
-    p[:, :, 2 * m:] = rng.normal(size=(n, c, m))
+    p[:, :, 2 * m :] = rng.normal(size=(n, c, m))
   return np.concatenate([logits, p.reshape(n, -1)], -1)
 
 
@@ -123,28 +127,43 @@ def random_levels(rng, shape):
 # ---------------------------------------------------------------------------
 def test_registry_families_and_options():
   assert lk.LIKELIHOODS == ("bernoulli", "gaussian", "discretized_logistic", "mixture_logistic")
-  b, g, gf = lk.get_likelihood("bernoulli"), lk.get_likelihood("gaussian"), lk.get_likelihood(
-      "gaussian", gaussian_logvar=-2)
-  dl, ml = lk.get_likelihood("discretized_logistic"), lk.get_likelihood("mixture_logistic",
-                                                                      num_mixtures=5)
-  assert [b.channels_out(3), g.channels_out(3), gf.channels_out(3), dl.channels_out(3)] == [3, 6, 3, 6]
+  b, g, gf = (
+    lk.get_likelihood("bernoulli"),
+    lk.get_likelihood("gaussian"),
+    lk.get_likelihood("gaussian", gaussian_logvar=-2),
+  )
+  dl, ml = (
+    lk.get_likelihood("discretized_logistic"),
+    lk.get_likelihood("mixture_logistic", num_mixtures=5),
+  )
+  assert [b.channels_out(3), g.channels_out(3), gf.channels_out(3), dl.channels_out(3)] == [
+    3,
+    6,
+    3,
+    6,
+  ]
   assert [ml.channels_out(1), ml.channels_out(3), ml.channels_out(2)] == [15, 50, 25]
   assert lk.get_likelihood("mixture_logistic").channels_out(3) == 100  # 10 mixtures by default
   assert lk.get_likelihood("mixture_logistic", num_mixtures=np.int64(2)).channels_out(1) == 6
   assert [(f.name, f.discrete, f.data_kind) for f in (b, g, dl, ml)] == [
-      ("bernoulli", True, "binary"), ("gaussian", False, "continuous"),
-      ("discretized_logistic", True, "8bit"), ("mixture_logistic", True, "8bit")]
+    ("bernoulli", True, "binary"),
+    ("gaussian", False, "continuous"),
+    ("discretized_logistic", True, "8bit"),
+    ("mixture_logistic", True, "8bit"),
+  ]
   # None means "default", so a config may pass every option to every family.
   assert lk.get_likelihood("bernoulli", gaussian_logvar=None, num_mixtures=None).name == "bernoulli"
-  bad = [(("nope",), {}, "bernoulli, gaussian, discretized_logistic, mixture_logistic"),
-         (("bernoulli",), {"num_mixtures": 3}, "no options"),
-         (("gaussian",), {"num_mixtures": 3}, "gaussian_logvar"),
-         (("gaussian",), {"gaussian_logvar": "low"}, "finite number"),
-         (("gaussian",), {"gaussian_logvar": float("nan")}, "finite number"),
-         (("mixture_logistic",), {"num_mixtures": 0}, "positive integer"),
-         (("mixture_logistic",), {"num_mixtures": 2.5}, "positive integer"),
-         (("mixture_logistic",), {"num_mixtures": True}, "positive integer"),
-         (("discretized_logistic",), {"bin_mass": "approx"}, "exact, pixelcnn")]
+  bad = [
+    (("nope",), {}, "bernoulli, gaussian, discretized_logistic, mixture_logistic"),
+    (("bernoulli",), {"num_mixtures": 3}, "no options"),
+    (("gaussian",), {"num_mixtures": 3}, "gaussian_logvar"),
+    (("gaussian",), {"gaussian_logvar": "low"}, "finite number"),
+    (("gaussian",), {"gaussian_logvar": float("nan")}, "finite number"),
+    (("mixture_logistic",), {"num_mixtures": 0}, "positive integer"),
+    (("mixture_logistic",), {"num_mixtures": 2.5}, "positive integer"),
+    (("mixture_logistic",), {"num_mixtures": True}, "positive integer"),
+    (("discretized_logistic",), {"bin_mass": "approx"}, "exact, pixelcnn"),
+  ]
   for args, kwargs, words in bad:
     with pytest.raises(ValueError, match=words) as info:
       lk.get_likelihood(*args, **kwargs)
@@ -161,14 +180,22 @@ def test_registry_families_and_options():
 def _per_pixel(lik, raw, x):
   """log p of each (sample, example, pixel) as its own 1x1 image, summed per example."""
   *lead, b, h, w, kk = raw.shape
-  one = jax.jit(lik.log_prob)(raw.reshape(*lead, b * h * w, 1, 1, kk),
-                              x.reshape(b * h * w, 1, 1, x.shape[-1]))
+  one = jax.jit(lik.log_prob)(
+    raw.reshape(*lead, b * h * w, 1, 1, kk), x.reshape(b * h * w, 1, 1, x.shape[-1])
+  )
   return np.asarray(one).reshape(*lead, b, h * w).sum(-1)
 
 
-@pytest.mark.parametrize("name,options", [
-    ("bernoulli", {}), ("gaussian", {}), ("gaussian", {"gaussian_logvar": -1.5}),
-    ("discretized_logistic", {}), ("mixture_logistic", {"num_mixtures": 3})])
+@pytest.mark.parametrize(
+  "name,options",
+  [
+    ("bernoulli", {}),
+    ("gaussian", {}),
+    ("gaussian", {"gaussian_logvar": -1.5}),
+    ("discretized_logistic", {}),
+    ("mixture_logistic", {"num_mixtures": 3}),
+  ],
+)
 def test_sums_over_pixels_and_channels_with_a_sample_axis(name, options):
   lik = lk.get_likelihood(name, **options)
   rng = np.random.default_rng(0)
@@ -181,8 +208,12 @@ def test_sums_over_pixels_and_channels_with_a_sample_axis(name, options):
   # A bfloat16 decoder output is computed in float32.
   half = jax.jit(lik.log_prob)(raw.astype(jnp.bfloat16), x)
   assert half.dtype == jnp.float32
-  np.testing.assert_allclose(half, jax.jit(lik.log_prob)(raw.astype(jnp.bfloat16).astype(jnp.float32), x),
-                             rtol=1e-6, atol=1e-4)
+  np.testing.assert_allclose(
+    half,
+    jax.jit(lik.log_prob)(raw.astype(jnp.bfloat16).astype(jnp.float32), x),
+    rtol=1e-6,
+    atol=1e-4,
+  )
 
 
 def test_bernoulli_matches_direct_formula():
@@ -202,10 +233,12 @@ def test_gaussian_matches_density():
   k = random_levels(rng, 300)
   x = k / 255.0
   # log of exp(-(x - mu)^2 / (2 var)) / sqrt(2 pi var), without underflowing the exp
-  density = lambda var: -(x - mu) ** 2 / (2 * var) - np.log(np.sqrt(2 * np.pi * var))
+  density = lambda var: -((x - mu) ** 2) / (2 * var) - np.log(np.sqrt(2 * np.pi * var))
   learned = jax.jit(lk.get_likelihood("gaussian").log_prob)(*pixels(np.stack([mu, logvar], -1), k))
   np.testing.assert_allclose(learned, density(np.exp(logvar)), rtol=1e-5, atol=1e-4)
-  fixed = jax.jit(lk.get_likelihood("gaussian", gaussian_logvar=-2.0).log_prob)(*pixels(mu[:, None], k))
+  fixed = jax.jit(lk.get_likelihood("gaussian", gaussian_logvar=-2.0).log_prob)(
+    *pixels(mu[:, None], k)
+  )
   np.testing.assert_allclose(fixed, density(np.exp(-2.0)), rtol=1e-5, atol=1e-4)
 
 
@@ -244,8 +277,11 @@ def test_pixelcnn_bin_mass_is_the_pixelcnn_formula():
   n = 4000
   raw = np.stack([rng.uniform(-0.3, 1.3, n), rng.uniform(-7.0, -1.0, n)], -1)
   k = rng.integers(1, 255, n)  # interior bins
-  got = np.asarray(jax.jit(lk.get_likelihood("discretized_logistic", bin_mass="pixelcnn").log_prob)(
-      *pixels(raw, k)))
+  got = np.asarray(
+    jax.jit(lk.get_likelihood("discretized_logistic", bin_mass="pixelcnn").log_prob)(
+      *pixels(raw, k)
+    )
+  )
   exact = ref_discretized_logistic(raw, k)
   big = exact > math.log(1e-3)
   np.testing.assert_allclose(got[big], exact[big], atol=1e-3)
@@ -262,7 +298,9 @@ def test_pixelcnn_bin_mass_is_the_pixelcnn_formula():
 def _total_mass_1d(lik, raw):
   """raw [n, K] for n one-channel pixels -> [n]: sum over all 256 levels of exp(log p)."""
   n = len(raw)
-  raw = jnp.broadcast_to(jnp.asarray(raw, jnp.float32)[:, None, None, None, :], (n, 256, 1, 1, raw.shape[-1]))
+  raw = jnp.broadcast_to(
+    jnp.asarray(raw, jnp.float32)[:, None, None, None, :], (n, 256, 1, 1, raw.shape[-1])
+  )
   x = jnp.asarray(LEVELS / 255.0, jnp.float32).reshape(256, 1, 1, 1)
   return jnp.exp(jax.nn.logsumexp(jax.jit(lik.log_prob)(raw, x), axis=-1))
 
@@ -328,19 +366,27 @@ def test_mixture_logistic_rgb_sums_to_one():
   np.testing.assert_allclose(got, chain, rtol=1e-5, atol=1e-4)  # float32, other rounding order
 
   # (b) q sums to 1 at every mean the coupling can produce (|mean| <= 1.2 + 1 + 1) and scale.
-  total = jax.jit(lambda levels, means, log_scales: jnp.sum(jnp.exp(
-      _component_log_q(levels, means, log_scales)), 0))(
-          jnp.asarray(LEVELS)[:, None, None], jnp.linspace(-4.0, 4.0, 801)[:, None],
-          jnp.array([-20.0, -7.0, -5.5, -3.0, 0.0, 3.0]))
+  total = jax.jit(
+    lambda levels, means, log_scales: jnp.sum(
+      jnp.exp(_component_log_q(levels, means, log_scales)), 0
+    )
+  )(
+    jnp.asarray(LEVELS)[:, None, None],
+    jnp.linspace(-4.0, 4.0, 801)[:, None],
+    jnp.array([-20.0, -7.0, -5.5, -3.0, 0.0, 3.0]),
+  )
   np.testing.assert_allclose(total, 1.0, atol=1e-4)
 
   # (c) summing B out for fixed (R, G) leaves the marginal form p(R, G).
   sel = np.arange(40)
-  raw_b = jnp.broadcast_to(jnp.asarray(raw[sel], jnp.float32)[:, None, None, None, :],
-                           (len(sel), 256, 1, 1, raw.shape[-1]))
+  raw_b = jnp.broadcast_to(
+    jnp.asarray(raw[sel], jnp.float32)[:, None, None, None, :], (len(sel), 256, 1, 1, raw.shape[-1])
+  )
   x_b = np.broadcast_to(k[sel][:, None, :], (len(sel), 256, 3)).copy()
   x_b[..., 2] = LEVELS
-  joint = jax.jit(lik.log_prob)(raw_b, jnp.asarray(x_b / 255.0, jnp.float32).reshape(len(sel), 256, 1, 1, 3))
+  joint = jax.jit(lik.log_prob)(
+    raw_b, jnp.asarray(x_b / 255.0, jnp.float32).reshape(len(sel), 256, 1, 1, 3)
+  )
   np.testing.assert_allclose(jax.nn.logsumexp(joint, -1), marginal[sel], rtol=1e-5, atol=1e-4)
 
   # 2. brute force over the 256^3 colours, for one pixel of two components: a broad one
@@ -350,8 +396,9 @@ def test_mixture_logistic_rgb_sums_to_one():
   per_channel[:, 1, 1] = [-7.0, -6.0, -5.0]
   per_channel[:, 2, 1] = 3.0
   one[2:] = per_channel.reshape(-1)
-  total = _brute_force_rgb_mass(lk.get_likelihood("mixture_logistic", num_mixtures=2),
-                                jnp.asarray(one, jnp.float32))
+  total = _brute_force_rgb_mass(
+    lk.get_likelihood("mixture_logistic", num_mixtures=2), jnp.asarray(one, jnp.float32)
+  )
   np.testing.assert_allclose(total, 1.0, atol=1e-4)
 
 
@@ -361,16 +408,19 @@ def _chain_rule_form(raw, k, m):
   and the marginal form log p(R, G) = log sum_m pi_m q(R) q(G | R), with q the one-channel,
   one-component family at the coupled means."""
   p = raw[:, m:].reshape(len(raw), 3, 3 * m)
-  mu, log_scale, coef = p[..., :m], p[..., m:2 * m], jnp.tanh(p[..., 2 * m:])
+  mu, log_scale, coef = p[..., :m], p[..., m : 2 * m], jnp.tanh(p[..., 2 * m :])
   value = (2.0 * (k / 255.0) - 1.0)[..., None]  # [n, 3, 1], in [-1, 1] units
   kk = k[..., None]
   log_q_r = _component_log_q(kk[:, 0], mu[:, 0], log_scale[:, 0])
   log_q_g = _component_log_q(kk[:, 1], mu[:, 1] + coef[:, 0] * value[:, 0], log_scale[:, 1])
-  log_q_b = _component_log_q(kk[:, 2], mu[:, 2] + coef[:, 1] * value[:, 0] + coef[:, 2] * value[:, 1],
-                             log_scale[:, 2])
+  log_q_b = _component_log_q(
+    kk[:, 2], mu[:, 2] + coef[:, 1] * value[:, 0] + coef[:, 2] * value[:, 1], log_scale[:, 2]
+  )
   log_w = jax.nn.log_softmax(raw[:, :m], -1)
-  return (jax.nn.logsumexp(log_w + log_q_r + log_q_g + log_q_b, -1),
-          jax.nn.logsumexp(log_w + log_q_r + log_q_g, -1))
+  return (
+    jax.nn.logsumexp(log_w + log_q_r + log_q_g + log_q_b, -1),
+    jax.nn.logsumexp(log_w + log_q_r + log_q_g, -1),
+  )
 
 
 @jax.jit(static_argnums=0)
@@ -383,6 +433,7 @@ def _brute_force_rgb_mass(lik, raw):
   def slice_mass(r):
     x = jnp.concatenate([jnp.full((256 * 256, 1), r), gb], -1).reshape(-1, 1, 1, 3)
     return jnp.sum(jnp.exp(lik.log_prob(raw, x)))
+
   return jnp.sum(jax.lax.map(slice_mass, levels))
 
 
@@ -401,8 +452,14 @@ def _finite_with_gradients(lik, raw, k):
 @pytest.mark.parametrize("bin_mass", lk.BIN_MASSES)
 def test_discretized_logistic_is_stable_at_extremes(bin_mass):
   lik = lk.get_likelihood("discretized_logistic", bin_mass=bin_mass)
-  grid = np.array([(mu, s, k) for mu in EXTREME_MEANS for s in EXTREME_LOG_SCALES + [50.0]
-                   for k in (0, 1, 128, 254, 255)])
+  grid = np.array(
+    [
+      (mu, s, k)
+      for mu in EXTREME_MEANS
+      for s in EXTREME_LOG_SCALES + [50.0]
+      for k in (0, 1, 128, 254, 255)
+    ]
+  )
   log_p = _finite_with_gradients(lik, grid[:, :2], grid[:, 2])
   if bin_mass == "exact":
     assert np.all(log_p <= 1e-6)
@@ -422,9 +479,9 @@ def test_mixture_logistic_is_stable_at_extremes(bin_mass, c):
   logits = rng.choice([-1e4, -30.0, 0.0, 30.0, 1e4], (n, m))
   p = np.empty((n, c, per * m))
   p[:, :, :m] = rng.choice([-1e4, -30.0, -1.0, 0.0, 0.5, 1.0, 30.0, 1e4], (n, c, m))
-  p[:, :, m:2 * m] = rng.choice([-20.0, -7.0, -3.0, 0.0, 3.0, 8.0, 20.0, 50.0], (n, c, m))
+  p[:, :, m : 2 * m] = rng.choice([-20.0, -7.0, -3.0, 0.0, 3.0, 8.0, 20.0, 50.0], (n, c, m))
   if c == 3:
-    p[:, :, 2 * m:] = rng.choice([-1e4, -1.0, 0.0, 1.0, 1e4], (n, c, m))
+    p[:, :, 2 * m :] = rng.choice([-1e4, -1.0, 0.0, 1.0, 1e4], (n, c, m))
   raw = np.concatenate([logits, p.reshape(n, -1)], -1)
   k = rng.choice([0, 1, 128, 254, 255], (n, c))
   log_p = _finite_with_gradients(lik, raw, k)
@@ -432,7 +489,7 @@ def test_mixture_logistic_is_stable_at_extremes(bin_mass, c):
     assert np.all(log_p <= 1e-5)
     with np.errstate(invalid="ignore"):
       want = ref_mixture(raw, k, m)
-    ok = np.all(p[:, :, m:2 * m] <= 8.0, axis=(1, 2))  # where the float64 reference is accurate
+    ok = np.all(p[:, :, m : 2 * m] <= 8.0, axis=(1, 2))  # where the float64 reference is accurate
     assert ok.sum() > 100
     np.testing.assert_allclose(log_p[ok], want[ok], rtol=1e-5, atol=1e-4)
 
@@ -446,14 +503,23 @@ def _assert_on_grid(values):
   assert levels.min() >= 0 and levels.max() <= 255
 
 
-@pytest.mark.parametrize("name,options", [
-    ("bernoulli", {}), ("gaussian", {}), ("gaussian", {"gaussian_logvar": -3.0}),
-    ("discretized_logistic", {}), ("mixture_logistic", {"num_mixtures": 3})])
+@pytest.mark.parametrize(
+  "name,options",
+  [
+    ("bernoulli", {}),
+    ("gaussian", {}),
+    ("gaussian", {"gaussian_logvar": -3.0}),
+    ("discretized_logistic", {}),
+    ("mixture_logistic", {"num_mixtures": 3}),
+  ],
+)
 def test_sample_and_mean_shapes_and_value_sets(name, options):
   lik = lk.get_likelihood(name, **options)
   rng = np.random.default_rng(10)
-  raws = {c: jnp.asarray(rng.normal(size=(2, 3, 4, 5, lik.channels_out(c))) * 2, jnp.float32)
-          for c in (1, 3)}
+  raws = {
+    c: jnp.asarray(rng.normal(size=(2, 3, 4, 5, lik.channels_out(c))) * 2, jnp.float32)
+    for c in (1, 3)
+  }
 
   @jax.jit
   def run(raws, key):
@@ -462,6 +528,7 @@ def test_sample_and_mean_shapes_and_value_sets(name, options):
       sample, mean = lik.sample(key, raw), lik.mean(raw)
       out[c] = sample, mean, lik.log_prob(raw, sample[0])  # samples are valid data
     return out
+
   for c, (sample, mean, log_p) in run(raws, key(11)).items():
     assert sample.shape == mean.shape == (2, 3, 4, 5, c)
     assert sample.dtype == mean.dtype == jnp.float32
@@ -487,7 +554,9 @@ def test_sharp_samples_are_the_mode():
   dl = lk.get_likelihood("discretized_logistic")
   # means inside a bin (not within 0.1 bin of its edge) or outside [0, 1]
   mean = (rng.integers(-30, 286, (50, 1, 1, 3)) + rng.uniform(-0.4, 0.4, (50, 1, 1, 3))) / 255
-  raw = jnp.asarray(np.stack([mean, np.full_like(mean, -7.0)], -1).reshape(50, 1, 1, 6), jnp.float32)
+  raw = jnp.asarray(
+    np.stack([mean, np.full_like(mean, -7.0)], -1).reshape(50, 1, 1, 6), jnp.float32
+  )
   mode = np.clip(np.round(mean * 255), 0, 255) / 255
   for t in (0.0, 0.02):
     np.testing.assert_allclose(jax.jit(dl.sample)(key(1), raw, t), mode, atol=1e-7)
@@ -525,7 +594,9 @@ def test_sharp_samples_are_the_mode():
     mean_want = np.clip(mu, -1, 1)
     if c == 3:  # E[G] ~ mu_G + a E[R], ...
       mean_want[:, 1] = np.clip(mu[:, 1] + coef[:, 0] * mean_want[:, 0], -1, 1)
-      mean_want[:, 2] = np.clip(mu[:, 2] + coef[:, 1] * mean_want[:, 0] + coef[:, 2] * mean_want[:, 1], -1, 1)
+      mean_want[:, 2] = np.clip(
+        mu[:, 2] + coef[:, 1] * mean_want[:, 0] + coef[:, 2] * mean_want[:, 1], -1, 1
+      )
     np.testing.assert_allclose(ml.mean(raw_j)[:, 0, 0], (mean_want + 1) / 2, atol=1e-5)
 
 
@@ -567,13 +638,15 @@ def test_samples_follow_the_pmf():
   ml = lk.get_likelihood("mixture_logistic", num_mixtures=m)
   raw = mixture_raw(rng, 1, m, 1, mean_range=0.8, log_scale=(-3.5, -2.0))[0]
   k = levels_of(ml.sample(key(4), image(raw)), 1)[:, 0]
-  _assert_uniform(_pit(ref_mixture(np.broadcast_to(raw, (256, len(raw))), LEVELS[:, None], m), k, u[0]))
+  _assert_uniform(
+    _pit(ref_mixture(np.broadcast_to(raw, (256, len(raw))), LEVELS[:, None], m), k, u[0])
+  )
 
   raw = mixture_raw(rng, 1, m, 3, mean_range=0.8, log_scale=(-3.5, -2.0))[0]
-  raw[m + 2 * m:m + 3 * m] = [2.0, -1.0, 0.5]  # strong coupling of G on R
+  raw[m + 2 * m : m + 3 * m] = [2.0, -1.0, 0.5]  # strong coupling of G on R
   k = levels_of(ml.sample(key(5), image(raw)), 3)
   p = f32(raw)[m:].reshape(3, 3 * m)
-  mu, scale, a = p[:, :m], np.exp(np.maximum(p[:, m:2 * m], -7.0)), np.tanh(p[:, 2 * m:])
+  mu, scale, a = p[:, :m], np.exp(np.maximum(p[:, m : 2 * m], -7.0)), np.tanh(p[:, 2 * m :])
   log_q = lambda levels, mean, s: ref_log_mass(levels, mean, s, 1.0 / 255, unit_11)
   log_w = f32(raw)[:m] - _logsumexp(f32(raw)[:m], -1)
   value = unit_11(LEVELS)

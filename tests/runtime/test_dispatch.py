@@ -1,5 +1,6 @@
 """Waiting on the devices: bounded dispatches, waits that time out with one clear line, and
 signal handlers that run while the host waits (the trainer's preemption depends on it)."""
+
 import os
 import signal
 import subprocess
@@ -23,13 +24,20 @@ def slow(seconds):
   On several devices: XLA:CPU runs a one-device program with a host callback inline in the
   dispatching thread, but dispatches multi-device programs asynchronously, as the trainer's.
   """
+
   def sleep(x):
     time.sleep(seconds)
     return x
+
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("d",))
-  fn = jax.shard_map(lambda x: jax.lax.psum(
-      jax.pure_callback(sleep, jax.ShapeDtypeStruct(x.shape, x.dtype), x), "d"),
-      mesh=mesh, in_specs=jax.P("d"), out_specs=jax.P())
+  fn = jax.shard_map(
+    lambda x: jax.lax.psum(
+      jax.pure_callback(sleep, jax.ShapeDtypeStruct(x.shape, x.dtype), x), "d"
+    ),
+    mesh=mesh,
+    in_specs=jax.P("d"),
+    out_specs=jax.P(),
+  )
   return jax.jit(fn)(jnp.ones((jax.device_count(),), jnp.float32))
 
 
@@ -103,7 +111,8 @@ STUCK_DRIVER = textwrap.dedent("""
 def start_stuck(tmp_path, tiny_data_dir, *args):
   flag = tmp_path / "stuck"
   config = tmp_path / "stuck_config.py"
-  config.write_text(textwrap.dedent(f"""
+  config.write_text(
+    textwrap.dedent(f"""
       import sys
       sys.path.insert(0, {str(REPO)!r})
       from flaxvae import defaults
@@ -116,12 +125,19 @@ def start_stuck(tmp_path, tiny_data_dir, *args):
           c.model = defaults.model_config("mlp", hidden=(16,), latent_dim=2)
           c.model.name = "stuck_mlp"
         return c
-  """))
-  code = STUCK_DRIVER.format(repo=str(REPO), flag=str(flag), config=str(config),
-                             workdir=str(tmp_path / "run"))
-  proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  """)
+  )
+  code = STUCK_DRIVER.format(
+    repo=str(REPO), flag=str(flag), config=str(config), workdir=str(tmp_path / "run")
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-c", code, *args],
+    cwd=REPO,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+  )
   metrics = tmp_path / "run" / "metrics.jsonl"
   deadline = time.monotonic() + 120
   while not (metrics.exists() and metrics.read_text().strip()):
@@ -139,8 +155,9 @@ def test_a_stuck_device_ends_the_run_in_one_line_within_the_timeout(tmp_path, ti
   assert last.startswith("flaxvae train: error: ") and "did not finish within 3 s" in last, last
 
 
-def test_a_second_signal_exits_at_once_while_the_host_waits_on_a_stuck_device(tmp_path,
-                                                                                tiny_data_dir):
+def test_a_second_signal_exits_at_once_while_the_host_waits_on_a_stuck_device(
+  tmp_path, tiny_data_dir
+):
   proc = start_stuck(tmp_path, tiny_data_dir, "--config.parallel.wait_timeout_s=600")
   time.sleep(1.0)
   proc.send_signal(signal.SIGTERM)

@@ -4,6 +4,7 @@ id, count and coordinator, and `flaxvae train` parsing the flags of each script'
 
 Real multi-process training through launch/local.sh is in test_multihost.py (slow suite).
 """
+
 import json
 import os
 import re
@@ -50,8 +51,11 @@ def stubs(tmp_path):
   for name in ("flaxvae", "srun", "gcloud"):
     (bin_dir / name).write_text(RECORDER)
     (bin_dir / name).chmod(0o755)
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_PLATFORMS", "XLA_FLAGS") and not k.startswith(("FLAXVAE", "SLURM"))}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("JAX_PLATFORMS", "XLA_FLAGS") and not k.startswith(("FLAXVAE", "SLURM"))
+  }
   env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", STUB_RECORD_DIR=str(records))
   return bin_dir, env
 
@@ -59,8 +63,10 @@ def stubs(tmp_path):
 def recorded(env):
   """What the stand-ins were called with, in the order they were called."""
   folder = env["STUB_RECORD_DIR"]
-  return [json.loads(open(os.path.join(folder, name)).read())
-          for name in sorted(os.listdir(folder), key=lambda n: int(n.split("-")[0]))]
+  return [
+    json.loads(open(os.path.join(folder, name)).read())
+    for name in sorted(os.listdir(folder), key=lambda n: int(n.split("-")[0]))
+  ]
 
 
 def documented_example(script):
@@ -75,7 +81,7 @@ def documented_example(script):
   words = shlex.split(" ".join(command))
   at = next(i for i, word in enumerate(words) if word.endswith(f"launch/{script}"))
   env = dict(word.split("=", 1) for word in words[:at] if re.match(r"^[A-Z_]+=", word))
-  return env, words[at + 1:]
+  return env, words[at + 1 :]
 
 
 def assert_train_flags_parse(args, capsys, monkeypatch):
@@ -87,8 +93,11 @@ def assert_train_flags_parse(args, capsys, monkeypatch):
   except SystemExit as e:
     status = e.code
   assert status == 0, capsys.readouterr().err
-  config = next(a.split("=", 1)[1] if "=" in a else args[i + 1]
-                for i, a in enumerate(args) if a.split("=", 1)[0] == "--config")
+  config = next(
+    a.split("=", 1)[1] if "=" in a else args[i + 1]
+    for i, a in enumerate(args)
+    if a.split("=", 1)[0] == "--config"
+  )
   assert defaults.load_config_file(*config.split(":", 1)).keys()
 
 
@@ -96,8 +105,9 @@ def test_local_sh_starts_n_processes_that_find_each_other(stubs, capsys, monkeyp
   bin_dir, env = stubs
   _, (count, *args) = documented_example("local.sh")
   env.update(FLAXVAE=str(bin_dir / "flaxvae"), DEVICES_PER_PROCESS="3")
-  result = subprocess.run([str(LAUNCH / "local.sh"), count, *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    [str(LAUNCH / "local.sh"), count, *args], env=env, capture_output=True, text=True, timeout=60
+  )
   assert result.returncode == 0, result.stderr
   processes = recorded(env)
   assert len(processes) == int(count)
@@ -121,15 +131,25 @@ def test_local_sh_stops_the_others_when_one_process_fails(stubs):
   bin_dir, env = stubs
   # Process 1 fails once all three run; the others would sleep past the timeout, so the script
   # returns only once it stopped them.
-  env.update(FLAXVAE=str(bin_dir / "flaxvae"), STUB_FAILING_PROCESS="1", STUB_PROCESSES="3",
-             STUB_SECONDS="120")
-  result = subprocess.run([str(LAUNCH / "local.sh"), "3", "--workdir=unused"], env=env,
-                          capture_output=True, text=True, timeout=60)
+  env.update(
+    FLAXVAE=str(bin_dir / "flaxvae"),
+    STUB_FAILING_PROCESS="1",
+    STUB_PROCESSES="3",
+    STUB_SECONDS="120",
+  )
+  result = subprocess.run(
+    [str(LAUNCH / "local.sh"), "3", "--workdir=unused"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 3
   assert len(recorded(env)) == 3
   for bad in ([], ["two"], ["0"]):
-    result = subprocess.run([str(LAUNCH / "local.sh"), *bad], env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+      [str(LAUNCH / "local.sh"), *bad], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2 and result.stderr.startswith("usage: launch/local.sh N")
 
 
@@ -138,8 +158,13 @@ def test_slurm_sbatch_runs_flaxvae_train_as_one_srun_step(stubs, capsys, monkeyp
   _, args = documented_example("slurm.sbatch")
   env.update(SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="1")  # as sbatch sets them
   # sbatch runs the script with its shebang's interpreter (no execute bit needed).
-  result = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    ["bash", str(LAUNCH / "slurm.sbatch"), *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 0, result.stderr
   [srun] = recorded(env)
   assert srun["argv"][1:] == ["--kill-on-bad-exit=1", f"{REPO}/.venv/bin/flaxvae", "train", *args]
@@ -154,8 +179,9 @@ def test_tpu_pod_sh_creates_installs_and_trains_on_every_worker(stubs, capsys, m
   example_env, args = documented_example("tpu_pod.sh")
   args = [*args, "--config.data.source_dir=/data/a folder"]  # quoted through ssh intact
   env.update(example_env, REPO_URL="https://example.invalid/flaxvae.git", STUB_NO_TPU="1")
-  result = subprocess.run([str(LAUNCH / "tpu_pod.sh"), *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+  result = subprocess.run(
+    [str(LAUNCH / "tpu_pod.sh"), *args], env=env, capture_output=True, text=True, timeout=60
+  )
   assert result.returncode == 0, result.stderr
   describe, create, install, train = [call["argv"][1:] for call in recorded(env)]
   where = [example_env["TPU_NAME"], "--zone", example_env["ZONE"]]
@@ -171,12 +197,17 @@ def test_tpu_pod_sh_creates_installs_and_trains_on_every_worker(stubs, capsys, m
   for name in os.listdir(env["STUB_RECORD_DIR"]):
     os.remove(os.path.join(env["STUB_RECORD_DIR"], name))
   del env["STUB_NO_TPU"]
-  assert subprocess.run([str(LAUNCH / "tpu_pod.sh"), *args], env=env, capture_output=True,
-                        timeout=60).returncode == 0
+  assert (
+    subprocess.run(
+      [str(LAUNCH / "tpu_pod.sh"), *args], env=env, capture_output=True, timeout=60
+    ).returncode
+    == 0
+  )
   assert [call["argv"][4] for call in recorded(env)] == ["describe", "ssh", "ssh"]
   del env["TPU_NAME"]
-  result = subprocess.run([str(LAUNCH / "tpu_pod.sh"), *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+  result = subprocess.run(
+    [str(LAUNCH / "tpu_pod.sh"), *args], env=env, capture_output=True, text=True, timeout=60
+  )
   assert result.returncode != 0 and "set TPU_NAME" in result.stderr
   assert len(recorded(env)) == 3
 

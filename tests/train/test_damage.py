@@ -10,10 +10,10 @@ reopen it by name) is trained once; every case damages a copy.
 The lock's own cases follow: a real second process holding it, a holder killed with SIGKILL,
 another host's old and recent heartbeats, a reused pid, a multi-process job.
 """
+
 import json
 import logging
 import os
-import pathlib
 import shutil
 import signal
 import socket
@@ -37,17 +37,25 @@ COMMANDS = ("train", "evaluate", "sample", "report", "load")
 
 
 def run_config(data_dir):
-  return conftest.tiny_config(**{"data.name": "tiny", "data.data_dir": str(data_dir),
-                                 "data.pipeline": "in_memory", "eval.every_steps": OLDER})
+  return conftest.tiny_config(
+    **{
+      "data.name": "tiny",
+      "data.data_dir": str(data_dir),
+      "data.pipeline": "in_memory",
+      "eval.every_steps": OLDER,
+    }
+  )
 
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory, tiny_data_dir):
   """The run's config as a file, for `flaxvae train --config`."""
   path = tmp_path_factory.mktemp("config") / "tiny_run.py"
-  path.write_text(f"import sys\nsys.path.insert(0, {str(conftest.REPO)!r})\n"
-                  "from tests.train.test_damage import run_config\n"
-                  f"def get_config():\n  return run_config({str(tiny_data_dir)!r})\n")
+  path.write_text(
+    f"import sys\nsys.path.insert(0, {str(conftest.REPO)!r})\n"
+    "from tests.train.test_damage import run_config\n"
+    f"def get_config():\n  return run_config({str(tiny_data_dir)!r})\n"
+  )
   return path
 
 
@@ -62,61 +70,78 @@ def finished(tmp_path_factory, tiny_data_dir, compilation_cache):
 
 # -- damages --------------------------------------------------------------------------------
 def truncate_largest(step_dir):
-  path = max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
-             key=lambda p: p.stat().st_size)
+  path = max(
+    (p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+  )
   with open(path, "r+b") as f:
     f.truncate(path.stat().st_size // 2)
 
 
 def hold_lock(workdir):
   """A real second process holding the workdir's lock until it is killed."""
-  proc = subprocess.Popen([sys.executable, "-c", (
-      f"import sys, time\nsys.path.insert(0, {str(conftest.REPO)!r})\n"
-      "from flaxvae.train import workdir_lock\n"
-      f"workdir_lock.WorkdirLock({str(workdir)!r}).acquire()\n"
-      "print('held', flush=True)\ntime.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      (
+        f"import sys, time\nsys.path.insert(0, {str(conftest.REPO)!r})\n"
+        "from flaxvae.train import workdir_lock\n"
+        f"workdir_lock.WorkdirLock({str(workdir)!r}).acquire()\n"
+        "print('held', flush=True)\ntime.sleep(600)\n"
+      ),
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   assert proc.stdout.readline().strip() == "held"
   return proc
 
 
 DAMAGES = {
-    "truncated_newest": lambda w: truncate_largest(w / "checkpoints" / str(NEWEST)),
-    "state_metadata_missing": lambda w: (w / "checkpoints" / str(NEWEST) / "state" /
-                                         "_METADATA").unlink(),
-    "config_item_missing": lambda w: shutil.rmtree(w / "checkpoints" / str(NEWEST) / "config"),
-    "empty_step_folder": lambda w: (w / "checkpoints" / "18").mkdir(),
-    "every_checkpoint_unreadable": lambda w: [truncate_largest(w / "checkpoints" / str(s))
-                                              for s in (OLDER, NEWEST)],
-    "config_json_garbage": lambda w: (w / "config.json").write_text("{'not': json"),
-    "config_json_missing": lambda w: (w / "config.json").unlink(),
-    "eval_json_missing": lambda w: (w / "eval.json").unlink(),
-    "eval_json_garbage": lambda w: (w / "eval.json").write_text('{"step": 12, "log_px"'),
-    "metrics_torn": lambda w: open(w / "metrics.jsonl", "a").write('{"step": 6500, "loss": 12'),
-    "metrics_empty": lambda w: (w / "metrics.jsonl").write_text(""),
-    "second_writer": hold_lock,
+  "truncated_newest": lambda w: truncate_largest(w / "checkpoints" / str(NEWEST)),
+  "state_metadata_missing": lambda w: (
+    w / "checkpoints" / str(NEWEST) / "state" / "_METADATA"
+  ).unlink(),
+  "config_item_missing": lambda w: shutil.rmtree(w / "checkpoints" / str(NEWEST) / "config"),
+  "empty_step_folder": lambda w: (w / "checkpoints" / "18").mkdir(),
+  "every_checkpoint_unreadable": lambda w: [
+    truncate_largest(w / "checkpoints" / str(s)) for s in (OLDER, NEWEST)
+  ],
+  "config_json_garbage": lambda w: (w / "config.json").write_text("{'not': json"),
+  "config_json_missing": lambda w: (w / "config.json").unlink(),
+  "eval_json_missing": lambda w: (w / "eval.json").unlink(),
+  "eval_json_garbage": lambda w: (w / "eval.json").write_text('{"step": 12, "log_px"'),
+  "metrics_torn": lambda w: open(w / "metrics.jsonl", "a").write('{"step": 6500, "loss": 12'),
+  "metrics_empty": lambda w: (w / "metrics.jsonl").write_text(""),
+  "second_writer": hold_lock,
 }
 
 FALLBACK = "is unreadable"  # each skipped step's warning: "checkpoint step N in DIR is unreadable"
 OK = (0, None)
 # damage -> command -> (exit status, a text stderr must hold). Commands not named: OK.
 OUTCOMES = {
-    "truncated_newest": dict.fromkeys(("train", "evaluate", "sample", "load"),
-                                      (0, f"step {NEWEST} in")),
-    "state_metadata_missing": dict.fromkeys(("train", "evaluate", "sample", "load"),
-                                            (0, "lacks its _METADATA file")),
-    "config_item_missing": dict.fromkeys(("train", "evaluate", "sample", "load"),
-                                         (0, "item(s) config missing")),
-    "empty_step_folder": dict.fromkeys(("train", "evaluate", "sample", "load"),
-                                       (0, "(its folder is empty); falling back to step 12")),
-    "every_checkpoint_unreadable": {"train": (0, "no earlier checkpoint: starting from scratch"),
-                                    **dict.fromkeys(("evaluate", "sample", "load"),
-                                                    (2, "no readable checkpoint in"))},
-    "eval_json_garbage": {"report": (0, "eval.json is unreadable")},
-    "metrics_torn": {"train": (0, "is not a complete JSON row (a write cut short by a kill?): "
-                                  "dropped"),
-                     "report": (0, "is not a complete JSON row (a write cut short by a kill?): "
-                                   "skipped")},
-    "second_writer": {"train": (2, "is in use by another flaxvae train: process")},
+  "truncated_newest": dict.fromkeys(
+    ("train", "evaluate", "sample", "load"), (0, f"step {NEWEST} in")
+  ),
+  "state_metadata_missing": dict.fromkeys(
+    ("train", "evaluate", "sample", "load"), (0, "lacks its _METADATA file")
+  ),
+  "config_item_missing": dict.fromkeys(
+    ("train", "evaluate", "sample", "load"), (0, "item(s) config missing")
+  ),
+  "empty_step_folder": dict.fromkeys(
+    ("train", "evaluate", "sample", "load"), (0, "(its folder is empty); falling back to step 12")
+  ),
+  "every_checkpoint_unreadable": {
+    "train": (0, "no earlier checkpoint: starting from scratch"),
+    **dict.fromkeys(("evaluate", "sample", "load"), (2, "no readable checkpoint in")),
+  },
+  "eval_json_garbage": {"report": (0, "eval.json is unreadable")},
+  "metrics_torn": {
+    "train": (0, "is not a complete JSON row (a write cut short by a kill?): dropped"),
+    "report": (0, "is not a complete JSON row (a write cut short by a kill?): skipped"),
+  },
+  "second_writer": {"train": (2, "is in use by another flaxvae train: process")},
 }
 
 
@@ -134,8 +159,12 @@ def run_command(command, workdir, config_file, capsys, caplog):
         print(f"flaxvae.load: error: {e}", file=sys.stderr)
         status = e.exit_status
     else:
-      args = {"train": ["--config", str(config_file)], "evaluate": ["--max_examples=8"],
-              "sample": ["--n=4"], "report": []}[command]
+      args = {
+        "train": ["--config", str(config_file)],
+        "evaluate": ["--max_examples=8"],
+        "sample": ["--n=4"],
+        "report": [],
+      }[command]
       status = cli.main(["flaxvae", command, f"--workdir={workdir}", *args])
   logged = "".join(f"{r.getMessage()}\n" + (r.exc_text or "") for r in caplog.records)
   return status, logged + capsys.readouterr().err
@@ -146,8 +175,11 @@ def intact_steps(workdir, finished):
   found = {}
   for name in os.listdir(workdir / "checkpoints"):
     digest = conftest.tree_digest(workdir / "checkpoints" / name)
-    if name.isdigit() and (finished / "checkpoints" / name).is_dir() and digest == \
-        conftest.tree_digest(finished / "checkpoints" / name):
+    if (
+      name.isdigit()
+      and (finished / "checkpoints" / name).is_dir()
+      and digest == conftest.tree_digest(finished / "checkpoints" / name)
+    ):
       found[name] = digest
   return found
 
@@ -186,9 +218,14 @@ def test_step_naming_an_unreadable_or_absent_checkpoint_is_one_line(finished, tm
   shutil.copytree(finished, workdir)
   truncate_largest(workdir / "checkpoints" / str(NEWEST))
   for command, args in (("evaluate", ["--max_examples=8"]), ("sample", ["--n=4"])):
-    for step, message in ((NEWEST, f"checkpoint step {NEWEST} in {workdir / 'checkpoints'} is "
-                                   "unreadable (a file is truncated or corrupt"),
-                          (7, "no checkpoint for step 7")):
+    for step, message in (
+      (
+        NEWEST,
+        f"checkpoint step {NEWEST} in {workdir / 'checkpoints'} is "
+        "unreadable (a file is truncated or corrupt",
+      ),
+      (7, "no checkpoint for step 7"),
+    ):
       status = cli.main(["flaxvae", command, f"--workdir={workdir}", f"--step={step}", *args])
       err = capsys.readouterr().err.strip()
       assert status == 2 and message in err and "\n" not in err, err
@@ -204,14 +241,15 @@ def tensorboard_events(workdir):
     while data:
       (length,) = struct.unpack("<Q", data[:8])
       event = event_pb2.Event()
-      event.ParseFromString(data[12:12 + length])
+      event.ParseFromString(data[12 : 12 + length])
       events.append(event)
-      data = data[16 + length:]
+      data = data[16 + length :]
   return events
 
 
 def test_a_resume_supersedes_rows_past_its_checkpoint_and_never_appends_to_a_torn_line(
-    finished, tiny_data_dir, tmp_path, caplog):
+  finished, tiny_data_dir, tmp_path, caplog
+):
   """A kill after the step-12 rows were logged but before checkpoint 12 committed (its folder
   is missing) and in the middle of a row: the resumed run logs 7..12 again."""
   workdir = tmp_path / "run"
@@ -246,9 +284,16 @@ def test_read_metrics_skips_a_torn_line_with_a_warning(tmp_path, caplog):
 
 # -- the lock -------------------------------------------------------------------------------
 def write_lock(workdir, **holder):
-  record = {"host": socket.gethostname(), "boot_id": workdir_lock._boot_id(), "pid": 1,
-            "pid_start": None, "started_at": "2026-01-01T00:00:00Z", "heartbeat": time.time(),
-            "command": "flaxvae train", **holder}
+  record = {
+    "host": socket.gethostname(),
+    "boot_id": workdir_lock._boot_id(),
+    "pid": 1,
+    "pid_start": None,
+    "started_at": "2026-01-01T00:00:00Z",
+    "heartbeat": time.time(),
+    "command": "flaxvae train",
+    **holder,
+  }
   (workdir / workdir_lock.LOCK_NAME).write_text(json.dumps(record))
 
 
@@ -262,8 +307,9 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     holder.kill()
     holder.wait()
   message = str(refused.value)
-  assert message.startswith(f"workdir {workdir} is in use by another flaxvae train: process "
-                            f"{holder.pid} on host")
+  assert message.startswith(
+    f"workdir {workdir} is in use by another flaxvae train: process {holder.pid} on host"
+  )
   assert f"host {socket.gethostname()}, running since " in message and "\n" not in message
   assert "Wait for it to finish, stop it, or use another --workdir" in message
   assert f"delete {workdir / workdir_lock.LOCK_NAME}" in message
@@ -284,12 +330,15 @@ def test_a_lock_left_by_a_killed_trainer_is_taken_over_with_a_warning(tmp_path, 
   assert not (workdir / workdir_lock.LOCK_NAME).exists()  # released: deleted
 
 
-@pytest.mark.parametrize("holder, reason", [
+@pytest.mark.parametrize(
+  "holder, reason",
+  [
     ({"host": "elsewhere", "heartbeat": 1e9}, "last heartbeat from host elsewhere is "),
     ({"pid": os.getppid(), "pid_start": 1}, f"process id {os.getppid()} now belongs to another"),
     ({"boot_id": "another-boot", "heartbeat": 0.0}, "restarted after its last heartbeat"),
     ({"pid": None, "host": None, "oops": 1}, "names no holder"),
-])
+  ],
+)
 def test_stale_locks_are_taken_over_saying_why(tmp_path, caplog, holder, reason):
   write_lock(tmp_path, **holder)
   with caplog.at_level(logging.WARNING, logger="flaxvae"):
@@ -300,8 +349,11 @@ def test_stale_locks_are_taken_over_saying_why(tmp_path, caplog, holder, reason)
 def test_another_hosts_recent_heartbeat_is_a_live_holder(tmp_path):
   write_lock(tmp_path, host="elsewhere", pid=4242, heartbeat=time.time() - 30)
   before = conftest.tree_digest(tmp_path)
-  with pytest.raises(workdir_lock.WorkdirInUse, match="process 4242 on host elsewhere, running "
-                     r"since 2026-01-01T00:00:00Z \(last heartbeat 30 s ago\)"):
+  with pytest.raises(
+    workdir_lock.WorkdirInUse,
+    match="process 4242 on host elsewhere, running "
+    r"since 2026-01-01T00:00:00Z \(last heartbeat 30 s ago\)",
+  ):
     workdir_lock.WorkdirLock(tmp_path).acquire()
   assert conftest.tree_digest(tmp_path) == before  # the holder's file is left alone
 
@@ -332,6 +384,7 @@ def test_a_multi_process_job_refuses_on_every_process_together(tmp_path, monkeyp
     return sent["buffer"]
 
   from jax.experimental import multihost_utils
+
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
   monkeypatch.setattr(workdir_lock.jax, "process_count", lambda: 2)
   write_lock(tmp_path, host="elsewhere", pid=4242)

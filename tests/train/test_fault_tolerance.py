@@ -3,6 +3,7 @@
 One tiny run (8x8 images, 64 examples, 12 steps of batch 16) is trained once per module
 as the reference; the other tests interrupt, corrupt or move copies of it.
 """
+
 import contextlib
 import json
 import logging
@@ -34,15 +35,25 @@ from flaxvae.train.trainer import train as train_run
 from tests import conftest
 
 REPO = conftest.REPO
-DATASET = data_lib.ArrayDataset({"train": conftest.random_images(64, 0, (8, 8, 1)),
-                                 "test": conftest.random_images(16, 1, (8, 8, 1))})
+DATASET = data_lib.ArrayDataset(
+  {
+    "train": conftest.random_images(64, 0, (8, 8, 1)),
+    "test": conftest.random_images(16, 1, (8, 8, 1)),
+  }
+)
 STOP_AT = 6  # mid-epoch: an epoch is 4 steps
 
 
 def tiny_config(**changes):
-  return conftest.tiny_config(**{"ema_decay": 0.9, "data.pipeline": "in_memory",
-                                 "optimizer.adaptive_skip": 4.0,
-                                 "optimizer.adaptive_skip_window": 8, **changes})
+  return conftest.tiny_config(
+    **{
+      "ema_decay": 0.9,
+      "data.pipeline": "in_memory",
+      "optimizer.adaptive_skip": 4.0,
+      "optimizer.adaptive_skip_window": 8,
+      **changes,
+    }
+  )
 
 
 def train(config, workdir):
@@ -56,8 +67,9 @@ def cache(compilation_cache):
 
 def saved_state(workdir, step):
   """A checkpoint's state opened with orbax alone, as the checkpoint docstring shows."""
-  return ocp.StandardCheckpointer().restore(pathlib.Path(workdir, "checkpoints", str(step),
-                                                         "state").absolute())
+  return ocp.StandardCheckpointer().restore(
+    pathlib.Path(workdir, "checkpoints", str(step), "state").absolute()
+  )
 
 
 def assert_bitwise(a, b):
@@ -72,6 +84,7 @@ def stop_at(step_to_stop):
     if step >= step_to_stop:
       self.signum = signal.SIGTERM
     return self.signum is not None
+
   return should_stop
 
 
@@ -107,12 +120,14 @@ def test_eight_devices_to_one_with_pmap_and_back(reference, resumed, tmp_path):
   workdir = tmp_path / "moved"
   shutil.copytree(resumed[0], workdir)
   shutil.rmtree(workdir / "checkpoints" / "12")  # keep only the step-6 checkpoint (8 devices)
-  one = train(tiny_config(**{"parallel.backend": "pmap", "parallel.num_devices": 1}),
-                    str(workdir))
+  one = train(tiny_config(**{"parallel.backend": "pmap", "parallel.num_devices": 1}), str(workdir))
   expected = saved_state(reference, 12)
   got = saved_state(workdir, 12)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               got["params"], expected["params"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    got["params"],
+    expected["params"],
+  )
   # ... and the pmap, 1-device step-12 checkpoint back on 8 devices with shard_map.
   (workdir / "eval.json").unlink()  # else the finished run's evaluation is reused
   eight = train(tiny_config(), str(workdir))
@@ -145,13 +160,20 @@ sys.exit(cli.main(["flaxvae", "train", "--config", {config!r}, "--workdir", {wor
 def start_trainer(tmp_path, workdir, slow, data_dir):
   """`flaxvae train` in a subprocess on the on-disk `tiny` dataset (the same in every call)."""
   config = tmp_path / "tiny_config.py"
-  config.write_text(f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                    "from tests.train.test_fault_tolerance import tiny_config\n"
-                    "def get_config():\n"
-                    f"  return tiny_config(**{{'data.name': 'tiny', 'data.data_dir': {str(data_dir)!r}}})\n")
+  config.write_text(
+    f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
+    "from tests.train.test_fault_tolerance import tiny_config\n"
+    "def get_config():\n"
+    f"  return tiny_config(**{{'data.name': 'tiny', 'data.data_dir': {str(data_dir)!r}}})\n"
+  )
   code = DRIVER.format(repo=str(REPO), slow=slow, config=str(config), workdir=str(workdir))
-  return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-c", code],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def wait_for_training(proc, workdir, timeout=90):
@@ -193,8 +215,9 @@ def test_a_running_trainer_refuses_a_second_and_serves_readers(tmp_path, tiny_da
   try:
     wait_for_training(proc, workdir)
     capsys.readouterr()
-    status = cli.main(["flaxvae", "train", f"--config={tmp_path / 'tiny_config.py'}",
-                       f"--workdir={workdir}"])
+    status = cli.main(
+      ["flaxvae", "train", f"--config={tmp_path / 'tiny_config.py'}", f"--workdir={workdir}"]
+    )
     err = capsys.readouterr().err.strip()
     assert status == 2 and "\n" not in err, err
     assert f"is in use by another flaxvae train: process {proc.pid} on host" in err, err
@@ -224,8 +247,9 @@ def test_second_signal_exits_at_once_keeping_the_last_checkpoint(tmp_path, tiny_
 def nan_kl_weight(from_step, to_step):
   """Fault injection: a KL weight that is NaN for steps [from_step, to_step)."""
   original = bounds.kl_weight
-  return lambda step, beta, warmup: jnp.where((step >= from_step) & (step < to_step), jnp.nan,
-                                              original(step, beta, warmup))
+  return lambda step, beta, warmup: jnp.where(
+    (step >= from_step) & (step < to_step), jnp.nan, original(step, beta, warmup)
+  )
 
 
 def test_a_nan_step_is_skipped_and_training_continues(tmp_path, monkeypatch):
@@ -247,8 +271,9 @@ def test_a_stream_of_nans_stops_naming_the_step_and_last_checkpoint(tmp_path, mo
 
 
 def test_adaptive_threshold_follows_a_lasting_change_of_norms():
-  cfg = step_lib.StepConfig(protocols.PROTOCOLS.get("grey"), adaptive_skip=2.0,
-                            adaptive_skip_quantile=0.5)
+  cfg = step_lib.StepConfig(
+    protocols.PROTOCOLS.get("grey"), adaptive_skip=2.0, adaptive_skip_quantile=0.5
+  )
   guard = guards.init(2.0, 40)
   for _ in range(40):
     guard = guards.update(guard, jnp.float32(1.0))
@@ -274,18 +299,18 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(reference, tmp_p
   checkpointer = checkpoint_lib.Checkpointer(str(workdir), tiny_config().checkpoint)
   with caplog.at_level(logging.WARNING, logger="flaxvae"):
     step, state, data_state, _ = checkpointer.restore_latest(
-        target, config_lib.to_json(tiny_config()))
+      target, config_lib.to_json(tiny_config())
+    )
   assert step == 6 and int(state.step) == 6 and data_state["position"] == 32
   assert "step 12" in caplog.text and "falling back to step 6" in caplog.text
   assert checkpointer.all_steps() == [6]  # 12 was set aside, not deleted
   assert list((workdir / "checkpoints").glob("12.unreadable-*"))
 
 
-
-
 @contextlib.contextmanager
 def read_only(path):
-  """`path` made read-only: by permissions, or (as root, who ignores them) a read-only bind mount."""
+  """`path` made read-only: by permissions, or (as root, who ignores them) a read-only bind
+  mount."""
   if os.geteuid() != 0:
     modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
     for p in modes:
@@ -296,8 +321,9 @@ def read_only(path):
       for p, mode in modes.items():
         p.chmod(mode)
     return
-  if subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)],
-                    capture_output=True).returncode:
+  if subprocess.run(
+    ["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True
+  ).returncode:
     pytest.skip("running as root without permission to mount a read-only directory")
   try:
     yield
@@ -311,8 +337,7 @@ def test_read_only_workdir_fails_cleanly_leaving_checkpoints(reference, tmp_path
   before = conftest.tree_digest(workdir)
   with read_only(workdir):
     with pytest.raises(checkpoint_lib.CheckpointError, match="could not lock .* for writing"):
-      train(tiny_config(num_steps=18, **{"checkpoint.allow_config_change": True}),
-                  str(workdir))
+      train(tiny_config(num_steps=18, **{"checkpoint.allow_config_change": True}), str(workdir))
   assert conftest.tree_digest(workdir) == before
 
 
@@ -320,8 +345,12 @@ def test_read_only_workdir_fails_cleanly_leaving_checkpoints(reference, tmp_path
 def small_disk(path, size="2m"):
   """A tmpfs of `size` at `path` (root only: mounting needs it)."""
   path.mkdir()
-  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                                          str(path)], capture_output=True).returncode:
+  if (
+    os.geteuid() != 0
+    or subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    ).returncode
+  ):
     pytest.skip("needs root and permission to mount a tmpfs to fill a disk")
   try:
     yield path
@@ -336,18 +365,19 @@ def fill(directory):
         f.write(b"\0" * 4096)
 
 
-def test_disk_full_mid_run_fails_in_one_line_keeping_the_last_checkpoint(reference, tmp_path,
-                                                                        monkeypatch):
+def test_disk_full_mid_run_fails_in_one_line_keeping_the_last_checkpoint(
+  reference, tmp_path, monkeypatch
+):
   with small_disk(tmp_path / "disk") as disk:
     workdir = disk / "run"
     shutil.copytree(reference, workdir)
     check_writable = checkpoint_lib.Checkpointer.check_writable
     # The disk fills up after the start-up check passed: the next write in the run fails.
-    monkeypatch.setattr(checkpoint_lib.Checkpointer, "check_writable",
-                        lambda self: (check_writable(self), fill(disk)))
+    monkeypatch.setattr(
+      checkpoint_lib.Checkpointer, "check_writable", lambda self: (check_writable(self), fill(disk))
+    )
     with pytest.raises(CheckpointError, match="No space left on device.*Free space") as failed:
-      train(tiny_config(num_steps=18, **{"checkpoint.allow_config_change": True}),
-                  str(workdir))
+      train(tiny_config(num_steps=18, **{"checkpoint.allow_config_change": True}), str(workdir))
     assert "\n" not in str(failed.value)
     (disk / "filler").unlink()
     assert_bitwise(saved_state(workdir, 12), saved_state(reference, 12))

@@ -1,5 +1,6 @@
 """The trainer's own behaviour: dispatch sizes, checkpoint intervals, nothing written before
 the checks pass, refused combinations, progress lines, and inference on other device counts."""
+
 import json
 import os
 import subprocess
@@ -15,14 +16,18 @@ from flaxvae.runtime import parallel
 from flaxvae.train import checkpoint as checkpoint_lib
 from flaxvae.train import step as step_lib
 from flaxvae.train import trainer
-from tests.conftest import (FLAXVAE, array_dataset, load_config, set_keys, tiny_config,
-                            tree_digest)
+from tests.conftest import FLAXVAE, array_dataset, load_config, set_keys, tiny_config, tree_digest
 
 
 def sizes(num_steps, steps_per_dispatch, log=1000, evaluate=0, save=0):
-  config = settings.resolve(tiny_config(
-      num_steps=num_steps, steps_per_dispatch=steps_per_dispatch, log_every_steps=log,
-      **{"eval.every_steps": evaluate, "checkpoint.every_steps": save}))
+  config = settings.resolve(
+    tiny_config(
+      num_steps=num_steps,
+      steps_per_dispatch=steps_per_dispatch,
+      log_every_steps=log,
+      **{"eval.every_steps": evaluate, "checkpoint.every_steps": save},
+    )
+  )
   step, out = 0, []
   while step < num_steps:
     out.append(trainer.next_dispatch_size(step, config))
@@ -54,8 +59,6 @@ def test_remainder_dispatches_train_and_compile_a_bounded_number_of_times(tmp_pa
   assert [r["step"] for r in rows if r["split"] == "train"] == [3, 6, 9, 11]
 
 
-
-
 def test_a_refused_resume_writes_nothing(tmp_path):
   c = tiny_config()
   trainer.train(c, str(tmp_path), array_dataset(64, 16))
@@ -63,8 +66,11 @@ def test_a_refused_resume_writes_nothing(tmp_path):
   before = tree_digest(tmp_path)
   other_size = array_dataset(80, 16)  # the checkpoint's data position belongs to 64 examples
   with pytest.raises(DataError, match="split of 64 examples"):
-    trainer.train(set_keys(c, num_steps=24, **{"checkpoint.allow_config_change": True}),
-                  str(tmp_path), other_size)
+    trainer.train(
+      set_keys(c, num_steps=24, **{"checkpoint.allow_config_change": True}),
+      str(tmp_path),
+      other_size,
+    )
   assert tree_digest(tmp_path) == before and not (tmp_path / "config.json").exists()
 
 
@@ -74,7 +80,9 @@ def test_a_refused_fresh_run_leaves_no_workdir(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("changes, message", [
+@pytest.mark.parametrize(
+  "changes, message",
+  [
     ({"objective.name": "iwae", "objective.beta": 0.5}, "iwae has no KL term, so beta=0.5"),
     ({"objective.name": "iwae", "objective.kl_warmup_steps": 100}, "kl_warmup_steps=100"),
     ({"objective.name": "iwae", "objective.free_bits": 0.1}, "use objective.name=elbo"),
@@ -83,7 +91,8 @@ def test_a_refused_fresh_run_leaves_no_workdir(tmp_path):
     ({"objective.free_bits_per": "dim"}, "free_bits_per"),
     ({"data.protocol": "binary"}, "unknown data.protocol"),
     ({"model.posterior": "flow"}, "unknown model.posterior"),
-])
+  ],
+)
 def test_combinations_that_would_not_do_what_they_say_are_refused(changes, message):
   """Refused while the run is assembled, before anything is read from disk or written."""
   with pytest.raises(ConfigError, match=message):
@@ -93,8 +102,9 @@ def test_combinations_that_would_not_do_what_they_say_are_refused(changes, messa
 def test_training_prints_one_plain_line_per_log_step_off_a_terminal(tmp_path, capsys):
   trainer.train(tiny_config(), str(tmp_path), array_dataset(64, 16))
   lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")]
-  assert [l.split(",")[0] for l in lines] == [f"step {s}/12 ({100 * s // 12}%)"
-                                               for s in (3, 6, 9, 12)]
+  assert [l.split(",")[0] for l in lines] == [
+    f"step {s}/12 ({100 * s // 12}%)" for s in (3, 6, 9, 12)
+  ]
   assert not any("\r" in l for l in lines)
 
 
@@ -111,18 +121,26 @@ def test_a_run_evaluates_on_another_device_count(tmp_path):
   data_dir = tmp_path / "tfds"
   source = tmp_path / "source"
   source.mkdir()
-  np.save(source / "images.npy", np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1),
-                                                                   dtype=np.uint8))
+  np.save(
+    source / "images.npy",
+    np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
+  )
   from flaxvae.data import folder
+
   folder.prepare_folder(str(source), "pinned", 0.25, str(data_dir))
-  c = tiny_config(**{"data.name": "pinned", "data.data_dir": str(data_dir),
-                     "parallel.num_devices": 8})
+  c = tiny_config(
+    **{"data.name": "pinned", "data.data_dir": str(data_dir), "parallel.num_devices": 8}
+  )
   trainer.train(c, str(tmp_path / "run"))
   for devices in (3, 1):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    result = subprocess.run([str(FLAXVAE), "evaluate", f"--workdir={tmp_path / 'run'}",
-                             "--num_importance_samples=2"], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+      [str(FLAXVAE), "evaluate", f"--workdir={tmp_path / 'run'}", "--num_importance_samples=2"],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "written:" in result.stdout
 
@@ -142,8 +160,9 @@ def test_a_frozen_trained_decoder_with_a_fresh_encoder_trains_the_encoder_alone(
   source, target = str(tmp_path / "source"), str(tmp_path / "encoder_only")
   trainer.train(tiny_config(), source)
   decoder = ("decoder", "to_output")
-  config = tiny_config(**{"init.params_from": source, "init.param_groups": decoder,
-                          "optimizer.frozen": decoder})
+  config = tiny_config(
+    **{"init.params_from": source, "init.param_groups": decoder, "optimizer.frozen": decoder}
+  )
   trainer.train(config, target)
   trained, fresh = (checkpoint_lib.trained_params(w) for w in (source, target))
   same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(*map(jax.tree.leaves, (a, b))))
@@ -153,8 +172,10 @@ def test_a_frozen_trained_decoder_with_a_fresh_encoder_trains_the_encoder_alone(
 
 def test_the_encoder_only_config_builds_the_default_model():
   """Its decoder must fit the default run's checkpoint: the two configs' models are one."""
-  assert (load_config("fashion_mnist_encoder_only").model.to_dict()
-          == load_config("fashion_mnist_mlp").model.to_dict())
+  assert (
+    load_config("fashion_mnist_encoder_only").model.to_dict()
+    == load_config("fashion_mnist_mlp").model.to_dict()
+  )
 
 
 def test_the_parameter_ema_warms_up_so_early_evaluations_are_not_the_initialisation():
@@ -163,14 +184,19 @@ def test_the_parameter_ema_warms_up_so_early_evaluations_are_not_the_initialisat
   assert float(step_lib.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
   assert float(step_lib.ema_decay_at(1000, 0.999)) == pytest.approx(1001 / 1010)
   assert float(step_lib.ema_decay_at(10**6, 0.999)) == pytest.approx(0.999)
-  config = tiny_config(num_steps=1, steps_per_dispatch=1, ema_decay=0.999,
-                       **{"eval.every_steps": 0, "checkpoint.every_steps": 0})
+  config = tiny_config(
+    num_steps=1,
+    steps_per_dispatch=1,
+    ema_decay=0.999,
+    **{"eval.every_steps": 0, "checkpoint.every_steps": 0},
+  )
   run = Run(config, array_dataset(64, 16))
   runner = parallel.Runner("shard_map", jax.devices()[:1])
   state = run.initial_state()
   before = [np.asarray(p) for p in jax.tree.leaves(state.params)]
   after = run.train_fn("one_step", runner=runner)(
-      runner.put(state, "state"),
-      runner.put(run.train_images[:config.batch_size], parallel.batch_axis(0)))[0]
+    runner.put(state, "state"),
+    runner.put(run.train_images[: config.batch_size], parallel.batch_axis(0)),
+  )[0]
   for p0, p1, e in zip(before, jax.tree.leaves(after.params), jax.tree.leaves(after.ema_params)):
     np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-6)
