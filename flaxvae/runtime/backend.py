@@ -1,8 +1,8 @@
 """Every choice that depends on the backend JAX runs on, in one place (models and the
 evaluation ask here instead of carrying their own tuning).
 
-XLA:CPU runs convolutions inside a rolled loop (lax.scan, while) 20-40x slower than unrolled:
-inside a loop it keeps the loop's layouts and cannot call its convolution library. So on CPU
+XLA:CPU runs convolutions inside a rolled loop (lax.scan, while) many times slower than
+unrolled (docs/performance.md): inside a loop it keeps the loop's layouts and cannot call its convolution library. So on CPU
 a convolutional model's stacked layers are unrolled, and its evaluation dispatches chunks of
 importance samples from the host instead of scanning over them on the device.
 """
