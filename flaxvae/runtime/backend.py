@@ -2,9 +2,10 @@
 evaluation ask here instead of carrying their own tuning).
 
 XLA:CPU runs convolutions inside a rolled loop (lax.scan, while) many times slower than
-unrolled (docs/performance.md): inside a loop it keeps the loop's layouts and cannot call its convolution library. So on CPU
-a convolutional model's stacked layers are unrolled, and its evaluation dispatches chunks of
-importance samples from the host instead of scanning over them on the device.
+unrolled (docs/performance.md): inside a loop it keeps the loop's layouts and cannot call its
+convolution library. So on CPU a convolutional model's stacked layers are unrolled, and its
+evaluation dispatches chunks of importance samples from the host instead of scanning over them
+on the device.
 """
 
 import jax
