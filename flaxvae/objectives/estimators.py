@@ -66,8 +66,8 @@ def psis_khat(log_w):
   if num < PSIS_MIN_SAMPLES:
     return jnp.full(log_w.shape[1:], jnp.inf, log_w.dtype)
   m = int(math.ceil(min(0.2 * num, 3 * math.sqrt(num))))
-  # The M + 1 largest, ascending. top_k, not a sort of all K: XLA:CPU's sort of K=5000 weights
-  # for 1,000 examples took 0.9 s (5% of their importance pass), top_k 0.08 s.
+  # The M + 1 largest, ascending. top_k, not a sort of all K: XLA:CPU's sort of every weight
+  # was a visible share of the importance pass (docs/evaluation.md), top_k a small fraction of it.
   top = jax.lax.top_k(jnp.moveaxis(log_w, 0, -1), m + 1)[0]
   s = jnp.moveaxis(top[..., ::-1], -1, 0)
   s = s - s[-1]
