@@ -19,7 +19,7 @@ def device_mean(tree, axis_name):
   """Mean over the devices of a named axis; the identity when there is one device.
 
   XLA:CPU keeps a one-participant all-reduce as a real collective (a copy of every
-  gradient per step, ~5% of the MLP step), so a single device skips it.
+  gradient per step, a visible cost on a small model's step), so a single device skips it.
   """
   if axis_name is None or jax.lax.axis_size(axis_name) == 1:
     return tree
