@@ -305,8 +305,8 @@ def _mixture_logistic(num_mixtures=10, bin_mass="exact"):
 
   Internally the raw parameters are moved to [..., K, pixels], pixels minor: the
   elementwise math, the sum over channels and the logsumexp over components then run
-  along the long pixel axis (measured on XLA:CPU, 32x32x3 images and 10 components: ~6x
-  faster forward and ~1.8x forward + gradient than with the K parameters minor).
+  along the long pixel axis, which XLA:CPU vectorizes far better than the same math with
+  the K parameters minor.
   """
   name, m = "mixture_logistic", num_mixtures
   half_bin = 1.0 / (NUM_LEVELS - 1)  # in [-1, 1] units
