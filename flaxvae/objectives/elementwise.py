@@ -1,10 +1,10 @@
 """softplus and log_sigmoid in the form XLA:CPU runs fast, with exact gradients.
 
 jax.nn.softplus is logaddexp(x, 0), whose guards for infinities and NaNs cost more than the
-arithmetic: in the K=5000 importance pass of the default model (4,000 decoder rows of 784
-Bernoulli logits per chunk) the likelihood took the chunk from 0.97x to 1.59x its FLOP-limit
-time, and max(x, 0) + log1p(exp(-|x|)) takes it to 1.17x (BENCHMARKS.md, the evaluation
-section). The same values to float32 rounding; infinities give what softplus gives.
+arithmetic: in the default model's importance pass the Bernoulli likelihood's softplus cost
+more than its decoder, and max(x, 0) + log1p(exp(-|x|)) brings the pass back near its FLOP
+limit (docs/evaluation.md; BENCHMARKS.md, the evaluation section). The same values to float32
+rounding; infinities give what softplus gives.
 
 The derivative is written out (custom_jvp) because autodiff of max and |x| gives 0 at x = 0,
 where the slope is 1/2, and zero inputs are common: zero-initialised last layers.
