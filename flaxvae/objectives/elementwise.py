@@ -1,9 +1,8 @@
 """softplus and log_sigmoid in the form XLA:CPU runs fast, with exact gradients.
 
 jax.nn.softplus is logaddexp(x, 0), whose guards for infinities and NaNs cost more than the
-arithmetic: in the default model's importance pass the Bernoulli likelihood's softplus cost
-more than its decoder, and max(x, 0) + log1p(exp(-|x|)) brings the pass back near its FLOP
-limit (docs/evaluation.md; BENCHMARKS.md, the evaluation section). The same values to float32
+arithmetic: they kept the default model's importance pass far from its FLOP limit, and
+max(x, 0) + log1p(exp(-|x|)) brings the pass back near it (docs/evaluation.md; BENCHMARKS.md, the evaluation section). The same values to float32
 rounding; infinities give what softplus gives.
 
 The derivative is written out (custom_jvp) because autodiff of max and |x| gives 0 at x = 0,
