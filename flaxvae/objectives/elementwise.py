@@ -2,8 +2,9 @@
 
 jax.nn.softplus is logaddexp(x, 0), whose guards for infinities and NaNs cost more than the
 arithmetic: they kept the default model's importance pass far from its FLOP limit, and
-max(x, 0) + log1p(exp(-|x|)) brings the pass back near it (docs/evaluation.md; BENCHMARKS.md, the evaluation section). The same values to float32
-rounding; infinities give what softplus gives.
+max(x, 0) + log1p(exp(-|x|)) brings the pass back near it (docs/evaluation.md; BENCHMARKS.md,
+the evaluation section). The same values to float32 rounding; infinities give what softplus
+gives.
 
 The derivative is written out (custom_jvp) because autodiff of max and |x| gives 0 at x = 0,
 where the slope is 1/2, and zero inputs are common: zero-initialised last layers.
