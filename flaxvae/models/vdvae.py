@@ -16,8 +16,8 @@ the usual NaN source).
 Depth without cost: the layers of one resolution are identical, so their parameters are
 stored stacked (one leading axis per group) and run either with `lax.scan` over the stack
 (`scan_blocks="scan"`: one compiled body, whatever the depth; the choice on accelerators) or
-unrolled (`"unroll"`: XLA:CPU runs convolutions inside a rolled loop 20-40x slower; "auto"
-picks by backend). Both read the same
+unrolled (`"unroll"`: XLA:CPU runs convolutions inside a rolled loop many times slower;
+"auto" picks by backend). Both read the same
 parameters, so they compute the same numbers and share checkpoints. `remat` recomputes each
 layer's activations in the backward pass instead of storing them.
 
