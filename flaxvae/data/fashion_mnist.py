@@ -128,10 +128,9 @@ def _is_prepared(builder_dir):
 def prepare_fashion_mnist(source_dir: str | None, data_dir: str | None) -> str:
   """Idempotent: builds the ArrayRecord dataset if not yet there; returns the builder directory.
 
-  The builder directory is `data_dir/fashion_mnist_idx/1.0.0`. Fast (<1 s) when already prepared:
-  it only checks for the dataset_info.json TFDS writes last, so the source files may be gone by
-  then.
-  `None` means DEFAULT_SOURCE_DIR / catalog.default_data_dir(). Takes ~5 s the first time.
+  The builder directory is `data_dir/fashion_mnist_idx/1.0.0`. When already prepared it only
+  checks for the dataset_info.json TFDS writes last, so the source files may be gone by then.
+  `None` means DEFAULT_SOURCE_DIR / catalog.default_data_dir().
   """
   source_dir = os.path.expanduser(source_dir or DEFAULT_SOURCE_DIR)
   data_dir = os.path.expanduser(data_dir or catalog.default_data_dir())
