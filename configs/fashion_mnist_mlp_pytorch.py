@@ -5,7 +5,7 @@ the same model and protocol as the PyTorch example, so the test "ELBO" compares 
 with its figure. Bernoulli on grey levels is not a probability model of the data, so
 evaluation labels log p(x) and the ELBO for what they are (the negative binary cross-entropy)
 and reports no NLL or bits/dim; configs/fashion_mnist_mlp.py is the same model on binarized
-data, where they are likelihoods. (flaxvae 0.1's default: `make run` gave ELBO -240.79.)
+data, where they are likelihoods. (This was flaxvae 0.1's default.)
 
     flaxvae train --config configs/fashion_mnist_mlp_pytorch.py --workdir runs/mlp_pytorch
 """
