@@ -1,12 +1,12 @@
 """A small VDVAE-class hierarchical VAE for dynamically binarized Fashion-MNIST, sized to train
-meaningfully in about 30 minutes on a 2-core CPU (the protocol of Burda et al.: a Bernoulli
-likelihood, the test set binarized once with a fixed seed).
+meaningfully on a 2-core CPU (the protocol of Burda et al.: a Bernoulli likelihood, the test
+set binarized once with a fixed seed; its run and how it compares: docs/models.md).
 
 28x28 padded to 32x32; 12 latent layers of 8 channels at resolutions 1, 4, 8, 16, 32 (2, 3, 4,
 2, 1), widths 64 down to 16, bottleneck 0.5, ReLU; Adamax with warm-up and cosine decay, EMA,
 KL warm-up, the adaptive gradient skip. Sized for XLA:CPU, where narrow convolutions at high
 resolution are slow (their layout transposes and elementwise passes cost more than their
-arithmetic) and SiLU's exponentials cost a fifth of the step: most layers sit at 8x8 and 4x4.
+arithmetic) and SiLU's exponentials cost a large share of the step: most layers sit at 8x8 and 4x4.
 
     flaxvae train --config configs/fashion_mnist_vdvae.py --workdir runs/vdvae
     flaxvae sample --workdir runs/vdvae --temperature 0.8
@@ -32,7 +32,7 @@ def get_config(arg=None):
   config.objective.likelihood = "bernoulli"
   config.objective.kl_warmup_steps = 2_000
   config.batch_size = 64
-  config.num_steps = 6_000  # 34 minutes with its evaluations on 2 AMD EPYC cores (2026-12-05)
+  config.num_steps = 6_000  # a CPU run's length; its result is in docs/models.md
   config.optimizer.name = "adamax"
   config.optimizer.learning_rate = 2e-3
   config.optimizer.schedule = "warmup_cosine"
@@ -49,8 +49,8 @@ def get_config(arg=None):
   config.eval.batch_size = 500
   config.eval.num_examples = 1_000
   config.eval.num_importance_samples = 20
-  # The final log p(x): K = 100 on 1,000 test images, about 3 minutes here (the default K = 5000
-  # on all 10,000 would take about a day on this CPU: 570 samples/s).
+  # The final log p(x): K = 100 on 1,000 test images (the default K = 5000 on all 10,000 would
+  # take many times longer than the training on a CPU).
   config.eval.final_num_importance_samples = 100
   config.eval.final_num_examples = 1_000
   config.eval.amortization_examples = 0
