@@ -107,9 +107,9 @@ EIGHT_BIT = [
   "--config.objective.likelihood=mixture_logistic",
   "--config.objective.num_mixtures=5",
 ]
-# The VDVAE makes about 3,000 steps in 30 minutes on one core: its config's 2,000-step KL
-# warm-up would leave it under-weighting the KL for most of the budget (the 2026-12-02 row
-# stopped inside it), so these rows warm up over 500 steps.
+# The VDVAE makes few steps in 30 minutes on one core (RESULTS.md has how many): its config's
+# 2,000-step KL warm-up would leave it under-weighting the KL for most of the budget (a row run
+# with it stopped inside it), so these rows warm up over 500 steps.
 VDVAE_BUDGET = [
   "--config.objective.kl_warmup_steps=500",
   "--config.eval.every_steps=500",
