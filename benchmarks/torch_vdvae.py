@@ -247,13 +247,13 @@ def main():
     type=int,
     choices=(0, 1),
     default=None,
-    help="NHWC memory format for the model and data; default: the faster one "
-    "measured on 2 cores (1 for vdvae, ~5%% faster; 0 for effvdvae, ~12%%)",
+    help="NHWC memory format for the model and data; default: the faster one on CPU "
+    "(1 for vdvae, 0 for effvdvae)",
   )
   parser.add_argument(
     "--compile",
     action="store_true",
-    help="torch.compile the loss function (measured: no faster on 2 cores)",
+    help="torch.compile the loss function (not faster on CPU, so off by default)",
   )
   parser.add_argument(
     "--print_losses",
