@@ -188,3 +188,18 @@ def test_equal_wall_time_figure_draws_every_row(tmp_path, monkeypatch):
   for name in results.QUALITY:
     if results.record("quality", name) is not None:
       assert name.split("_")[0] in panels["8bit" in name], f"{name} is not drawn"
+
+
+def test_headline_figures_are_in_the_files_they_cite():
+  """Each figure of the README's headline table is in the generated file its row links to, so
+  a regenerated RESULTS.md or BENCHMARKS.md cannot leave the README quoting an old figure."""
+  text = (REPO / "README.md").read_text()
+  table = text.split("## Headline results", 1)[1].split("\n## ", 1)[0]
+  stale = []
+  for row in (line for line in table.splitlines() if line.startswith("| ") and "](" in line):
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    cited = (REPO / LINK.search(cells[-1]).group(1).partition("#")[0]).read_text()
+    stale += [
+      f"{cells[0]}: {figure}" for figure in re.findall(r"\d+\.\d+", cells[1]) if figure not in cited
+    ]
+  assert not stale, f"headline figures not in the file they cite: {stale}"
