@@ -22,10 +22,14 @@ measured), and `--parts depth` on a fresh checkout adds the depth table to the o
    .venv-torch, alternating with benchmarks/cases.py on the same configs;
 5. the evaluation at the machine's limit (`cases.py --cases eval`: the K=5000 importance pass
    against its FLOP limit, AIS per 1,000 images), the VDVAE's compile time and memory
-   against depth (`--cases depth`), and `flaxvae bench --aot` for ImageNet-64 and FFHQ-256 on
-   8 and 64 simulated devices, data-parallel, fsdp and fsdp with rematerialisation.
+   against depth (`--cases depth`), and `flaxvae bench --aot` for the VDVAE configs for
+   accelerators on 1 and 8 simulated devices, ImageNet-64 and FFHQ-256 also on 64, data-parallel,
+   fsdp and fsdp with rematerialisation.
+Every table row names the command that measured it, and so does every raw row (`command`, the
+key the cache keeps the measurement by); a kept section whose raw rows name their commands is
+drawn again from them by this code.
 Ratios are the point: absolute figures move with machine load. On a shared host a
-neighbour can slow one run by 20%, so the compared runs alternate over `--rounds`
+neighbour can slow one run down, so the compared runs alternate over `--rounds`
 rounds and each implementation is credited with its best round (noise only ever
 slows a run down); every round's figure is kept in the raw results.
 """
@@ -105,16 +109,31 @@ class Cache:
 CACHE = Cache(None)
 
 
-def json_lines(cmd, env=None, round_index=0):
-  def measure():
-    print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    out = subprocess.run(
-      cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **(env or {}))
-    ).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+def shown(cmd):
+  """A command as BENCHMARKS.md shows it and the cache keys it: paths relative to the checkout,
+  where `make bench` runs it."""
+  return " ".join(os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd)
 
-  key = " ".join(os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd)
-  return CACHE.get(f"{key} #round{round_index}", measure)
+
+def measured_rows(cmd, measure, round_index=0):
+  """measure()'s rows for `cmd` (from the cache if this code measured them before), each
+  carrying the command that measured it, so every row of BENCHMARKS.md can name it."""
+  command = shown(cmd)
+  rows = CACHE.get(f"{command} #round{round_index}", measure)
+  return [dict(r, command=command) for r in rows]
+
+
+def run_json_lines(cmd, env=None):
+  """Runs `cmd` in the checkout and parses the JSON lines it prints."""
+  print("+", " ".join(cmd), file=sys.stderr, flush=True)
+  out = subprocess.run(
+    cmd, check=True, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **(env or {}))
+  ).stdout
+  return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def json_lines(cmd, env=None, round_index=0):
+  return measured_rows(cmd, lambda: run_json_lines(cmd, env), round_index)
 
 
 # The peers train a Bernoulli on grey levels (the PyTorch example's protocol), so the trainer is
@@ -122,6 +141,22 @@ def json_lines(cmd, env=None, round_index=0):
 # protocol also draws one uniform per pixel per step (dynamic binarization), timed beside it.
 PEER_PROTOCOL_CONFIG = "configs/fashion_mnist_mlp_pytorch.py"
 DEFAULT_CONFIG = "configs/fashion_mnist_mlp.py"
+# Each trainer run gets a fresh workdir (an existing one would resume); the shown command says so.
+FRESH_WORKDIR = '"$(mktemp -d)"'
+
+
+def trainer_command(config, workdir=FRESH_WORKDIR):
+  """`make run`'s training with a small final evaluation."""
+  return [
+    FLAXVAE,
+    "train",
+    "--config",
+    config,
+    "--workdir",
+    workdir,
+    "--config.eval.final_num_importance_samples=10",
+    "--config.eval.amortization_examples=0",
+  ]
 
 
 def trainer_throughput(config=PEER_PROTOCOL_CONFIG):
@@ -129,21 +164,7 @@ def trainer_throughput(config=PEER_PROTOCOL_CONFIG):
   final evaluation; steady-state examples/s from metrics.jsonl."""
   workdir = tempfile.mkdtemp(prefix="flaxvae-bench-")
   start = time.perf_counter()
-  subprocess.run(
-    [
-      FLAXVAE,
-      "train",
-      "--config",
-      config,
-      "--workdir",
-      workdir,
-      "--config.eval.final_num_importance_samples=10",
-      "--config.eval.amortization_examples=0",
-    ],
-    check=True,
-    cwd=ROOT,
-    stdout=subprocess.DEVNULL,
-  )
+  subprocess.run(trainer_command(config, workdir), check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
   wall = time.perf_counter() - start
   rows = outputs.read_metrics(workdir)
   train_rows = [r for r in rows if r["split"] == "train"]
@@ -279,14 +300,41 @@ def earlier_report(path):
 
 
 def best(runs):
-  return max(runs, key=lambda x: x["examples_per_s"])
+  """The best of an implementation's rounds, carrying every round's figure (the raw results
+  keep them, and a kept section is drawn again from its raw rows)."""
+  return dict(
+    max(runs, key=lambda x: x["examples_per_s"]),
+    round_examples_per_s=[round(x["examples_per_s"]) for x in runs],
+  )
+
+
+def backticked(text):
+  return f"`{text}`" if text else "not recorded"
+
+
+def command_cell(row):
+  """A table's command column: the command that measured the row."""
+  return backticked(row.get("command"))
+
+
+def command_line(rows):
+  """The line under a table whose rows one command measured (or, if not, each command)."""
+  commands = list(dict.fromkeys(r.get("command") for r in rows))
+  return ("Command: " if len(commands) == 1 else "Commands: ") + "; ".join(
+    map(backticked, commands)
+  )
 
 
 def measure_mlp(rounds):
   """Peers and the trainer (on their protocol, and on the default one) alternate over rounds;
-  then every MLP bench case once."""
+  then every MLP bench case once. The raw rows: each peer's and the trainer's best round, then
+  the bench cases."""
   runs = {
     k: [] for k in ("torch", "flax_jit", "flax_scan", "flaxvae_train", "flaxvae_train_binarized")
+  }
+  trainer_configs = {
+    "flaxvae_train": PEER_PROTOCOL_CONFIG,
+    "flaxvae_train_binarized": DEFAULT_CONFIG,
   }
   for r in range(rounds):
     for impl in ("torch", "flax_jit", "flax_scan"):
@@ -294,31 +342,23 @@ def measure_mlp(rounds):
       runs[impl].append(
         json_lines([python, PEER, impl, "--epochs", str(ARGS.peer_epochs)], round_index=r)[0]
       )
-    runs["flaxvae_train"].append(
-      dict(
-        CACHE.get(f"trainer {PEER_PROTOCOL_CONFIG} #round{r}", trainer_throughput),
-        impl="flaxvae_train",
+    for impl, config in trainer_configs.items():
+      measured = measured_rows(
+        trainer_command(config), lambda config=config: [trainer_throughput(config)], r
       )
-    )
-    runs["flaxvae_train_binarized"].append(
-      dict(
-        CACHE.get(
-          f"trainer {DEFAULT_CONFIG} #round{r}", lambda: trainer_throughput(DEFAULT_CONFIG)
-        ),
-        impl="flaxvae_train_binarized",
-      )
-    )
+      runs[impl].append(dict(measured[0], impl=impl))
   mlp = json_lines([PY, CASES, "--config", DEFAULT_CONFIG])
-  return runs, mlp
+  return [best(v) for v in runs.values()] + mlp
 
 
-def mlp_section(runs, mlp):
-  peers = {impl: best(runs[impl]) for impl in ("torch", "flax_jit", "flax_scan")}
-  trainer, binarized = best(runs["flaxvae_train"]), best(runs["flaxvae_train_binarized"])
+def render_mlp(rows):
+  by_impl = {r["impl"]: r for r in rows if "impl" in r}
+  peers = {impl: by_impl[impl] for impl in ("torch", "flax_jit", "flax_scan")}
+  trainer, binarized = by_impl["flaxvae_train"], by_impl["flaxvae_train_binarized"]
   scan, torch_mlp = peers["flax_scan"]["examples_per_s"], peers["torch"]["examples_per_s"]
   t, b = trainer["examples_per_s"], binarized["examples_per_s"]
   compute_s = trainer["steps"] * 128 / scan  # the same steps in the peer's bare scan loop
-  per_round = {k: [round(x["examples_per_s"]) for x in v] for k, v in runs.items()}
+  per_round = {impl: r["round_examples_per_s"] for impl, r in by_impl.items()}
   return [
     "## MLP VAE (784-400-20, batch 128): the trainer against the peers",
     "",
@@ -329,19 +369,27 @@ def mlp_section(runs, mlp):
     f"Examples/s per round: {json.dumps(per_round)}.",
     "",
     table(
-      ["implementation", "examples/s", "flaxvae train / it"],
+      ["implementation", "examples/s", "flaxvae train / it", "command"],
       [
         [
           "`flaxvae train`, grey protocol (metrics.jsonl, windows after the first)",
           round(t),
           "1.00",
+          command_cell(trainer),
         ]
       ]
       + [
-        [f"peer {k}", v["examples_per_s"], f"{t / v['examples_per_s']:.2f}"]
+        [f"peer {k}", v["examples_per_s"], f"{t / v['examples_per_s']:.2f}", command_cell(v)]
         for k, v in peers.items()
       ]
-      + [["`flaxvae train`, default `binarized` protocol", round(b), f"{t / b:.2f}"]],
+      + [
+        [
+          "`flaxvae train`, default `binarized` protocol",
+          round(b),
+          f"{t / b:.2f}",
+          command_cell(binarized),
+        ]
+      ],
     ),
     "",
     f"- trainer / flax_scan = **{t / scan:.2f}** (goal >= 0.95); "
@@ -356,10 +404,13 @@ def mlp_section(runs, mlp):
     "with a 10-sample "
     f"final evaluation, took {trainer['process_wall_s']:.1f} s.",
     "",
-  ], [*peers.values(), trainer, binarized, *mlp]
+  ]
 
 
 def measure_conv(rounds):
+  """The conv bench cases (the dispatch case in the first round) alternating with the PyTorch
+  twin. The raw rows: the best round's default case, the dispatch cases, the twin's best round
+  and the op profile."""
   conv, torch_conv = [], []
   for r in range(rounds):
     cases = "default,dispatch" if r == 0 else "default"
@@ -379,7 +430,9 @@ def measure_conv(rounds):
       )
     )
     torch_conv.append(json_lines([TORCH_PY, "benchmarks/torch_conv_vae.py"], round_index=r)[0])
-  return conv, torch_conv, profile_row("configs/fashion_mnist_conv.py")
+  default = best([next(x for x in rows if x["case"] == "default") for rows in conv])
+  dispatch = [x for x in conv[0] if x["case"] != "default"]
+  return [default, *dispatch, best(torch_conv), profile_row("configs/fashion_mnist_conv.py")]
 
 
 def profile_row(config):
@@ -405,6 +458,8 @@ def profile_lines(row, what):
       [[k, v, f"{100 * row['share_by_kind'][k]:.0f}%"] for k, v in kinds if v],
     ),
     "",
+    command_line([row]),
+    "",
     "Heaviest ops (a convolution's time includes the waits counted to it): "
     + "; ".join(f"`{h['op']}` {h['shape']} {h['ms_per_step']} ms" for h in row["heaviest"][:6])
     + ".",
@@ -412,54 +467,63 @@ def profile_lines(row, what):
   ]
 
 
-def conv_section(conv_rounds, torch_rounds, profile):
-  conv_default = best([next(x for x in rows if x["case"] == "default") for rows in conv_rounds])
-  conv = [conv_default] + [x for x in conv_rounds[0] if x["case"] != "default"]
-  torch_conv = best(torch_rounds)
-  per_round = {
-    "conv": [
-      round(next(x for x in rows if x["case"] == "default")["examples_per_s"])
-      for rows in conv_rounds
+def twin_table(flaxvae, torch, torch_label):
+  """flaxvae's default bench case against a PyTorch twin, with the case's FLOP limit."""
+  return table(
+    ["implementation", "examples/s", "ratio", "command"],
+    [
+      [
+        "flaxvae (bench, default case)",
+        flaxvae["examples_per_s"],
+        f"{flaxvae['examples_per_s'] / torch['examples_per_s']:.2f}",
+        command_cell(flaxvae),
+      ],
+      [torch_label, torch["examples_per_s"], "1.00", command_cell(torch)],
+      [
+        "FLOP limit (XLA cost / matmul peak)",
+        flaxvae["limit_examples_per_s"],
+        f"{flaxvae['limit_examples_per_s'] / torch['examples_per_s']:.2f}",
+        command_cell(flaxvae),
+      ],
     ],
-    "torch_conv": [round(x["examples_per_s"]) for x in torch_rounds],
+  )
+
+
+def render_conv(rows):
+  conv_default = next(r for r in rows if r.get("case") == "default")
+  torch_conv = next(r for r in rows if r.get("impl") == "torch_conv")
+  profile = next(r for r in rows if r.get("case") == "profile")
+  per_round = {
+    "conv": conv_default["round_examples_per_s"],
+    "torch_conv": torch_conv["round_examples_per_s"],
   }
   return [
     "## Conv VAE (configs/fashion_mnist_conv.py) against its PyTorch twin",
     "",
     f"Examples/s per round: {json.dumps(per_round)}.",
     "",
-    table(
-      ["implementation", "examples/s", "ratio"],
-      [
-        [
-          "flaxvae (bench, default case)",
-          conv_default["examples_per_s"],
-          f"{conv_default['examples_per_s'] / torch_conv['examples_per_s']:.2f}",
-        ],
-        ["torch (benchmarks/torch_conv_vae.py)", torch_conv["examples_per_s"], "1.00"],
-        [
-          "FLOP limit (XLA cost / matmul peak)",
-          conv_default["limit_examples_per_s"],
-          f"{conv_default['limit_examples_per_s'] / torch_conv['examples_per_s']:.2f}",
-        ],
-      ],
-    ),
+    twin_table(conv_default, torch_conv, "torch (benchmarks/torch_conv_vae.py)"),
     "",
     *profile_lines(profile, "conv"),
     "XLA:CPU runs the convolutions in Eigen (flaxvae routes them away from YNNPACK, which ran "
-    "this step at 0.64x PyTorch; `flaxvae/runtime/xla_flags.py`); the layout transposes put "
+    "this step slower: docs/performance.md, Process defaults; `flaxvae/runtime/xla_flags.py`); "
+    "the layout transposes put "
     "activations and gradients in [C, H, W, B] order for the kernel-gradient convolutions, "
     "and the elementwise fusions (bias, ReLU, their masks) are work Eigen does not fuse into "
-    "the convolutions. glibc malloc tunables (`flaxvae/runtime/malloc.py`) "
-    "stop each dispatch from page-faulting its 65 MB of scratch memory in again. Inside a "
+    "the convolutions. glibc malloc tunables (`flaxvae/runtime/malloc.py`; docs/performance.md, "
+    "Process defaults) stop each dispatch from page-faulting its scratch memory in again. "
+    "Inside a "
     "rolled loop XLA:CPU keeps the loop's layouts, cannot call Eigen and emits naive "
     "convolution loops (the `dispatch` row with unroll 1), so conv configs unroll their "
     "steps per dispatch.",
     "",
-  ], [*conv, torch_conv, profile]
+  ]
 
 
 def measure_vdvae(rounds):
+  """flaxvae's default case alternating with the PyTorch twin, then Efficient-VDVAE's
+  architecture on both once. The raw rows, in this order: flaxvae's and the twin's best round,
+  the Efficient-VDVAE architecture on flaxvae and on its twin, the op profile."""
   vdvae, torch_vdvae = [], []
   for r in range(rounds):
     vdvae.append(
@@ -499,7 +563,7 @@ def measure_vdvae(rounds):
       "3",
     ]
   )[0]
-  return vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile_row(VDVAE)
+  return [best(vdvae), best(torch_vdvae), effvdvae, torch_effvdvae, profile_row(VDVAE)]
 
 
 ANCHOR_RECORD = os.path.join("benchmarks", "records", "anchor", "efficient_vdvae_torch.json")
@@ -515,7 +579,8 @@ def anchor_line():
   return (
     f"- Beside Efficient-VDVAE's own PyTorch code on the same config ({ANCHOR_RECORD}, "
     f"measured {rec['measured']} on {rec['cpu']} ({rec['cores']} cores), best of "
-    f"{len(rec['seconds_per_step']['anchor'])} alternating rounds): flaxvae "
+    f"{len(rec['seconds_per_step']['anchor'])} alternating rounds, run by hand: the record's "
+    "`protocol` gives its commands): flaxvae "
     f"{secs['flaxvae']:.2f} s per step, the anchor {secs['anchor']:.2f} s, the twin "
     f"{secs['twin']:.2f} s: flaxvae / anchor = **{secs['anchor'] / secs['flaxvae']:.2f}x** "
     f"(goal >= 1.0). The two architectures do nearly the same work ({rec['flop_count']}); "
@@ -525,49 +590,35 @@ def anchor_line():
   )
 
 
-def vdvae_section(vdvae_rounds, torch_rounds, effvdvae, torch_effvdvae, profile):
-  vdvae, torch_vdvae = best(vdvae_rounds), best(torch_rounds)
+def render_vdvae(rows):
+  vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile = rows
   return [
     "## VDVAE (configs/fashion_mnist_vdvae.py) against its PyTorch twin",
     "",
-    table(
-      ["implementation", "examples/s", "ratio"],
-      [
-        [
-          "flaxvae (bench, default case)",
-          vdvae["examples_per_s"],
-          f"{vdvae['examples_per_s'] / torch_vdvae['examples_per_s']:.2f}",
-        ],
-        ["torch (benchmarks/torch_vdvae.py, channels_last)", torch_vdvae["examples_per_s"], "1.00"],
-        [
-          "FLOP limit (XLA cost / matmul peak)",
-          vdvae["limit_examples_per_s"],
-          f"{vdvae['limit_examples_per_s'] / torch_vdvae['examples_per_s']:.2f}",
-        ],
-      ],
-    ),
+    twin_table(vdvae, torch_vdvae, "torch (benchmarks/torch_vdvae.py, channels_last)"),
     "",
     f"- flaxvae / torch = **{vdvae['examples_per_s'] / torch_vdvae['examples_per_s']:.2f}** "
     f"(goal >= 1.5); MFU {vdvae['mfu']:.3f} of the measured matmul peak.",
     f"- Efficient-VDVAE's binarized-MNIST architecture (configs/fashion_mnist_effvdvae.py, "
     f"{effvdvae['flops_per_example'] / 1e9:.1f} GFLOP per training example, batch 32): "
     f"flaxvae {effvdvae['step_ms'] / 1000:.2f} s per step "
-    f"({effvdvae['examples_per_s']:.1f} examples/s), its PyTorch twin "
-    f"{32 / torch_effvdvae['examples_per_s']:.2f} s "
-    f"({torch_effvdvae['examples_per_s']:.1f} examples/s): "
+    f"({effvdvae['examples_per_s']:.1f} examples/s, {command_cell(effvdvae)}), its PyTorch "
+    f"twin {32 / torch_effvdvae['examples_per_s']:.2f} s "
+    f"({torch_effvdvae['examples_per_s']:.1f} examples/s, {command_cell(torch_effvdvae)}): "
     f"{effvdvae['examples_per_s'] / torch_effvdvae['examples_per_s']:.2f}x.",
     anchor_line(),
     "",
     *profile_lines(profile, "VDVAE"),
-  ], [vdvae, torch_vdvae, effvdvae, torch_effvdvae, profile]
+  ]
 
 
-def eval_section(evaluation):
+def render_eval(rows):
+  (evaluation,) = rows
   return [
     "## The final evaluation at the machine's limit",
     "",
     f"The default config's final importance pass (K = {evaluation['num_importance_samples']} "
-    f"over {evaluation['num_examples']} test images, `benchmarks/cases.py --cases eval`): "
+    f"over {evaluation['num_examples']} test images): "
     f"{evaluation['seconds']} s against {evaluation['flop_limit_seconds']} s at the "
     f"measured matmul peak, **{evaluation['ratio_to_limit']:.2f}x** the FLOP-limit time "
     f"(goal <= 1.3); {evaluation['iwae_seconds_per_1000']} s per 1,000 images. AIS "
@@ -575,10 +626,12 @@ def eval_section(evaluation):
     f"{evaluation['ais_leapfrog']} leapfrog steps): {evaluation['ais_seconds_per_1000']} s "
     "per 1,000 images.",
     "",
-  ], [evaluation]
+    command_line(rows),
+    "",
+  ]
 
 
-def depth_section(depth):
+def render_depth(depth):
   return [
     "## Depth: compile time and memory (configs/fashion_mnist_vdvae.py, its 8x8 group)",
     "",
@@ -597,10 +650,12 @@ def depth_section(depth):
       ],
     ),
     "",
-  ], depth
+    command_line(depth),
+    "",
+  ]
 
 
-def aot_section(aot):
+def render_aot(aot):
   # FLOPs per example depend on the config and remat, not the mesh: rows measured before
   # aot rows carried them borrow them from a row of the same config that has them.
   flops = {
@@ -633,6 +688,7 @@ def aot_section(aot):
         "largest batch in 80 GB/dev",
         "compile s",
         "measured",
+        "command",
       ],
       [
         [
@@ -650,6 +706,7 @@ def aot_section(aot):
           r.get("largest_batch") or "",
           r["compile_s"],
           r.get("measured", ""),
+          command_cell(r),
         ]
         for r in aot
       ],
@@ -664,10 +721,14 @@ def aot_section(aot):
     "(--aot_configs, --aot_devices) re-measures its rows and keeps the others from the "
     "earlier report.",
     "",
-  ], aot
+  ]
 
 
-def cases_section(mlp, conv):
+BENCH_CASES = ("default", "dispatch", "scaling")  # the step-timing cases of benchmarks/cases.py
+
+
+def render_cases(rows):
+  """The bench cases among the MLP and conv parts' raw rows."""
   return [
     "## Every bench case",
     "",
@@ -685,6 +746,7 @@ def cases_section(mlp, conv):
         "MFU",
         "all-reduce ms",
         "overhead vs 1 device",
+        "command",
       ],
       [
         [
@@ -700,8 +762,10 @@ def cases_section(mlp, conv):
           r["mfu"],
           r.get("allreduce_ms", ""),
           r.get("overhead_vs_1_device", ""),
+          command_cell(r),
         ]
-        for r in mlp + conv
+        for r in rows
+        if r.get("case") in BENCH_CASES
       ],
     ),
     "",
@@ -743,65 +807,77 @@ def main():
   CACHE = Cache(ARGS.cache, ARGS.fresh, code=code_fingerprint())
 
   earlier = earlier_report(ARGS.out)  # read before this report overwrites it
-  measured = {}  # part -> (section lines, raw rows, dates of its measurements)
-
-  def measure_part(name, measure, section):
-    """Measures a part, keeps its section, raw rows and the dates of the measurements it
-    read; returns what was measured."""
+  measures = {
+    "mlp": lambda: measure_mlp(ARGS.rounds),
+    "conv": lambda: measure_conv(ARGS.rounds),
+    "vdvae": lambda: measure_vdvae(ARGS.rounds),
+    "eval": lambda: json_lines([PY, CASES, "--config", DEFAULT_CONFIG, "--cases", "eval"]),
+    "depth": lambda: json_lines([PY, CASES, "--config", VDVAE, "--cases", "depth"]),
+    "aot": lambda: merge_aot(aot_rows(), earlier.get("aot", ([], []))[1]),
+  }
+  measured = {}  # part -> (raw rows, dates of the measurements it read)
+  for part in (p for p in PARTS if p in parts):
     CACHE.used = []
-    data = measure()
-    lines, rows = section(data)
-    rows = rows if isinstance(rows, list) else [rows]
+    rows = measures[part]()
     # Rows kept from an earlier report (a partial aot measurement) carry their own dates.
-    kept_dates = {r["measured"] for r in rows if isinstance(r, dict) and "measured" in r}
-    measured[name] = (lines, rows, sorted(set(CACHE.dates(CACHE.used)) | kept_dates))
-    return data
+    kept_dates = {r["measured"] for r in rows if "measured" in r}
+    measured[part] = (rows, sorted(set(CACHE.dates(CACHE.used)) | kept_dates))
 
-  mlp, conv = [], []
-  if "mlp" in parts:
-    _, mlp = measure_part("mlp", lambda: measure_mlp(ARGS.rounds), lambda d: mlp_section(*d))
-  if "conv" in parts:
-    measure_part("conv", lambda: measure_conv(ARGS.rounds), lambda d: conv_section(*d))
-    conv = [r for r in measured["conv"][1] if r.get("case") in ("default", "dispatch")]
-  if "vdvae" in parts:
-    measure_part("vdvae", lambda: measure_vdvae(ARGS.rounds), lambda d: vdvae_section(*d))
-  for name, measure, section in (
-    (
-      "eval",
-      lambda: json_lines(
-        [PY, CASES, "--config", "configs/fashion_mnist_mlp.py", "--cases", "eval"]
-      )[0],
-      eval_section,
-    ),
-    (
-      "depth",
-      lambda: json_lines([PY, CASES, "--config", VDVAE, "--cases", "depth"]),
-      depth_section,
-    ),
-    ("aot", lambda: merge_aot(aot_rows(), earlier.get("aot", ([], []))[1]), aot_section),
-  ):
-    if name in parts:
-      measure_part(name, measure, section)
-  if "mlp" in parts and "conv" in parts:
-    measured["cases"] = (
-      cases_section(mlp, conv),
-      [],
-      sorted(set(measured["mlp"][2]) | set(measured["conv"][2])),
-    )
+  def raw_rows(part):
+    return measured[part][0] if part in measured else earlier.get(part, ([], []))[1]
 
-  sections, raw, kept, missing = [], [], [], []
+  renders = dict(
+    mlp=render_mlp,
+    conv=render_conv,
+    vdvae=render_vdvae,
+    eval=render_eval,
+    depth=render_depth,
+    aot=render_aot,
+    cases=render_cases,
+  )
+
+  def drawn_again(part, rows):
+    """A kept part's section drawn again from its raw rows, or None where they cannot draw it:
+    rows written before rows carried their command, or in a form this code no longer reads
+    (then the section is kept as it was written)."""
+    sources = ("mlp", "conv") if part == "cases" else (part,)
+    if not all(raw_rows(p) and all("command" in r for r in raw_rows(p)) for p in sources):
+      return None
+    try:
+      return renders[part](rows)
+    except (KeyError, StopIteration, ValueError) as e:
+      print(f"keeping the {part} section as written: its raw rows lack {e!r}", file=sys.stderr)
+      return None
+
+  sections, raw, kept, as_written, missing = [], [], [], [], []
   environment = {}
   for part in (*PARTS, "cases"):
-    if part in measured:
-      lines, rows, dates = measured[part]
+    sources = ("mlp", "conv") if part == "cases" else (part,)
+    rows = [r for p in sources for r in raw_rows(p)]
+    if all(p in measured for p in sources):
+      lines = renders[part](rows)
+      dates = sorted({d for p in sources for d in measured[p][1]})
       when = f"{dates[0]} to {dates[-1]}" if dates else time.strftime("%Y-%m-%d %H:%M")
       cpus = sorted({r["cpu"] for r in rows if r.get("cpu")})
       on = f" on {', '.join(cpus)} ({os.cpu_count()} cores)" if cpus else ""
-      if cpus and any(isinstance(r, dict) and "measured" in r and not r.get("cpu") for r in rows):
+      if cpus and any("measured" in r and not r.get("cpu") for r in rows):
         on += " and, for rows kept from an earlier report, a CPU it did not record"
       sections += [lines[0], "", f"_Measured {when}{on}, by this report._", *lines[1:]]
+    elif lines := drawn_again(part, rows):
+      if part == "cases":
+        when = (
+          "_Drawn from the raw rows of the MLP and conv sections (each says when it was measured)._"
+        )
+      else:
+        earlier_when = (l for l in earlier[part][0] if l.startswith("_Measured "))
+        when = next(earlier_when, "_Measured by an earlier report._").replace(
+          ", by this report._", ", by an earlier report._"
+        )
+        kept.append(part)
+      sections += [lines[0], "", when, *lines[1:]]
     elif part in earlier:
-      lines, rows = earlier[part]
+      as_written.append(part)
+      lines = earlier[part][0]
       sections += [
         lines[0],
         *[l.replace(", by this report._", ", by an earlier report._") for l in lines[1:]],
@@ -811,18 +887,28 @@ def main():
       if part != "cases":  # derived from mlp and conv, which are listed themselves
         missing.append(part)
       continue
-    if rows:
+    if rows and part != "cases":  # the cases are the mlp and conv parts' raw rows
+      if any("command" not in r for r in rows) and part not in as_written:
+        as_written.append(part)  # rows measured before rows carried their command
       raw += [f"### {part}", "", "```json", *[json.dumps(x) for x in rows], "```", ""]
       environment = environment or next((r for r in rows if "device_kind" in r), {})
   md = [
     "# Benchmarks",
     "",
-    f"Written by `make bench` (benchmarks/report.py --parts {','.join(parts)}) on "
+    f"Written by `make bench` (`{shown([PY, *sys.argv])}`, parts {','.join(parts)}) on "
     f"{time.strftime('%Y-%m-%d %H:%M')}, {environment.get('device_kind', 'cpu')} "
-    f"x{os.cpu_count()} cores, jax {environment.get('jax', '?')}. Each section says when it "
-    "was measured (measurements are cached by command and code version in "
+    f"x{os.cpu_count()} cores, jax {environment.get('jax', '?')}. Every table names the "
+    "command that measured its rows, and every raw row carries it (`command`)"
+    + (
+      f", except rows measured before rows carried it (in {', '.join(as_written)})"
+      if as_written
+      else ""
+    )
+    + ". Each section "
+    "says when it was measured (measurements are cached by command and code version in "
     "runs/bench_cache.jsonl; a part this "
-    "report did not measure keeps its section from the earlier BENCHMARKS.md). Compare "
+    "report did not measure keeps its section from the earlier BENCHMARKS.md, drawn again "
+    "from its raw rows where they name their commands). Compare "
     "ratios within a section, not absolute numbers across sections: the CPU model changes "
     f"between sessions. Compared runs alternate over rounds ({ARGS.rounds} in this report) "
     "and each is credited with its best round (noise only ever slows a run down)."

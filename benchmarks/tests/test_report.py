@@ -118,7 +118,8 @@ def test_results_rows_survive_their_run_dirs(tmp_path, monkeypatch):
 
 def test_make_bench_keeps_the_sections_it_did_not_measure(tmp_path, monkeypatch):
   """BENCHMARKS.md is the record (runs/, where the cache lives, is gone on a fresh machine):
-  `--parts depth` replaces the depth section and keeps every other part with its raw rows."""
+  `--parts depth` replaces the depth section and keeps every other part with its raw rows,
+  as written where the rows cannot draw it again."""
   report = load_script("report")
   out = tmp_path / "BENCHMARKS.md"
   out.write_text(
@@ -134,6 +135,10 @@ def test_make_bench_keeps_the_sections_it_did_not_measure(tmp_path, monkeypatch)
         "",
         "| a | b |",
         "",
+        "## The final evaluation at the machine's limit",
+        "",
+        "old eval text",
+        "",
         "## Depth: old",
         "",
         "old depth table",
@@ -146,6 +151,12 @@ def test_make_bench_keeps_the_sections_it_did_not_measure(tmp_path, monkeypatch)
         '{"model": "vdvae", "examples_per_s": 5}',
         "```",
         "",
+        "### eval",
+        "",
+        "```json",
+        '{"case": "eval", "command": "a row in a form this code no longer reads"}',
+        "```",
+        "",
         "### depth",
         "",
         "```json",
@@ -156,7 +167,7 @@ def test_make_bench_keeps_the_sections_it_did_not_measure(tmp_path, monkeypatch)
     )
   )
   depth_rows = [{"depth": 4, "scan_blocks": "scan", "remat": True, "compile_s": 1.0}]
-  monkeypatch.setattr(report, "json_lines", lambda cmd, **kw: depth_rows)
+  monkeypatch.setattr(report, "run_json_lines", lambda cmd, env=None: depth_rows)
   monkeypatch.setattr(
     sys,
     "argv",
@@ -167,5 +178,145 @@ def test_make_bench_keeps_the_sections_it_did_not_measure(tmp_path, monkeypatch)
   assert "| a | b |" in text and "_Measured 2026-12-02 10:00, by an earlier report._" in text
   assert "old depth table" not in text and "| 4 | scan | True | 1.0 |" in text
   assert report.earlier_report(str(out))["vdvae"][1] == [{"model": "vdvae", "examples_per_s": 5}]
-  assert report.earlier_report(str(out))["depth"][1] == depth_rows
-  assert "Kept from an earlier report: vdvae." in text
+  command = ".venv/bin/python benchmarks/cases.py --config configs/fashion_mnist_vdvae.py"
+  assert report.earlier_report(str(out))["depth"][1] == [
+    dict(depth_rows[0], command=f"{command} --cases depth")
+  ]
+  assert "old eval text" in text  # its rows name a command but cannot draw it again
+  assert "Kept from an earlier report: vdvae, eval." in text
+  assert "except rows measured before rows carried it (in vdvae, eval)" in text
+
+
+def fake_rows(cmd):
+  """What each command of `make bench` prints, in fields the report reads (no measurement)."""
+  argv = [str(c) for c in cmd]
+  flags = dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+  cases = argv[argv.index("--cases") + 1].split(",") if "--cases" in argv else None
+  step = dict(
+    model="vdvae" if "vdvae" in " ".join(argv) else "conv" if "conv" in " ".join(argv) else "mlp",
+    num_devices=1,
+    steps_per_dispatch=4,
+    scan_unroll=4,
+    compile_s=2.0,
+    step_ms=10.0,
+    examples_per_s=100.0,
+    limit_examples_per_s=300,
+    flops_per_example=8e6,
+    mfu=0.3,
+    cpu="Test CPU",
+  )
+  if "peer_mlp_vae.py" in argv[1]:
+    return [dict(impl=argv[2], examples_per_s=90)]
+  if "torch_" in argv[1]:
+    return [dict(impl="torch_conv" if "conv" in argv[1] else "torch_vdvae", examples_per_s=80)]
+  if "--aot" in argv:
+    mesh = flags.get("--mesh", "data")
+    return [
+      dict(
+        num_devices=int(flags["--devices"]),
+        mesh=mesh,
+        remat="--config.model.remat=True" in argv,
+        batch_size=int(flags.get("--config.batch_size", 32)),
+        parameters=1e8,
+        flops_per_example=1e11,
+        per_device_parameter_gib=0.4,
+        per_device_optimizer_gib=0.8,
+        per_device_ema_gib=0.4,
+        compile_s=80.0,
+        image_shape=[64, 64, 3],
+      )
+    ]
+  if cases is None:  # the default bench cases
+    return [dict(step, case=c) for c in ("default", "dispatch", "scaling")]
+  if cases == ["profile"]:
+    kinds = {"convolution": 5.0, "dot": 3.0}
+    return [
+      dict(
+        case="profile",
+        steps=4,
+        threads=2,
+        busy_ms_per_step=8.0,
+        wall_ms_per_step=9.0,
+        ms_per_step_by_kind=kinds,
+        share_by_kind={"convolution": 0.6, "dot": 0.4},
+        heaviest=[dict(op="convolution.1", shape="f32[8]", ms_per_step=1.0)],
+      )
+    ]
+  if cases == ["eval"]:
+    keys = ("num_importance_samples", "num_examples", "seconds", "flop_limit_seconds")
+    keys += ("ratio_to_limit", "iwae_seconds_per_1000", "ais_steps", "ais_chains")
+    return [dict(dict.fromkeys(keys, 1), ais_leapfrog=5, ais_seconds_per_1000=2.0, case="eval")]
+  if cases == ["depth"]:
+    return [dict(depth=d, scan_blocks="scan", remat=False, compile_s=1.0) for d in (4, 16)]
+  return [dict(step, case=c) for c in cases]
+
+
+def generated_tables(text):
+  """[(header cells, row cells, the line after the table)] of every table above the raw rows."""
+  lines, tables = text.split("## Raw results")[0].splitlines(), []
+  for i, line in enumerate(lines):
+    if line.startswith("|---"):
+      header = [c.strip() for c in lines[i - 1].strip("|").split("|")]
+      end = next(j for j in range(i + 1, len(lines) + 1) if not lines[j].startswith("| "))
+      rows = [[c.strip() for c in row.strip("|").split("|")] for row in lines[i + 1 : end]]
+      tables += [(header, rows, lines[end + 1])]
+  return tables
+
+
+def test_every_row_of_every_generated_table_names_the_command_that_measured_it(
+  tmp_path, monkeypatch
+):
+  """Issue 33: BENCHMARKS.md is generated with the command of every row. A table's rows name
+  their commands in a `command` column, or one line under the table when one command measured
+  them all; each raw row carries it too, and a later `--parts` run draws a kept section again
+  from those raw rows, commands included."""
+  report, ran = load_script("report"), []
+  monkeypatch.setattr(
+    report, "run_json_lines", lambda cmd, env=None: ran.append(cmd) or fake_rows(cmd)
+  )
+  monkeypatch.setattr(
+    report,
+    "trainer_throughput",
+    lambda config: dict(examples_per_s=120.0, steps=100, train_phase_s=2.0, process_wall_s=3.0),
+  )
+  out, cache = tmp_path / "BENCHMARKS.md", str(tmp_path / "cache.jsonl")
+  argv = ["report.py", "--out", str(out), "--cache", cache, "--rounds", "2"]
+  monkeypatch.setattr(sys, "argv", argv)
+  report.main()
+  commands = {report.shown(cmd) for cmd in ran}
+  commands |= {
+    report.shown(report.trainer_command(c))
+    for c in (report.PEER_PROTOCOL_CONFIG, report.DEFAULT_CONFIG)
+  }
+
+  def check(text):
+    tables = generated_tables(text)
+    assert len(tables) == 8  # mlp, conv and its profile, vdvae and its profile, depth, aot, cases
+    for header, rows, after in tables:
+      if header[-1] == "command":
+        shown = [row[-1] for row in rows]
+      else:
+        assert after.startswith("Command: "), header
+        shown = [after.removeprefix("Command: ")] * len(rows)
+      assert rows and all(s.strip("`") in commands for s in shown), (header, shown)
+    for part, (_, rows) in report.earlier_report(str(out)).items():
+      assert all(r["command"] in commands for r in rows), part
+    assert "0.64x" not in text and "65 MB" not in text and "docs/performance.md" in text
+    eval_section = text.split("## The final evaluation")[1].split("\n## ")[0]
+    assert "Command: `.venv/bin/python benchmarks/cases.py" in eval_section
+    effvdvae = next(line for line in text.splitlines() if "Efficient-VDVAE's binarized" in line)
+    assert "torch_vdvae.py --config effvdvae" in effvdvae and "fashion_mnist_effvdvae" in effvdvae
+
+  text = out.read_text()
+  check(text)
+  assert "by an earlier report" not in text
+  # A later sitting measures only the depth: every other section is drawn again from its raw
+  # rows, with their commands, and keeps the date it was measured.
+  monkeypatch.setattr(sys, "argv", [*argv, "--parts", "depth", "--fresh"])
+  report.main()
+  again = out.read_text()
+  check(again)
+  assert (
+    again.count(", by an earlier report._") == 5 and "Kept from an earlier report: mlp," in again
+  )
+  assert "_Drawn from the raw rows of the MLP and conv sections" in again
