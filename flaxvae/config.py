@@ -4,11 +4,16 @@
 settings.resolve runs it on the typed settings of a ConfigDict. `migrate(saved)` turns a
 config written by an earlier flaxvae into today's keys, so old checkpoints load;
 `with_defaults` reads it as a ConfigDict, which settings.resolve then resolves.
+
+A saved config cannot be edited (it is part of a checkpoint), so `with_defaults` drops, with
+one warning, the keys today's defaults lack (a typo an earlier flaxvae accepted, a setting since
+removed) instead of refusing the checkpoint; config files and overrides stay strict.
 """
 
 import functools
 import importlib.metadata
 import json
+import logging
 
 import jax.numpy as jnp
 import ml_collections
@@ -25,6 +30,11 @@ OBJECTIVES = ("elbo", "iwae")
 FREE_BITS_GROUPS = ("unit", "layer")
 # data.binarization (flaxvae 0.1) became data.protocol.
 BINARIZATION_TO_PROTOCOL = {"none": "grey", "dynamic": "binarized", "static": "static_binarized"}
+# Keys only a saved config has (checkpoints, config.json): the version that wrote it and the
+# image shape it trained on. Optional: a config file has neither.
+STAMPS = ("flaxvae_version", "image_shape")
+
+log = logging.getLogger("flaxvae")
 
 
 def likelihood_of(objective):
@@ -158,21 +168,29 @@ def migrate(saved: dict) -> dict:
 
 
 def with_defaults(saved: dict):
-  """A saved config (JSON, any flaxvae version) as a ConfigDict on top of today's defaults."""
+  """A saved config (JSON, any flaxvae version) as a ConfigDict on top of today's defaults.
+  Keys the defaults lack are dropped with one warning naming them (see the module docstring)."""
   saved = migrate(saved)
   config = defaults.base_config()
   model_name = saved.get("model", {}).get("name", config.model.name)
+  dropped = []
   with config.unlocked():
     config.model = defaults.model_config(model_name)
 
-    def merge(target, values):
+    def merge(target, values, prefix):
       for key, value in values.items():
-        if isinstance(value, dict) and isinstance(target.get(key), ml_collections.ConfigDict):
-          merge(target[key], value)
+        if key not in target and not (prefix == "" and key in STAMPS):
+          dropped.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(target.get(key), ml_collections.ConfigDict):
+          merge(target[key], value, f"{prefix}{key}.")
         else:
           target[key] = tuple(value) if isinstance(value, list) else value
 
-    merge(config, saved)
+    merge(config, saved, "")
+  if dropped:
+    log.warning(
+      "the saved config has keys this flaxvae does not know, ignored: %s", ", ".join(dropped)
+    )
   return config
 
 

@@ -10,20 +10,21 @@ config, and cannot write into it.
 The mapping is strict both ways: a key with no field (a typo in a config file, a key renamed
 here) or a field with no key (a config not built on defaults.base_config()) is a ConfigError
 when the config is resolved, never a setting that silently falls back to a default. A saved
-config also carries the stamps of STAMPS. A variant of a section is `dataclasses.replace`:
-`flaxvae evaluate --log_px_estimator=ais` evaluates with a replaced eval section.
+config also carries the stamps of STAMPS; the keys it has that today's defaults lack were
+dropped, with a warning, by config.with_defaults (a checkpoint cannot be edited). A variant
+of a section is `dataclasses.replace`: `flaxvae evaluate --log_px_estimator=ais` evaluates
+with a replaced eval section.
 """
 
 import dataclasses
 import difflib
+import typing
 from typing import Any
 
 from flaxvae import config as config_lib
 from flaxvae.errors import ConfigError
 
-# Keys only a saved config has (checkpoints, config.json): the version that wrote it and the
-# image shape it trained on. Optional: a config file has neither.
-STAMPS = ("flaxvae_version", "image_shape")
+STAMPS = config_lib.STAMPS  # the keys only a saved config has; optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,7 @@ def _section(cls, node, prefix):
       "build config files on flaxvae.defaults.base_config()"
     )
   fields = dataclasses.fields(cls)
+  types = typing.get_type_hints(cls)  # classes even where annotations are strings
   names = [f.name for f in fields]
   for key in node.keys():
     if key not in names:
@@ -216,10 +218,10 @@ def _section(cls, node, prefix):
         "flaxvae.defaults.base_config(), which holds every key with its default"
       )
     value = node[f.name]
-    if f.type is ModelSettings:
+    if types[f.name] is ModelSettings:
       value = resolve_model(value)
-    elif dataclasses.is_dataclass(f.type):
-      value = _section(f.type, value, f"{prefix}{f.name}.")
+    elif dataclasses.is_dataclass(types[f.name]):
+      value = _section(types[f.name], value, f"{prefix}{f.name}.")
     values[f.name] = _frozen(value)
   return cls(**values)
 

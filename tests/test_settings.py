@@ -12,6 +12,7 @@ from flaxvae import defaults, models, settings
 from flaxvae.errors import ConfigError
 from flaxvae.models.registry import MODELS
 from flaxvae.train import step as step_lib
+from flaxvae.train import trainer
 from tests.conftest import load_config, set_keys, tiny_config
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py"))
@@ -110,6 +111,39 @@ def test_a_saved_config_of_an_earlier_version_resolves_with_its_stamps():
   assert resolved.flaxvae_version == "0.1.0" and resolved.image_shape == (28, 28, 1)
   assert resolved.data.protocol == "binarized"
   assert settings.resolve(defaults.base_config()).flaxvae_version is None
+
+
+def test_a_saved_config_with_a_key_flaxvae_lacks_loads_with_a_warning(caplog):
+  """A checkpoint cannot be edited: a key an earlier flaxvae accepted (a typo, a setting since
+  removed) is dropped with one warning naming it, where a config file's would be an error."""
+  saved = json.loads(defaults.base_config().to_json_best_effort())
+  saved["eval"]["log_px_estimtor"] = "ais"
+  saved["removed_setting"] = 1
+  with caplog.at_level("WARNING", logger="flaxvae"):
+    resolved = settings.resolve(config_lib.with_defaults(saved))
+  assert resolved.eval.log_px_estimator == "iwae"
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1
+  assert "eval.log_px_estimtor" in warnings[0] and "removed_setting" in warnings[0]
+
+
+def test_train_refuses_resolved_settings_in_one_line():
+  with pytest.raises(ConfigError, match="train\\(\\) takes the ConfigDict") as e:
+    trainer.train(settings.resolve(defaults.base_config()), "/nonexistent")
+  assert "\n" not in str(e.value)
+
+
+def test_sections_resolve_under_string_annotations():
+  """A dataclass whose annotations are strings (`from __future__ import annotations`) still
+  resolves its sections: _section reads the types with typing.get_type_hints."""
+
+  @dataclasses.dataclass(frozen=True)
+  class Outer:
+    eval: "settings.EvalSettings"
+
+  config = defaults.base_config()
+  resolved = settings._section(Outer, {"eval": config.eval}, "")
+  assert isinstance(resolved.eval, settings.EvalSettings)
 
 
 def test_step_config_sets_every_field_from_its_setting():

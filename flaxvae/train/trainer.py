@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from flaxvae import config as config_lib
 from flaxvae import console
 from flaxvae import settings as settings_lib
-from flaxvae.errors import DeviceTimeout, Diverged
+from flaxvae.errors import ConfigError, DeviceTimeout, Diverged
 from flaxvae.eval import evaluation, sampling
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.run import Run
@@ -96,6 +96,11 @@ def train(config, workdir, dataset=None):
   # Setup: every check that can refuse the run happens here, before anything
   # in the workdir is written (a refused resume leaves it exactly as it was).
   # --------------------------------------------------------------------------
+  if isinstance(config, settings_lib.Settings):  # it must write the ConfigDict out, below
+    raise ConfigError(
+      "train() takes the ConfigDict (it saves it with the run), not resolved Settings: pass "
+      "the config that settings.resolve was given"
+    )
   settings = settings_lib.resolve(config)
   run = Run(settings, dataset)
   runner = run.runner
