@@ -73,12 +73,21 @@ def _parse(argv, define, positional=0):
 
 
 def _config_path(argv):
+  return _config_spec(argv)[0]
+
+
+def _config_spec(argv):
+  """(path, arg) of `--config path[:arg]`; (None, None) without --config."""
   for i, arg in enumerate(argv):
     if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1].split(":", 1)[0]
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1].split(":", 1)[0]
-  return None
+      spec = argv[i + 1]
+    elif arg.startswith("--config="):
+      spec = arg.split("=", 1)[1]
+    else:
+      continue
+    path, _, config_arg = spec.partition(":")
+    return path, config_arg or None
+  return None, None
 
 
 def _check_config_flags(argv):
@@ -108,17 +117,14 @@ def _flat_keys(config, prefix=""):
 
 def _config_key_error(argv, error):
   """'unknown config key X; did you mean Y' for a --config.X override naming no key."""
-  path = _config_path(argv)
+  path, config_arg = _config_spec(argv)
   overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
   if path is None or not overrides:
     return None
-  import importlib.util  # noqa: PLC0415  (only to explain a bad override)
+  from flaxvae import defaults, settings  # noqa: PLC0415  (only to explain a bad override)
 
-  spec = importlib.util.spec_from_file_location("_flaxvae_config", path)
-  module = importlib.util.module_from_spec(spec)
   try:
-    spec.loader.exec_module(module)
-    known = _flat_keys(module.get_config())
+    known = _flat_keys(defaults.load_config_file(path, config_arg))
   except Exception:  # the file itself is broken: absl's own message says more
     return None
   for key in overrides:
@@ -126,15 +132,7 @@ def _config_key_error(argv, error):
       continue
     if key in RENAMED_KEYS:
       return f"config key {key} was renamed: use {RENAMED_KEYS[key]}"
-    close = difflib.get_close_matches(key, known, n=3)
-    section = key.rpartition(".")[0]
-    siblings = [k for k in known if k.rpartition(".")[0] == section]
-    return (
-      f"unknown config key {key!r} in --config.{key}: "
-      + (f"did you mean {' or '.join(close)}? " if close else "")
-      + f"keys {('under ' + section) if section else 'at the top'}: "
-      + ", ".join(k.rpartition(".")[2] for k in siblings)
-    )
+    return settings.unknown_key_message(key, known, where=f" in --config.{key}")
   return f"{one_line(error)}"
 
 

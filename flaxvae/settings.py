@@ -189,6 +189,20 @@ def resolve_model(model_config) -> ModelSettings:
   )
 
 
+def unknown_key_message(key, known, where=""):
+  """The one wording of an unknown dotted config `key` (config files, --config. overrides):
+  the closest of the dotted keys `known`, and the keys of its section."""
+  close = difflib.get_close_matches(key, known, n=3)
+  section = key.rpartition(".")[0]
+  siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == section]
+  return (
+    f"unknown config key {key!r}{where}: "
+    + (f"did you mean {' or '.join(close)}? " if close else "")
+    + f"keys {('under ' + section) if section else 'at the top'}: "
+    + ", ".join(siblings)
+  )
+
+
 def _section(cls, node, prefix):
   """`cls` from the keys of `node`, field by field: none left over, none missing."""
   if not hasattr(node, "keys"):
@@ -201,13 +215,8 @@ def _section(cls, node, prefix):
   names = [f.name for f in fields]
   for key in node.keys():
     if key not in names:
-      close = difflib.get_close_matches(key, names, n=1)
-      raise ConfigError(
-        f"unknown config key {prefix}{key}: flaxvae has no such setting; "
-        + (f"did you mean {prefix}{close[0]}? " if close else "remove it. ")
-        + f"keys {('under ' + prefix[:-1]) if prefix else 'at the top'}: "
-        + ", ".join(n for n in names if n not in STAMPS)
-      )
+      known = [prefix + n for n in names if n not in STAMPS]
+      raise ConfigError(unknown_key_message(prefix + key, known))
   values = {}
   for f in fields:
     if f.name not in node:

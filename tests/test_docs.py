@@ -16,6 +16,7 @@ import shlex
 
 import pytest
 
+from flaxvae import defaults
 from flaxvae.cli import main
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -143,10 +144,7 @@ def test_commands_shown_parse():
 
 def _load_config(spec):
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("shown_config", REPO / path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return defaults.load_config_file(str(REPO / path), arg or None)
 
 
 def _has_key(config, dotted):

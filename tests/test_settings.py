@@ -70,8 +70,8 @@ def test_a_key_with_no_field_is_an_error_naming_it():
     config.eval.log_px_estimtor = "ais"  # a typo: it would silently do nothing
   with pytest.raises(
     ConfigError,
-    match=r"unknown config key eval\.log_px_estimtor: .*did you "
-    r"mean eval\.log_px_estimator\?",
+    match=r"unknown config key 'eval\.log_px_estimtor': .*did you "
+    r"mean eval\.log_px_estimator\b",
   ) as e:
     settings.resolve(config)
   assert "\n" not in str(e.value)
