@@ -175,10 +175,12 @@ def test_config_overrides_shown_are_keys_of_their_config():
 def test_equal_wall_time_figure_draws_every_row(tmp_path, monkeypatch):
   """docs/figures/quality_nll_vs_wall.png (benchmarks/results.py) has a mark for every row of
   RESULTS.md's equal-wall-time table, in its protocol's panel: rows whose curves were lost
-  still appear by their final evaluation."""
+  still appear by their final evaluation. It reads the records git keeps (stored_record):
+  results.record would rewrite them from any run dir present, and a test must not."""
   spec = importlib.util.spec_from_file_location("results", REPO / "benchmarks" / "results.py")
   results = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(results)
+  monkeypatch.setattr(results, "record", results.stored_record)
   drawn = []
   monkeypatch.setattr(results.report.plt, "close", drawn.append)
   results.quality_figure(str(tmp_path / "quality.png"))
