@@ -13,7 +13,6 @@ them.
 
 import dataclasses
 import json
-import logging
 import os
 
 import jax
@@ -32,17 +31,6 @@ from flaxvae.run import Run
 from flaxvae.train import checkpoint as checkpoint_lib
 
 
-class _NoReadOnlyNotice(logging.Filter):
-  """Orbax warns "Given directory is read only" whenever a CheckpointManager opens read-only,
-  which loading a finished run always does: nothing is wrong, so users do not see it."""
-
-  def filter(self, record):
-    return not str(record.msg).startswith("Given directory is read only")
-
-
-_NO_READ_ONLY_NOTICE = _NoReadOnlyNotice()
-
-
 def _checkpoint_manager(workdir):
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
@@ -50,7 +38,6 @@ def _checkpoint_manager(workdir):
       f"no checkpoints in {directory}: train first "
       "(flaxvae train --config ... --workdir DIR) or check --workdir"
     )
-  logging.getLogger("absl").addFilter(_NO_READ_ONLY_NOTICE)  # once: the same filter object
   manager = checkpoint_lib.read_only_manager(directory)
   if manager.latest_step() is None:
     raise CheckpointError(
@@ -109,7 +96,7 @@ class Model:
     self.run, self.params, self.step = run, jax.tree.map(jnp.asarray, params), step
     self.config, self.settings, self.likelihood = config, run.settings, run.likelihood
     self.latent_shapes = run.model.latent_shapes
-    self.capabilities = tuple(getattr(run.model, "CAPABILITIES", ()))
+    self.capabilities = contract.capabilities(run.model)
 
     merge = run.model_with
 

@@ -33,7 +33,9 @@ in eval.json); each capability needs the methods of its protocol:
 
 The registry checks a model class against these when it registers (`check_model_class`), so a
 model that lacks a method fails on import with one line, not in the middle of an evaluation.
-A model may narrow its class's capabilities per instance (an IAF posterior has no closed form).
+The check reads the class, not an instance: `latent_shapes` must be a property (or a class
+attribute), not an attribute set in `__init__`. A model may narrow its class's capabilities per
+instance (an IAF posterior has no closed form); `capabilities(model)` reads them.
 """
 
 from typing import NamedTuple, Protocol
@@ -83,7 +85,8 @@ class VAE(Protocol):
 
   @property
   def latent_shapes(self) -> tuple:
-    """Per-layer shapes of the latents, top first."""
+    """Per-layer shapes of the latents, top first: a property or class attribute, which the
+    registry's check of the class can see (one set in `__init__` fails registration)."""
 
   def terms(self, x, noise: Noise) -> Terms:
     """The per-sample terms of `noise.num_samples` posterior samples (see the module doc)."""
@@ -157,7 +160,7 @@ def check_model_class(name, cls):
       f"{what} lacks {', '.join(lacking)} of the model contract "
       "(flaxvae/models/contract.py VAE): implement them"
     )
-  declared = getattr(cls, "CAPABILITIES", ())
+  declared = capabilities(cls)
   unknown = [c for c in declared if c not in CAPABILITY_PROTOCOLS]
   if unknown:
     raise ModelContractError(
@@ -174,5 +177,10 @@ def check_model_class(name, cls):
   return cls
 
 
+def capabilities(model):
+  """The capabilities a model (or model class) declares in CAPABILITIES, as a tuple."""
+  return tuple(getattr(model, "CAPABILITIES", ()))
+
+
 def has(model, capability):
-  return capability in getattr(model, "CAPABILITIES", ())
+  return capability in capabilities(model)
