@@ -43,3 +43,48 @@ def test_from_key_draws_every_layer_from_its_own_stream():
     noise.normal(1, SHAPE), jax.random.normal(jax.random.fold_in(key, 1), (2, 3, *SHAPE))
   )
   assert not np.array_equal(noise.normal(0, SHAPE), noise.normal(1, SHAPE))
+
+
+# -- the exact draws: a changed stream offset or fold order changes every trained result -------
+def test_per_global_batch_draws_layer_l_from_stream_1_plus_l_and_uniforms_from_stream_0():
+  """Layer l: normal(fold_in(key, 1 + l), [k, global batch, *shape]), each device its rows;
+  dynamic binarization: uniform(fold_in(key, 0), [global batch, *event])."""
+  key, local_batch, devices, num_samples = jax.random.key(3), 2, 3, 2
+  per_device = _per_device(key, local_batch, devices, num_samples)
+  for layer in (0, 2):
+    drawn = per_device(lambda noise, layer=layer: noise.normal(layer, SHAPE))
+    expected = jax.random.normal(
+      jax.random.fold_in(key, 1 + layer), (num_samples, local_batch * devices, *SHAPE)
+    )
+    for device in range(devices):
+      rows = slice(device * local_batch, (device + 1) * local_batch)
+      np.testing.assert_array_equal(drawn[device], expected[:, rows])
+  uniform = per_device(lambda noise: noise.uniform(SHAPE))
+  np.testing.assert_array_equal(
+    uniform.reshape(local_batch * devices, *SHAPE),
+    jax.random.uniform(jax.random.fold_in(key, 0), (local_batch * devices, *SHAPE)),
+  )
+
+
+def test_per_example_draws_sample_i_of_layer_l_from_its_example_key():
+  """Sample i, layer 0: normal(fold_in(k, i)); layer l > 0: normal(fold_in(fold_in(k, i), l))."""
+  keys = jax.random.split(jax.random.key(4), 3)
+  index = jnp.array([0, 5])
+  for layer in (0, 1, 3):
+    drawn = NoiseSource.per_example(keys, index).normal(layer, SHAPE)  # [2, 3, 4]
+    for n, i in enumerate(index):
+      for b, example_key in enumerate(keys):
+        sample_key = jax.random.fold_in(example_key, i)
+        if layer:
+          sample_key = jax.random.fold_in(sample_key, layer)
+        np.testing.assert_array_equal(drawn[n, b], jax.random.normal(sample_key, SHAPE))
+
+
+def test_from_key_draws_layer_l_from_fold_in_key_l():
+  key = jax.random.key(5)
+  noise = NoiseSource.from_key(key, 3, num_samples=2)
+  for layer in (0, 2):
+    np.testing.assert_array_equal(
+      noise.normal(layer, SHAPE),
+      jax.random.normal(jax.random.fold_in(key, layer), (2, 3, *SHAPE)),
+    )
