@@ -1,8 +1,9 @@
 """The private JAX APIs flaxvae relies on, each behind one function, where JAX has no public
 way to ask.
 
-tests/runtime/test_jax_private.py checks each against what it must answer, so a JAX release
-that moves one fails a test instead of silently turning a guard off.
+tests/runtime/test_process_defaults.py::test_the_private_jax_calls_still_answer_what_they_must
+checks each against what it must answer, so a JAX release that moves one fails a test instead of
+silently turning a guard off.
 """
 
 import sys
