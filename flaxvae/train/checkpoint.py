@@ -52,6 +52,7 @@ import time
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from flaxvae import config as config_lib
@@ -181,6 +182,7 @@ class Checkpointer:
     self._manager = None
     self.last_blocked_s = 0.0  # how long the last save() held up the caller
     self._closed = False
+    self._damaged = []  # steps restore_latest skipped, set aside once the run may write
 
   @property
   def manager(self):
@@ -193,9 +195,12 @@ class Checkpointer:
     return self._manager
 
   def start_writing(self):
-    """Creates the checkpoint directory (once every start-up check has passed)."""
+    """Creates the checkpoint directory and sets damaged steps aside (once every start-up check
+    has passed, so a refused run leaves the workdir as it was)."""
     if self._manager is None:
       self._manager = _open_manager(self.directory, self._options)
+    self._set_aside(self._damaged)
+    self._damaged = []
 
   def check_writable(self):
     """Fails at start, not at the first save, when the workdir cannot take checkpoints."""
@@ -300,9 +305,11 @@ class Checkpointer:
     """(step, state, data_state, config_json) of the newest readable step, or None if none.
 
     `current_config` (resolved JSON) is checked against each step's saved config first, so a
-    refused change raises ConfigError before any array is read. Unreadable steps are skipped
-    by `newest_readable` (the readers' fallback too) and then set aside (renamed, never
-    deleted), so the next save, which must be newer than the latest step, can proceed.
+    refused change raises ConfigError before any array is read. Damaged steps are skipped by
+    `newest_readable` (the readers' fallback too) and set aside by `start_writing` (renamed,
+    never deleted), so the next save, which must be newer than the latest step, can proceed.
+    A step that fails to read without damage to its files (another model's shapes, another
+    flaxvae's tree, memory, I/O) is a CheckpointError: it is never set aside.
     """
 
     def read(step):
@@ -320,8 +327,9 @@ class Checkpointer:
       read,
       none_left="no earlier checkpoint: starting from scratch",
       required=False,
+      skip_only_damage=True,
     )
-    self._set_aside(skipped)
+    self._damaged = skipped
     return None if step is None else (step, *restored)
 
   def _set_aside(self, steps):
@@ -334,6 +342,8 @@ class Checkpointer:
         src = os.path.join(self.directory, str(step))
         if os.path.isdir(src):
           os.rename(src, f"{src}.unreadable-{stamp}")
+    if jax.process_count() > 1:  # every process lists the steps after process 0 renamed them
+      multihost_utils.sync_global_devices("flaxvae: damaged checkpoints set aside")
     self.manager.reload()
 
 
@@ -341,25 +351,35 @@ class Checkpointer:
 ITEMS = ("state", "data", "config")
 
 
-class _MissingMetadataNotice(logging.Filter):
-  """Orbax's own line for a step folder without its metadata file, printed when a manager lists
-  its steps: the warning of `newest_readable`, naming the step and why it is skipped, says it
-  instead (and a step that only lacks that file still reads)."""
+class _OrbaxNotices(logging.Filter):
+  """Orbax's lines that say nothing is wrong, or that flaxvae says better: "Metadata file does
+  not exist" for a step folder without it, printed when a manager lists its steps (the warning
+  of `newest_readable` names the step and why it is skipped, and a step that only lacks that
+  file still reads), and "Given directory is read only", printed whenever a reader opens a
+  finished run."""
+
+  QUIET = ("Metadata file does not exist", "Given directory is read only")
 
   def filter(self, record):
-    return not str(record.msg).startswith("Metadata file does not exist")
+    return not str(record.msg).startswith(self.QUIET)
 
 
-_MISSING_METADATA_NOTICE = _MissingMetadataNotice()
+_ORBAX_NOTICES = _OrbaxNotices()
 
 
 def _open_manager(directory, options):
-  logging.getLogger("absl").addFilter(_MISSING_METADATA_NOTICE)  # once: the same filter object
+  logging.getLogger("absl").addFilter(_ORBAX_NOTICES)  # once: the same filter object
   return ocp.CheckpointManager(directory, options=options)
 
 
 def newest_readable(
-  directory, steps, read, step=None, none_left="no earlier checkpoint", required=True
+  directory,
+  steps,
+  read,
+  step=None,
+  none_left="no earlier checkpoint",
+  required=True,
+  skip_only_damage=False,
 ):
   """(step, read(step), skipped steps) for the newest of `steps` that `read` opens.
 
@@ -367,9 +387,11 @@ def newest_readable(
   folder) is skipped with one warning line naming it, why, and the step tried next. With
   `step`, only that one is tried, and an absent or unreadable one is a CheckpointError. When
   none can be read: a CheckpointError if `required` (readers), else (None, None, skipped)
-  (the trainer starts from scratch). Nothing in `directory` is changed here: only the
-  trainer sets unreadable steps aside. Errors flaxvae raises on purpose (a refused config
-  change, data that is missing) are not damage and pass through.
+  (the trainer starts from scratch). With `skip_only_damage` (the trainer, which sets skipped
+  steps aside) a step that fails without damage to its files is a CheckpointError instead of
+  skipped. Nothing in `directory` is changed here: only the trainer sets damaged steps
+  aside. Errors flaxvae raises on purpose (a refused config change, data that is missing) are
+  not damage and pass through.
   """
   steps = sorted(steps, reverse=True)
   if step is not None:
@@ -382,7 +404,7 @@ def newest_readable(
     except FlaxvaeError:
       raise
     except Exception as e:  # whatever orbax, tensorstore or the OS raised: this step is damaged
-      why = why_unreadable(directory, step, e)
+      why, _ = why_unreadable(directory, step, e)
       raise CheckpointError(
         f"checkpoint step {step} in {directory} is unreadable ({why}): choose another --step "
         f"(steps there: {sorted(steps)}), or leave --step out to use the newest readable "
@@ -394,13 +416,20 @@ def newest_readable(
       return candidate, read(candidate), skipped
     except FlaxvaeError:
       raise
-    except Exception as e:  # whatever orbax, tensorstore or the OS raised: this step is damaged
+    except Exception as e:  # whatever orbax, tensorstore or the OS raised
+      why, damaged = why_unreadable(directory, candidate, e)
+      if skip_only_damage and not damaged:
+        raise CheckpointError(
+          f"checkpoint step {candidate} in {directory} could not be read ({why}), and its files "
+          "look intact, so it is left as it is: resume with the config and flaxvae version "
+          "that wrote it, or use a new --workdir"
+        ) from None
       fallback = steps[i + 1] if i + 1 < len(steps) else None
       log.warning(
         "checkpoint step %d in %s is unreadable (%s); %s",
         candidate,
         directory,
-        why_unreadable(directory, candidate, e),
+        why,
         f"falling back to step {fallback}" if fallback is not None else none_left,
       )
       skipped.append(candidate)
@@ -421,27 +450,36 @@ def newest_readable(
   return None, None, skipped
 
 
+# What tensorstore says of a file cut short or garbled, and of a NaN a step was saved with.
+_DAMAGE_MARKS = ("OUT_OF_RANGE", "DATA_LOSS", "NaN or inf")
+
+
 def why_unreadable(directory, step, error):
-  """What is wrong with checkpoint `step`, in a few words: a missing piece if one is missing,
-  else the innermost error (a truncated file shows as OUT_OF_RANGE or DATA_LOSS)."""
+  """(what is wrong with checkpoint `step` in a few words, whether its files are damaged): a
+  missing piece if one is missing, else the innermost error. Damage is a missing piece, a file
+  cut short or garbled, or an item that is not JSON; anything else (another model's shapes,
+  another flaxvae's tree, memory, I/O) leaves the files as they were written."""
   step_dir = os.path.join(directory, str(step))
   if not os.path.isdir(step_dir):
-    return "its folder is gone (deleted while it was read?)"
+    return "its folder is gone (deleted while it was read?)", True
   if not os.listdir(step_dir):
-    return "its folder is empty"
+    return "its folder is empty", True
   missing = [item for item in ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
   if missing:
-    return f"item(s) {', '.join(missing)} missing"
+    return f"item(s) {', '.join(missing)} missing", True
   for item, name in (("state", "_METADATA"), ("config", "metadata"), ("data", "metadata")):
     if not os.path.exists(os.path.join(step_dir, item, name)):
-      return f"its {item} item lacks its {name} file"
+      return f"its {item} item lacks its {name} file", True
+  not_json = False
   while error.__cause__ is not None:  # orbax wraps tensorstore's error, which names the file
+    not_json = not_json or isinstance(error, json.JSONDecodeError)
     error = error.__cause__
+  not_json = not_json or isinstance(error, json.JSONDecodeError)
   text = re.sub(r' in OCDBT database at local file "[^"]*"', "", str(error))  # the step's path
   text = one_line(text or type(error).__name__, 200)
   if "OUT_OF_RANGE" in text or "DATA_LOSS" in text:
     text = f"a file is truncated or corrupt: {text}"
-  return text
+  return text, not_json or any(mark in text for mark in _DAMAGE_MARKS)
 
 
 def read_only_manager(directory):

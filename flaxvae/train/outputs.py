@@ -38,17 +38,16 @@ def is_writer():
 class MetricWriter:
   """Appends one JSON object per row to metrics.jsonl and mirrors scalars to TensorBoard."""
 
-  def __init__(self, workdir, resumed_from=None):
+  def __init__(self, workdir, resumed_from):
     """`resumed_from`: the step a (re)started run continues from (0 from scratch); rows and
     TensorBoard events logged beyond it by an earlier, killed run are superseded."""
     self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
     if is_writer():
       events, purge_step = os.path.join(workdir, "tensorboard"), None
-      if resumed_from is not None:
-        settle_metrics(self.path, resumed_from)
-        if resumed_from or (os.path.isdir(events) and os.listdir(events)):
-          purge_step = resumed_from + 1 if resumed_from else 0
+      settle_metrics(self.path, resumed_from)
+      if resumed_from or (os.path.isdir(events) and os.listdir(events)):
+        purge_step = resumed_from + 1 if resumed_from else 0
       self._tb = SummaryWriter(events, flush_secs=30, purge_step=purge_step)
 
   def write(self, step, row, split="train"):
@@ -106,9 +105,11 @@ def _torn_warning(path, numbers, action):
 
 
 def settle_metrics(path, resumed_from):
-  """Readies metrics.jsonl for a run resuming from step `resumed_from` (0: from scratch):
-  torn lines are dropped and rows logged past that step marked superseded, with a warning
-  each; the file is rewritten atomically (temporary file, then rename), and only if needed."""
+  """Readies metrics.jsonl for a run resuming from step `resumed_from` (0: from scratch): a torn
+  last line (a write a kill cut short) is dropped and rows logged past that step are marked
+  superseded, with a warning each; the file is rewritten atomically (temporary file, then
+  rename), and only if needed. An unparseable line before the last is kept as it is (readers
+  skip it with a warning): only the last line can be a write in progress."""
   try:
     with open(path) as f:
       text = f.read()
@@ -120,9 +121,12 @@ def settle_metrics(path, resumed_from):
       "then rerun the same command"
     ) from None
   kept, torn, superseded = [], [], 0
-  for number, line, row in _parse(text):
-    if row is None:
+  parsed = _parse(text)
+  for number, line, row in parsed:
+    if row is None and number == parsed[-1][0]:
       torn.append(number)
+    elif row is None:
+      kept.append(line)
     elif not row.get("superseded") and (resumed_from == 0 or row.get("step", 0) > resumed_from):
       kept.append(json.dumps(dict(row, superseded=True)))
       superseded += 1

@@ -136,10 +136,10 @@ def _stale_reason(holder, now, flock_granted=True):
   pid, host, heartbeat = holder["pid"], holder["host"], _heartbeat(holder, 0.0)
   same_host = host == socket.gethostname()
   if same_host and holder.get("boot_id") in (None, _boot_id()):
-    started = process_start_time(pid)
-    if started is None or not _pid_alive(pid):
+    if not _pid_alive(pid):
       return f"process {pid} no longer runs"
-    if holder.get("pid_start") not in (None, started):
+    started = process_start_time(pid)  # None without /proc: the pid alone then decides
+    if started is not None and holder.get("pid_start") not in (None, started):
       return f"process id {pid} now belongs to another process, started later"
     if not flock_granted:  # a filesystem without flock: a live pid is a live holder
       return None
@@ -201,14 +201,14 @@ class WorkdirLock:
       self._write(self._record)
     except OSError as e:
       self.release()
-      self._remove_created()
+      self.remove_created_if_empty()
       raise CheckpointError(
         f"could not lock {self.workdir} for writing ({self.path}: "
         f"{e.strerror or one_line(e)}). Fix its permissions or free space, "
         "or choose another --workdir"
       ) from None
     except BaseException:
-      self._remove_created()
+      self.remove_created_if_empty()
       raise
     self._thread = threading.Thread(target=self._beat, name="flaxvae-workdir-lock", daemon=True)
     self._thread.start()
@@ -332,9 +332,6 @@ class WorkdirLock:
 
   def remove_created_if_empty(self):
     """After a refused run: the workdir (and parents) this lock created go again if empty."""
-    self._remove_created()
-
-  def _remove_created(self):
     for path in self._created:
       with contextlib.suppress(OSError):
         os.rmdir(path)  # only ever succeeds on an empty directory

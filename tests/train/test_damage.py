@@ -116,7 +116,6 @@ DAMAGES = {
   "second_writer": hold_lock,
 }
 
-FALLBACK = "is unreadable"  # each skipped step's warning: "checkpoint step N in DIR is unreadable"
 OK = (0, None)
 # damage -> command -> (exit status, a text stderr must hold). Commands not named: OK.
 OUTCOMES = {
@@ -280,6 +279,17 @@ def test_read_metrics_skips_a_torn_line_with_a_warning(tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger="flaxvae"):
     assert outputs.read_metrics(str(tmp_path)) == [{"step": 1, "split": "train"}]
   assert "line 2 is not a complete JSON row" in caplog.text
+
+
+def test_a_resume_drops_only_a_torn_last_line_and_keeps_earlier_garbled_ones(tmp_path, caplog):
+  """Only the last line can be a write in progress; a garbled line before it (an old run's row
+  glued to a torn one) is kept for the user to read, and readers skip it."""
+  rows = '{"step": 1, "split": "train"}\n{"step": 2, "sp{"step": 3, "split": "train"}\n'
+  (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 4, "spl')
+  with caplog.at_level(logging.WARNING, logger="flaxvae"):
+    outputs.settle_metrics(str(tmp_path / "metrics.jsonl"), resumed_from=4)
+  assert (tmp_path / "metrics.jsonl").read_text() == rows
+  assert "line 3 is not a complete JSON row" in caplog.text
 
 
 # -- the lock -------------------------------------------------------------------------------

@@ -303,8 +303,30 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(reference, tmp_p
     )
   assert step == 6 and int(state.step) == 6 and data_state["position"] == 32
   assert "step 12" in caplog.text and "falling back to step 6" in caplog.text
+  # Set aside only once the run may write: a run refused by a later check changes nothing.
+  assert (workdir / "checkpoints" / "12").is_dir()
+  checkpointer.start_writing()
   assert checkpointer.all_steps() == [6]  # 12 was set aside, not deleted
   assert list((workdir / "checkpoints").glob("12.unreadable-*"))
+  checkpointer.close()
+
+
+def test_a_step_that_does_not_fit_the_model_is_refused_not_set_aside(reference, tmp_path):
+  """Another model's shapes (a model change allowed by allow_config_change) make a step fail to
+  read with its files intact: a one-line CheckpointError, and every step stays where it was,
+  instead of being set aside as damaged and the run starting again from step 0."""
+  workdir = tmp_path / "copy"
+  shutil.copytree(reference, workdir)
+  config = tiny_config(**{"model.latent_dim": 3, "checkpoint.allow_config_change": True})
+  run = Run(config, DATASET)
+  target = checkpoint_lib.abstract_like(run.initial_state(), run.runner.sharding())
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), config.checkpoint)
+  with pytest.raises(CheckpointError, match="step 12 .* its files look intact") as refused:
+    checkpointer.restore_latest(target, config_lib.to_json(config))
+  assert "\n" not in str(refused.value) and "not compatible with the stored shape" in str(
+    refused.value
+  )
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "6"]
 
 
 @contextlib.contextmanager
