@@ -333,8 +333,12 @@ class Checkpointer:
     return None if step is None else (step, *restored)
 
   def _set_aside(self, steps):
-    """Renames unreadable steps so new saves (which must be newer than the latest) can proceed."""
-    if not steps:
+    """Renames damaged steps so new saves (which must be newer than the latest) can proceed.
+
+    Every process calls it once (start_writing), whatever it found, so the barrier of a
+    multi-process run is met by all of them even where one process skipped a step the others
+    read."""
+    if not steps and jax.process_count() == 1:
       return
     if jax.process_index() == 0:
       stamp = time.strftime("%Y%m%d-%H%M%S")
