@@ -440,10 +440,38 @@ def _configure_logging():
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _late_callback_after_a_closed_loop(unraisable):
+  """True for the error Orbax's tensorstore callbacks raise when they arrive after a failed
+  restore has closed its event loop (a checkpoint of another model's shapes, say): nothing is
+  left to do for them, and the one-line error says what went wrong."""
+  error = unraisable.exc_value
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _quiet_late_callbacks():
+  """Drops those tracebacks, and only those, from what the command prints."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _late_callback_after_a_closed_loop(unraisable):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+def _silence_teardown():
+  """After the one-line error of a failed command, the interpreter's teardown collects what an
+  aborted Orbax restore left in flight, each piece printing a traceback that says no more than
+  the line already printed: the program drops them."""
+  sys.unraisablehook = lambda unraisable: None
+
+
 def main(argv=None):
-  if argv is None:  # the program itself, not a caller in Python: defaults before JAX loads
+  program = argv is None  # the program itself, not a caller in Python
+  if program:  # defaults before JAX loads
     malloc.reexec_with_tuned_malloc(sys.argv)
     xla_flags.apply_defaults()
+    _quiet_late_callbacks()
   argv = list(sys.argv if argv is None else argv)
   _configure_logging()
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help") or argv[1] not in COMMANDS:
@@ -461,6 +489,8 @@ def main(argv=None):
     os._exit(e.exit_status)
   except FlaxvaeError as e:
     print(f"flaxvae {argv[1]}: error: {one_line(e)}", file=sys.stderr)
+    if program:
+      _silence_teardown()
     return e.exit_status
   return 0
 

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -201,3 +202,54 @@ def test_the_console_shows_no_tpu_message_without_a_tpu(tmp_path, tiny_data_dir)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "libtpu" not in result.stderr + result.stdout
   assert "devices:" in result.stderr  # flaxvae's own INFO lines still show
+
+
+def test_the_command_drops_only_late_callbacks_after_a_closed_loop(monkeypatch):
+  """A failed restore leaves Orbax's tensorstore callbacks to arrive after its event loop is
+  closed; the command does not print their tracebacks, and every other unraisable error still
+  reaches the previous hook."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  cli._quiet_late_callbacks()
+  late = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+  sys.unraisablehook(late)
+  sys.unraisablehook(other)
+  assert seen == [other]
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line_and_kept(tmp_path, tiny_data_dir):
+  """Resuming under a model change that allow_config_change lets through: the program prints
+  its one line (no traceback from the restore Orbax abandoned), exits 2, and the checkpoint
+  stays where it was, not set aside as damaged."""
+  workdir = tmp_path / "run"
+  flags = [
+    f"--config={MLP_CONFIG}",
+    f"--workdir={workdir}",
+    "--config.data.name=tiny",
+    f"--config.data.data_dir={tiny_data_dir}",
+    "--config.num_steps=4",
+    "--config.batch_size=8",
+    "--config.model.hidden=(16,)",
+    "--config.eval.final_num_importance_samples=2",
+    "--config.eval.final_num_examples=8",
+    "--config.eval.amortization_examples=0",
+  ]
+  assert cli.main(["flaxvae", "train", *flags]) == 0
+  result = subprocess.run(
+    [
+      str(FLAXVAE),
+      "train",
+      *flags,
+      "--config.model.latent_dim=3",
+      "--config.checkpoint.allow_config_change=True",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("flaxvae train: error: checkpoint step 4 in ") and "look intact" in last
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
