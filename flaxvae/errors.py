@@ -5,6 +5,7 @@ its `exit_status`.
   FlaxvaeError
     UsageError       exit 2: the user can fix it before rerunning (nothing was written)
       ConfigError      a bad config value or combination, a bad flag
+        WeightsMissing   pretrained weights (LPIPS, FID) not prepared (flaxvae/weights.py)
       DataError        missing, damaged or mismatched data
       CheckpointError  checkpoints that cannot be read or written, or do not fit this run
         WorkdirInUse     another live `flaxvae train` holds the workdir's lock
@@ -44,6 +45,11 @@ class UsageError(FlaxvaeError, ValueError):
 
 class ConfigError(UsageError):
   """A configuration problem (a bad key value, a batch that cannot be split, ...)."""
+
+
+class WeightsMissing(ConfigError):
+  """Pretrained weights a loss or metric needs are absent or unreadable; the one-line message
+  says how to prepare them (`flaxvae weights prepare NAME`) and where they are looked for."""
 
 
 class DataError(UsageError):
