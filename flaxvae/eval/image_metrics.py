@@ -92,6 +92,20 @@ def ssim(x, y, data_range=1.0):
 # ----------------------------------------------------------------------------
 # Host side, float64: streamed moments and the Frechet distance
 # ----------------------------------------------------------------------------
+def merge_moments(total, batch, product):
+  """(count, mean, centred sum of products) of two sets from each set's own (Chan et al.'s
+  parallel update): `product(d, d)` is np.outer for a scatter matrix, np.multiply for per-unit
+  sums of squares."""
+  count, mean, scatter = total
+  n, batch_mean, batch_scatter = batch
+  if count == 0:
+    return batch
+  merged = count + n
+  delta = batch_mean - mean
+  scatter = scatter + batch_scatter + product(delta, delta) * (count * n / merged)
+  return merged, mean + delta * (n / merged), scatter
+
+
 class StreamingMoments:
   """Mean and covariance of feature vectors given a batch at a time, in float64 on the host.
 
@@ -111,15 +125,9 @@ class StreamingMoments:
       return self
     batch_mean = features.mean(axis=0)
     centred = features - batch_mean
-    batch_scatter = centred.T @ centred
-    if self.count == 0:
-      self.count, self.mean, self.scatter = n, batch_mean, batch_scatter
-      return self
-    total = self.count + n
-    delta = batch_mean - self.mean
-    self.scatter = self.scatter + batch_scatter + np.outer(delta, delta) * (self.count * n / total)
-    self.mean = self.mean + delta * (n / total)
-    self.count = total
+    self.count, self.mean, self.scatter = merge_moments(
+      (self.count, self.mean, self.scatter), (n, batch_mean, centred.T @ centred), np.outer
+    )
     return self
 
   def covariance(self):
@@ -197,14 +205,9 @@ class LatentStatistics:
     batch_m2 = example_m2.sum(axis=0) + positions * np.sum(
       np.square(example_means - batch_mean), axis=0
     )
-    if self.count == 0:
-      self.count, self.mean, self.m2 = n, batch_mean, batch_m2
-      return self
-    total = self.count + n
-    delta = batch_mean - self.mean
-    self.m2 = self.m2 + batch_m2 + np.square(delta) * (self.count * n / total)
-    self.mean = self.mean + delta * (n / total)
-    self.count = total
+    self.count, self.mean, self.m2 = merge_moments(
+      (self.count, self.mean, self.m2), (n, batch_mean, batch_m2), np.multiply
+    )
     return self
 
   def summary(self):
