@@ -45,7 +45,7 @@ SOURCE_KEY = "__source__"
 HOW_TO_GET = "docs/weights.md"
 
 # Modules that register a source when imported (each owns its network's layout and converters).
-SOURCE_MODULES: tuple[str, ...] = ()  # e.g. "flaxvae.objectives.perceptual"
+SOURCE_MODULES: tuple[str, ...] = ("flaxvae.objectives.perceptual",)
 
 Arrays = dict[str, np.ndarray]
 
@@ -145,6 +145,7 @@ def save(name: str, arrays: Mapping[str, np.ndarray], path: str) -> str:
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **{FORMAT_KEY: np.array(FORMAT), SOURCE_KEY: np.array(name)}, **arrays)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from the cluster's other users
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
