@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxvae.errors import ConfigError
-from flaxvae.models import conv, ladder, layers, mlp, vdvae  # noqa: F401  (each registers itself)
+from flaxvae.models import autoencoder_kl, conv, ladder, layers, mlp, vdvae  # noqa: F401  (each registers itself)
 from flaxvae.models.registry import MODELS
 
 COMMON = ("image_shape", "likelihood", "rngs", "dtype")

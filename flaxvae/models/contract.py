@@ -30,6 +30,9 @@ in eval.json); each capability needs the methods of its protocol:
   "aggregate_posterior"  `AggregatePosterior`: one Gaussian layer and an N(0, I) prior, for
                          ELBO surgery's exact mixture q(z) over the evaluated examples
   "posterior_density"    `PosteriorDensity`: AIS can start from q instead of the prior
+  "reconstruction"       `Reconstructs`: a convolutional autoencoder trained on its
+                         reconstructions (perceptual and adversarial terms, LDM's adaptive
+                         weight at the decoder's last layer)
 
 The registry checks a model class against these when it registers (`check_model_class`), so a
 model that lacks a method fails on import with one line, not in the middle of an evaluation.
@@ -47,6 +50,7 @@ from flaxvae.errors import ModelContractError
 LOCAL_POSTERIOR = "local_posterior"
 AGGREGATE_POSTERIOR = "aggregate_posterior"
 POSTERIOR_DENSITY = "posterior_density"
+RECONSTRUCTION = "reconstruction"
 
 
 class Noise(Protocol):
@@ -133,10 +137,45 @@ class PosteriorDensity(Protocol):
     """[b] log q(z|x) at given latents."""
 
 
+class Reconstruction(NamedTuple):
+  """One posterior sample's reconstruction, with what the losses on images need.
+
+  raw       [b, H, W, channels_out] raw likelihood parameters of p(x | z), z ~ q(z|x)
+  layers    (LatentLayer,) as in `Terms` (arrays [1, b, ...]): the rate
+  features  [b, H', W', F] the input of the decoder's last layer (`OUTPUT_LAYER`), so that
+            raw == model.output_layer(params at OUTPUT_LAYER, features)
+  """
+
+  raw: jax.Array
+  layers: tuple
+  features: jax.Array
+
+
+class Reconstructs(Protocol):
+  """An autoencoder with a convolutional latent [b, h, w, c]: encode, decode, and one
+  reconstruction whose last layer can be re-applied to its own parameters (the gradient of a
+  loss with respect to that layer's kernel: LDM's adaptive discriminator weight)."""
+
+  OUTPUT_LAYER: tuple = None  # the path of the last layer in the pure parameter dict
+
+  def encode(self, x) -> tuple:
+    """(mean, logvar) [b, h, w, c] of q(z|x) for images x [b, H, W, C] in [0, 1]."""
+
+  def decode(self, z) -> jax.Array:
+    """Raw likelihood parameters [b, H, W, channels_out] for latents [b, h, w, c]."""
+
+  def reconstruct_for_training(self, x, noise: Noise) -> Reconstruction:
+    """The reconstruction of one posterior sample (noise.num_samples == 1)."""
+
+  def output_layer(self, params, features) -> jax.Array:
+    """raw from `features` through the last layer with the pure parameters `params`."""
+
+
 CAPABILITY_PROTOCOLS = {
   LOCAL_POSTERIOR: LocalPosterior,
   AGGREGATE_POSTERIOR: AggregatePosterior,
   POSTERIOR_DENSITY: PosteriorDensity,
+  RECONSTRUCTION: Reconstructs,
 }
 
 

@@ -20,6 +20,11 @@ bernoulli             P = 1: logits. A pmf on {0, 1} ("binary"); on grey values 
                       [0, 1] it is the negative binary cross-entropy, not a likelihood.
 gaussian              P = 2: mean, log-variance; or P = 1 (the mean) with the fixed
                       option `gaussian_logvar`. A density ("continuous").
+laplace               P = 2: mean, log-scale b (density exp(-|x - mean| / b) / 2b); or
+                      P = 1 (the mean) with the fixed option `laplace_log_scale`. A density
+                      ("continuous"). LDM's L1 nll |x' - out| / exp(logvar) + logvar in
+                      [-1, 1] units (x' = 2x - 1) is exactly -log p of mean = (out + 1) / 2
+                      and log b = logvar - log 2 (the Jacobian's log 2 cancels the log 2b).
 discretized_logistic  P = 2: mean, log-scale, in [0, 1] data units (as flaxvae.losses):
                       the logistic mass of x's bin [x - 1/510, x + 1/510], the edge bins
                       0 and 255 taking the tails. log-scale is clamped below at -7.
@@ -65,14 +70,14 @@ Sampling and means
 `sample(key, raw, temperature=1.0)` returns values in the data's value set: {0, 1} for
 bernoulli, the 256 levels k/255 for the discretized families (a logistic draw with scale *
 temperature, rounded to its bin, the edge bins taking the tails: an exact draw from the pmf
-at temperature 1), and for the Gaussian a draw clipped to [0, 1]. Temperature 0 gives the
-mode of the drawn component. For bernoulli, temperature T samples sigmoid(logits / T). The
-mixture draws a component by Gumbel-max on the (untempered) logits, then R, G and B in
-turn, each coupled to the already *quantized* R (and G): exactly the order and values that
-log_prob conditions on.
-`mean(raw)` is the expected image for grids: sigmoid(logits); the Gaussian mean; the
-clipped logistic mean; for the mixture the softmax-weighted mean of the per-component
-coupled means (each clipped to the data range), in [0, 1].
+at temperature 1), and for the Gaussian and the Laplace a draw clipped to [0, 1]. Temperature
+0 gives the mode of the drawn component. For bernoulli, temperature T samples
+sigmoid(logits / T). The mixture draws a component by Gumbel-max on the (untempered) logits,
+then R, G and B in turn, each coupled to the already *quantized* R (and G): exactly the order
+and values that log_prob conditions on.
+`mean(raw)` is the expected image for grids: sigmoid(logits); the Gaussian's (Laplace's)
+mean, unclipped; the clipped logistic mean; for the mixture the softmax-weighted mean of the
+per-component coupled means (each clipped to the data range), in [0, 1].
 """
 
 import math
@@ -228,34 +233,60 @@ def _bernoulli():
 # ---------------------------------------------------------------------------
 # Gaussian
 # ---------------------------------------------------------------------------
-def _gaussian(gaussian_logvar=None):
-  """N(mean, exp(logvar)) per dimension: (mean, logvar) per channel, or the mean alone
-  with a fixed log-variance."""
-  name = "gaussian"
-  params = 2 if gaussian_logvar is None else 1
+def _location_scale(name, fixed, log_density, scale_of, draw):
+  """A continuous family with (location, log-scale) per channel, or the location alone with
+  the log-scale `fixed`: log_density(x, mu, s) per dimension, scale_of(s) the factor of
+  draw(key, shape)'s standard noise in a sample (clipped to [0, 1])."""
+  params = 2 if fixed is None else 1
   channels_out = lambda c: params * _check_channels(c)
+
+  def second(raw):
+    return raw[..., 1] if fixed is None else jnp.float32(fixed)
 
   def split(raw):
     raw = _per_channel(raw.astype(jnp.float32), params)
-    logvar = raw[..., 1] if gaussian_logvar is None else jnp.float32(gaussian_logvar)
-    return raw[..., 0], logvar
+    return raw[..., 0], second(raw)
 
   def log_prob(raw, x):
     _check_shapes(name, channels_out, raw, x)
     raw, x = _flat_dims(raw, x, params)
-    mu = raw[..., 0]
-    logvar = raw[..., 1] if gaussian_logvar is None else jnp.float32(gaussian_logvar)
-    return jnp.sum(-0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * jnp.exp(-logvar)), axis=-1)
+    return jnp.sum(log_density(x, raw[..., 0], second(raw)), axis=-1)
 
   def mean(raw):
     return split(raw)[0]
 
   def sample(key, raw, temperature=1.0):
-    mu, logvar = split(raw)
-    eps = jax.random.normal(key, mu.shape, jnp.float32)
-    return jnp.clip(mu + jnp.exp(0.5 * logvar) * temperature * eps, 0.0, 1.0)
+    mu, s = split(raw)
+    return jnp.clip(mu + scale_of(s) * temperature * draw(key, mu.shape), 0.0, 1.0)
 
   return Likelihood(name, channels_out, log_prob, mean, sample, False, "continuous")
+
+
+def _gaussian(gaussian_logvar=None):
+  """N(mean, exp(logvar)) per dimension: (mean, logvar) per channel, or the mean alone
+  with a fixed log-variance."""
+  return _location_scale(
+    "gaussian",
+    gaussian_logvar,
+    lambda x, mu, logvar: -0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * jnp.exp(-logvar)),
+    lambda logvar: jnp.exp(0.5 * logvar),
+    lambda key, shape: jax.random.normal(key, shape, jnp.float32),
+  )
+
+
+# ---------------------------------------------------------------------------
+# Laplace (LDM's L1 reconstruction with its scalar log-variance)
+# ---------------------------------------------------------------------------
+def _laplace(laplace_log_scale=None):
+  """Laplace(mean, b) per dimension: (mean, log b) per channel, or the mean alone with a fixed
+  log-scale (module docstring: LDM's nll)."""
+  return _location_scale(
+    "laplace",
+    laplace_log_scale,
+    lambda x, mu, log_b: -(jnp.abs(x - mu) * jnp.exp(-log_b) + log_b + math.log(2.0)),
+    jnp.exp,
+    lambda key, shape: jax.random.laplace(key, shape, jnp.float32),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -434,6 +465,7 @@ def _bin_mass(option, value):
 _REGISTRY = {
   "bernoulli": (_bernoulli, {}),
   "gaussian": (_gaussian, {"gaussian_logvar": _number}),
+  "laplace": (_laplace, {"laplace_log_scale": _number}),
   "discretized_logistic": (_discretized_logistic, {"bin_mass": _bin_mass}),
   "mixture_logistic": (_mixture_logistic, {"num_mixtures": _positive_int, "bin_mass": _bin_mass}),
 }
@@ -446,6 +478,7 @@ def get_likelihood(name, **options) -> Likelihood:
 
     bernoulli
     gaussian              gaussian_logvar=None (learned) or a fixed log-variance
+    laplace               laplace_log_scale=None (learned) or a fixed log-scale (log b)
     discretized_logistic  bin_mass="exact" | "pixelcnn"
     mixture_logistic      num_mixtures=10, bin_mass="exact" | "pixelcnn"
 

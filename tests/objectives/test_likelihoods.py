@@ -126,7 +126,13 @@ def random_levels(rng, shape):
 # Registry
 # ---------------------------------------------------------------------------
 def test_registry_families_and_options():
-  assert lk.LIKELIHOODS == ("bernoulli", "gaussian", "discretized_logistic", "mixture_logistic")
+  assert lk.LIKELIHOODS == (
+    "bernoulli",
+    "gaussian",
+    "laplace",
+    "discretized_logistic",
+    "mixture_logistic",
+  )
   b, g, gf = (
     lk.get_likelihood("bernoulli"),
     lk.get_likelihood("gaussian"),
@@ -154,11 +160,13 @@ def test_registry_families_and_options():
   # None means "default", so a config may pass every option to every family.
   assert lk.get_likelihood("bernoulli", gaussian_logvar=None, num_mixtures=None).name == "bernoulli"
   bad = [
-    (("nope",), {}, "bernoulli, gaussian, discretized_logistic, mixture_logistic"),
+    (("nope",), {}, "bernoulli, gaussian, laplace, discretized_logistic, mixture_logistic"),
     (("bernoulli",), {"num_mixtures": 3}, "no options"),
     (("gaussian",), {"num_mixtures": 3}, "gaussian_logvar"),
     (("gaussian",), {"gaussian_logvar": "low"}, "finite number"),
     (("gaussian",), {"gaussian_logvar": float("nan")}, "finite number"),
+    (("laplace",), {"gaussian_logvar": -1.0}, "laplace_log_scale"),
+    (("laplace",), {"laplace_log_scale": float("inf")}, "finite number"),
     (("mixture_logistic",), {"num_mixtures": 0}, "positive integer"),
     (("mixture_logistic",), {"num_mixtures": 2.5}, "positive integer"),
     (("mixture_logistic",), {"num_mixtures": True}, "positive integer"),
@@ -192,6 +200,8 @@ def _per_pixel(lik, raw, x):
     ("bernoulli", {}),
     ("gaussian", {}),
     ("gaussian", {"gaussian_logvar": -1.5}),
+    ("laplace", {}),
+    ("laplace", {"laplace_log_scale": -2.5}),
     ("discretized_logistic", {}),
     ("mixture_logistic", {"num_mixtures": 3}),
   ],
@@ -240,6 +250,24 @@ def test_gaussian_matches_density():
     *pixels(mu[:, None], k)
   )
   np.testing.assert_allclose(fixed, density(np.exp(-2.0)), rtol=1e-5, atol=1e-4)
+
+
+def test_laplace_is_ldms_l1_nll():
+  """-log p(x01) of mean (out11 + 1) / 2 and log b = logvar - log 2 is LDM's per-pixel nll
+  |x11 - out11| / exp(logvar) + logvar (LPIPSWithDiscriminator, perceptual weight 0)."""
+  rng = np.random.default_rng(12)
+  out11, logvar = rng.uniform(-1.3, 1.3, 300), rng.uniform(-4, 3, 300)
+  k = random_levels(rng, 300)
+  x11 = 2 * (k / 255.0) - 1
+  ldm_nll = np.abs(x11 - out11) / np.exp(logvar) + logvar
+  raw = np.stack([(out11 + 1) / 2, logvar - np.log(2)], -1)
+  learned = jax.jit(lk.get_likelihood("laplace").log_prob)(*pixels(raw, k))
+  np.testing.assert_allclose(-np.asarray(learned), ldm_nll, rtol=1e-5, atol=1e-4)
+  # LDM's default logvar 0 as the fixed log-scale: the nll is the L1 distance itself.
+  fixed = jax.jit(lk.get_likelihood("laplace", laplace_log_scale=-np.log(2)).log_prob)(
+    *pixels((out11[:, None] + 1) / 2, k)
+  )
+  np.testing.assert_allclose(-np.asarray(fixed), np.abs(x11 - out11), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -509,6 +537,8 @@ def _assert_on_grid(values):
     ("bernoulli", {}),
     ("gaussian", {}),
     ("gaussian", {"gaussian_logvar": -3.0}),
+    ("laplace", {}),
+    ("laplace", {"laplace_log_scale": -3.0}),
     ("discretized_logistic", {}),
     ("mixture_logistic", {"num_mixtures": 3}),
   ],
@@ -538,7 +568,7 @@ def test_sample_and_mean_shapes_and_value_sets(name, options):
       _assert_on_grid(sample)
     else:
       assert 0.0 <= float(sample.min()) and float(sample.max()) <= 1.0
-    if name != "gaussian":
+    if name not in ("gaussian", "laplace"):  # their means are unclipped
       assert 0.0 <= float(mean.min()) and float(mean.max()) <= 1.0
     assert np.all(np.isfinite(log_p))
 
