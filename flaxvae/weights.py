@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,9 @@ def save(name: str, arrays: Mapping[str, np.ndarray], path: str) -> str:
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp.npz")
   try:
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, **{FORMAT_KEY: np.array(FORMAT), SOURCE_KEY: np.array(name)}, **arrays)
+      contents: dict[str, Any] = {FORMAT_KEY: np.array(FORMAT), SOURCE_KEY: np.array(name)}
+      contents.update(arrays)
+      np.savez(f, **contents)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from the cluster's other users
     os.replace(tmp, path)
   except BaseException:
