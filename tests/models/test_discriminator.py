@@ -40,10 +40,15 @@ def random_params(s, channels=3, seed=0, **kwargs):
     noise = rng.normal(0, 0.1, leaf.shape).astype(np.float32)
     return noise + 1 if path[-1].key == "scale" else noise
 
-  stats = jax.tree_util.tree_map_with_path(
-    lambda path, leaf: np.full(leaf.shape, float(path[-1].key == "var"), np.float32), stats
+  return graphdef, jax.tree_util.tree_map_with_path(draw, params), initial_stats(stats)
+
+
+def initial_stats(abstract_stats):
+  """BatchNorm's running statistics as created (mean 0, variance 1) for abstract ones."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, leaf: np.full(leaf.shape, float(path[-1].key == "var"), np.float32),
+    abstract_stats,
   )
-  return graphdef, jax.tree_util.tree_map_with_path(draw, params), stats
 
 
 def count(tree):
@@ -189,7 +194,7 @@ def fixture_params(model, fixture, norm):
       affine["scale"], affine["bias"] = fixture[f"norm{i}.weight"], fixture[f"norm{i}.bias"]
   last = len(params["blocks"])
   params["conv_out"] = {"kernel": kernel(last), "bias": fixture[f"conv{last}.bias.{norm}"]}
-  return params, stats
+  return params, initial_stats(stats)
 
 
 @pytest.mark.parametrize("norm", disc.NORMS)
