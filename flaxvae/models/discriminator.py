@@ -131,8 +131,9 @@ class GlobalBatchNorm(nnx.Module):
       if self.axis_name is not None:
         count *= jax.lax.axis_size(self.axis_name)
       unbiased = var * (count / max(count - 1, 1))
-      self.mean[...] = (1 - MOMENTUM) * self.mean[...] + MOMENTUM * mean
-      self.var[...] = (1 - MOMENTUM) * self.var[...] + MOMENTUM * unbiased
+      # set_value replaces the arrays: `[...] =` would write into a caller's numpy stats
+      self.mean.set_value((1 - MOMENTUM) * self.mean.get_value() + MOMENTUM * mean)
+      self.var.set_value((1 - MOMENTUM) * self.var.get_value() + MOMENTUM * unbiased)
     else:
       mean, var = self.mean[...], self.var[...]
     h = (h - mean) * jax.lax.rsqrt(var + EPSILON) * self.scale[...] + self.bias[...]

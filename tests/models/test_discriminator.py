@@ -13,6 +13,7 @@ from flax import nnx
 
 from flaxvae.errors import ConfigError
 from flaxvae.models import discriminator as disc
+from flaxvae.objectives import adversarial
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "discriminator.npz"
 EXPLICIT = jax.sharding.AxisType.Explicit
@@ -220,3 +221,24 @@ def test_matches_pytorch_on_the_same_weights(norm):
     eval_logits, _ = disc.discriminate(graphdef, params, new_stats, x, train=False)
   want = np.transpose(fixture["logits.batch.eval"], (0, 2, 3, 1))
   np.testing.assert_allclose(eval_logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_and_gradients_for_both_players():
+  """bfloat16 compute gives float32 logits; the step differentiates `discriminate` with respect
+  to the parameters (the discriminator's loss) and the images (the generator's loss, R1)."""
+  graphdef, params, stats = random_params(settings(), dtype=jnp.bfloat16)
+  x = images(4)
+
+  def losses(params, x):
+    logits, new_stats = disc.discriminate(graphdef, params, stats, x)
+    r1 = adversarial.r1_penalty(lambda y: disc.discriminate(graphdef, params, stats, y)[0], x)
+    return adversarial.discriminator_loss("hinge", logits, -logits) + r1, (logits, new_stats)
+
+  grads, (logits, new_stats) = jax.jit(jax.grad(losses, argnums=(0, 1), has_aux=True))(params, x)
+  assert logits.dtype == jnp.float32 and logits.shape == (4, 2, 2, 1)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(new_stats))
+  leaves = jax.tree.leaves(grads)
+  assert all(np.all(np.isfinite(g)) for g in leaves) and all(np.any(g != 0) for g in leaves)
+  # the caller's (numpy) statistics are left as they were: new ones come back
+  for block in stats["blocks"].values():
+    assert np.all(block["norm"]["mean"] == 0) and np.all(block["norm"]["var"] == 1)
