@@ -109,6 +109,7 @@ def diagnose(
     if isinstance(found, str):
       skipped[name] = found
       continue
+    skipped.update(found.pop("skipped", {}))  # what part of a diagnostic could not give, and why
     for key, value in found.items():
       (values if isinstance(value, np.ndarray) else fields)[key] = value
   row = summarize({k_: v for k_, v in values.items() if len(v) == n})

@@ -14,8 +14,9 @@ Each is one function called with these keyword arguments, of which it names thos
 It returns the fields it adds ({} when this evaluation does not ask for it): numpy arrays are
 per-example figures, summarized with standard errors and seen by the diagnostics after it (they
 replace figures of the same name); anything else goes into the row as it is. A str instead is
-why the model cannot give it: the row names it under `skipped`. A new diagnostic is one
-function here under @EVALUATORS.register(NAME). (evaluator.Evaluator is something else: it runs
+why the model cannot give it: the row names it under `skipped`, as it does the entries of a
+"skipped" dict among the fields (the parts of a diagnostic that could not run). A new
+diagnostic is one function here under @EVALUATORS.register(NAME). (evaluator.Evaluator is something else: it runs
 one per-example function over the devices.)
 """
 
@@ -23,7 +24,7 @@ import math
 
 import numpy as np
 
-from flaxvae.eval import diagnostics
+from flaxvae.eval import diagnostics, reconstruction
 from flaxvae.models import contract
 from flaxvae.registry import Registry
 
@@ -132,3 +133,16 @@ def amortization_gap(
     "approximation_gap": values["log_px"][:m] - gaps["elbo_optimized"],
     "amortization_examples": m,
   }
+
+
+@EVALUATORS.register("reconstruction")
+def reconstruction_metrics(
+  run, evaluator, params, rng, num_examples, final, label, eval_settings, **_
+):
+  """PSNR, SSIM, LPIPS, rFID and latent statistics of the posterior mean's reconstructions
+  (reconstruction.py), for models with the reconstruction capability; nothing for the others."""
+  if not reconstruction.applies(run.model, eval_settings):
+    return {}
+  return reconstruction.reconstruction_metrics(
+    run, evaluator, params, rng, num_examples, final, label, eval_settings
+  )

@@ -16,6 +16,7 @@ from flax import nnx
 
 from flaxvae.data import protocols
 from flaxvae.errors import UsageError
+from flaxvae.eval import reconstruction
 from flaxvae.models.noise import NoiseSource
 from flaxvae.train import outputs
 
@@ -81,6 +82,9 @@ def save_image_grids(run, params, workdir, step, n, seed):
     os.path.join(images_dir, f"samples_{step:07d}.png"),
     samples(run, params, jax.random.key(seed), n),
   )
+  if reconstruction.applies(run.model, run.settings.eval):  # those its metrics score
+    path = os.path.join(images_dir, f"reconstructions_mean_{step:07d}.png")
+    reconstruction.save_grid(run, params, path, run.eval_images[: 2 * columns], columns)
 
 
 def write_sample_grid(model, workdir, n, temperature, keep_layers, seed=0, out=None):

@@ -155,6 +155,7 @@ def test_the_optional_diagnostics_run_in_their_registered_order():
     "ais",
     "bdmc",
     "amortization_gap",
+    "reconstruction",
   ]
 
 
