@@ -46,7 +46,7 @@ SOURCE_KEY = "__source__"
 HOW_TO_GET = "docs/weights.md"
 
 # Modules that register a source when imported (each owns its network's layout and converters).
-SOURCE_MODULES: tuple[str, ...] = ("flaxvae.objectives.perceptual",)
+SOURCE_MODULES: tuple[str, ...] = ("flaxvae.objectives.perceptual", "flaxvae.eval.inception")
 
 Arrays = dict[str, np.ndarray]
 
