@@ -70,7 +70,16 @@ $(TORCH_VENV)/.installed:
 	$(TORCH_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy
 	@touch $@
 
-bench: install $(TORCH_VENV)/.installed
+# The latent autoencoder's twin needs torchvision (lpips' VGG16), lpips and diffusers; torchvision
+# does not load beside .venv-torch's CPU build of torch, so the twin has a venv of its own.
+REF_VENV := .venv-ref
+$(REF_VENV)/.installed:
+	@test -x $(REF_VENV)/bin/python || $(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 \
+	  lpips==0.1.4 diffusers==0.42.1 safetensors==0.8.0 numpy
+	@touch $@
+
+bench: install $(TORCH_VENV)/.installed $(REF_VENV)/.installed
 	$(PY) benchmarks/report.py --out BENCHMARKS.md $(BENCH_ARGS)
 
 test-bench: install

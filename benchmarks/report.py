@@ -19,7 +19,9 @@ measured), and `--parts depth` on a fresh checkout adds the depth table to the o
 3. benchmarks/cases.py on the MLP and conv configs (step timings, FLOPs, MFU, dispatch,
    scaling; its default case is what `flaxvae bench --config` prints) and its op profiles;
 4. the PyTorch twins of the conv VAE and of the VDVAE configs (benchmarks/torch_*.py) in
-   .venv-torch, alternating with benchmarks/cases.py on the same configs;
+   .venv-torch, alternating with benchmarks/cases.py on the same configs; the latent KL
+   autoencoder's twin (torch_kl_autoencoder.py, in .venv-ref: torchvision, lpips, diffusers)
+   likewise, on each side of the discriminator's start;
 5. the evaluation at the machine's limit (`cases.py --cases eval`: the K=5000 importance pass
    against its FLOP limit, AIS per 1,000 images), the VDVAE's compile time and memory
    against depth (`--cases depth`), and `flaxvae bench --aot` for the VDVAE configs for
@@ -51,6 +53,8 @@ PEER = os.path.join(ROOT, "benchmarks", "peer_mlp_vae.py")
 CASES = os.path.join(ROOT, "benchmarks", "cases.py")
 PY = os.path.join(ROOT, ".venv", "bin", "python")
 TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
+# torch with torchvision, lpips and diffusers: the latent autoencoder's twin (Makefile REF_VENV).
+REF_PY = os.path.join(ROOT, ".venv-ref", "bin", "python")
 FLAXVAE = os.path.join(ROOT, ".venv", "bin", "flaxvae")
 
 
@@ -261,13 +265,14 @@ def table(header, rows):
   return "\n".join(lines)
 
 
-PARTS = ("mlp", "conv", "vdvae", "eval", "depth", "aot")
+PARTS = ("mlp", "conv", "vdvae", "klae", "eval", "depth", "aot")
 # Each part's section heading starts so (how an earlier report's sections are found again);
 # "cases" is the table of every bench case, drawn from the mlp and conv parts.
 HEADINGS = {
   "mlp": "## MLP VAE",
   "conv": "## Conv VAE",
   "vdvae": "## VDVAE",
+  "klae": "## Latent KL autoencoder",
   "eval": "## The final evaluation",
   "depth": "## Depth:",
   "aot": "## Ahead of time",
@@ -612,6 +617,93 @@ def render_vdvae(rows):
   ]
 
 
+KLAE_CONFIG = "configs/fashion_mnist_kl_f4.py"
+KLAE_TWIN = "benchmarks/torch_kl_autoencoder.py"
+# Each side of the discriminator's start: the config's own start is far beyond the steps a
+# bench times, so the config as is times the autoencoder's step alone; start_step=0 times the
+# two players' step (the adaptive weight, the adversarial term, the discriminator's update).
+KLAE_PHASE_FLAGS = {"before": [], "after": ["--config.adversary.start_step=0"]}
+# The twin's (phase, adaptive weight): LDM's autograd.grad to the last kernel, and the same
+# gradients with each network differentiated once (benchmarks/torch_kl_autoencoder.py).
+KLAE_TWINS = (("before", "ldm"), ("after", "ldm"), ("after", "at_output"))
+
+
+def measure_klae(rounds):
+  """flaxvae's default case on each side of the discriminator's start, alternating with the
+  PyTorch twin's, then the op profile of the two players' step. The raw rows: each
+  implementation's best round (tagged with its phase), then the profile."""
+  runs = {}
+  for r in range(rounds):
+    for phase, flags in KLAE_PHASE_FLAGS.items():
+      cmd = [PY, CASES, "--config", KLAE_CONFIG, "--cases", "default", "--windows", "3", *flags]
+      row = dict(json_lines(cmd, round_index=r)[0], impl="flaxvae_klae", phase=phase)
+      runs.setdefault(("flaxvae", phase), []).append(row)
+    for phase, weight in KLAE_TWINS:
+      cmd = [REF_PY, KLAE_TWIN, "--phase", phase, "--adaptive_weight", weight]
+      runs.setdefault((weight, phase), []).append(json_lines(cmd, round_index=r)[0])
+  profile = json_lines(
+    [PY, CASES, "--config", KLAE_CONFIG, "--cases", "profile"] + KLAE_PHASE_FLAGS["after"]
+  )
+  return [best(v) for v in runs.values()] + [dict(profile[0], phase="after")]
+
+
+KLAE_TWIN_LABELS = {
+  "ldm": "torch twin, LDM's adaptive weight (autograd.grad to the last kernel)",
+  "at_output": "torch twin, the adaptive weight from the gradients at the decoder's output",
+}
+
+
+def render_klae(rows):
+  flaxvae = {r["phase"]: r for r in rows if r.get("impl") == "flaxvae_klae"}
+  twins = {(r["phase"], r["adaptive_weight"]): r for r in rows if r.get("impl") == "torch_klae"}
+  profile = next(r for r in rows if r.get("case") == "profile")
+  name = lambda r: " ".join(r[k] for k in ("impl", "phase", "adaptive_weight") if k in r)
+  per_round = {name(r): r["round_examples_per_s"] for r in rows if "round_examples_per_s" in r}
+  lines, ratios = [], {}
+  for phase in ("before", "after"):
+    ours = flaxvae[phase]
+    theirs = [twins[key] for key in KLAE_TWINS if key[0] == phase]
+    ratios[phase] = ours["examples_per_s"] / max(t["examples_per_s"] for t in theirs)
+    for label, row in [("flaxvae (bench, default case)", ours)] + [
+      (KLAE_TWIN_LABELS[t["adaptive_weight"]], t) for t in theirs
+    ]:
+      lines.append(
+        [
+          phase,
+          label,
+          row["examples_per_s"],
+          f"{ours['examples_per_s'] / row['examples_per_s']:.2f}",
+          round(row["flops_per_example"] / 1e9, 2),
+          row["mfu"],
+          command_cell(row),
+        ]
+      )
+  return [
+    f"## Latent KL autoencoder ({KLAE_CONFIG}) against its PyTorch twin",
+    "",
+    "LDM's two-player step at batch 32: before the discriminator's start the autoencoder's "
+    "alone (L1 + LPIPS + KL), after it (flaxvae: "
+    f"`{' '.join(KLAE_PHASE_FLAGS['after'])}`) also the adaptive weight, the generator's "
+    f"adversarial term and the discriminator's update. The twin ({KLAE_TWIN}) is diffusers' "
+    "AutoencoderKL, the `lpips` package's LPIPS and pix2pix's PatchGAN in the same layout.",
+    "",
+    f"Examples/s per round: {json.dumps(per_round)}.",
+    "",
+    table(
+      ["phase", "implementation", "examples/s", "flaxvae / it", "GFLOP/example", "MFU", "command"],
+      lines,
+    ),
+    "",
+    f"- flaxvae / torch = **{ratios['before']:.2f}** before the discriminator's start and "
+    f"**{ratios['after']:.2f}** after it, against the faster twin (goal >= 1.0).",
+    "- GFLOP/example: flaxvae's from XLA's cost analysis of its step (every op), the twin's "
+    "from torch's FlopCounterMode over one step (convolutions, matmuls, attention). Each MFU "
+    "is against its own framework's float32 matmul peak, measured in the same process.",
+    "",
+    *profile_lines(profile, "two-player"),
+  ]
+
+
 def render_eval(rows):
   (evaluation,) = rows
   return [
@@ -811,6 +903,7 @@ def main():
     "mlp": lambda: measure_mlp(ARGS.rounds),
     "conv": lambda: measure_conv(ARGS.rounds),
     "vdvae": lambda: measure_vdvae(ARGS.rounds),
+    "klae": lambda: measure_klae(ARGS.rounds),
     "eval": lambda: json_lines([PY, CASES, "--config", DEFAULT_CONFIG, "--cases", "eval"]),
     "depth": lambda: json_lines([PY, CASES, "--config", VDVAE, "--cases", "depth"]),
     "aot": lambda: merge_aot(aot_rows(), earlier.get("aot", ([], []))[1]),
@@ -830,6 +923,7 @@ def main():
     mlp=render_mlp,
     conv=render_conv,
     vdvae=render_vdvae,
+    klae=render_klae,
     eval=render_eval,
     depth=render_depth,
     aot=render_aot,

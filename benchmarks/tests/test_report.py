@@ -207,6 +207,10 @@ def fake_rows(cmd):
   )
   if "peer_mlp_vae.py" in argv[1]:
     return [dict(impl=argv[2], examples_per_s=90)]
+  if "torch_kl_autoencoder" in argv[1]:
+    phase, weight = (argv[argv.index(flag) + 1] for flag in ("--phase", "--adaptive_weight"))
+    twin = dict(impl="torch_klae", examples_per_s=3.0, flops_per_example=2e9, mfu=0.2)
+    return [dict(twin, phase=phase, adaptive_weight=weight)]
   if "torch_" in argv[1]:
     return [dict(impl="torch_conv" if "conv" in argv[1] else "torch_vdvae", examples_per_s=80)]
   if "--aot" in argv:
@@ -291,7 +295,7 @@ def test_every_row_of_every_generated_table_names_the_command_that_measured_it(
 
   def check(text):
     tables = generated_tables(text)
-    assert len(tables) == 8  # mlp, conv and its profile, vdvae and its profile, depth, aot, cases
+    assert len(tables) == 10  # mlp; conv, vdvae, klae, each with a profile; depth, aot, cases
     for header, rows, after in tables:
       if header[-1] == "command":
         shown = [row[-1] for row in rows]
@@ -317,6 +321,6 @@ def test_every_row_of_every_generated_table_names_the_command_that_measured_it(
   again = out.read_text()
   check(again)
   assert (
-    again.count(", by an earlier report._") == 5 and "Kept from an earlier report: mlp," in again
+    again.count(", by an earlier report._") == 6 and "Kept from an earlier report: mlp," in again
   )
   assert "_Drawn from the raw rows of the MLP and conv sections" in again
