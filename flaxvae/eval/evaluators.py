@@ -16,8 +16,8 @@ per-example figures, summarized with standard errors and seen by the diagnostics
 replace figures of the same name); anything else goes into the row as it is. A str instead is
 why the model cannot give it: the row names it under `skipped`, as it does the entries of a
 "skipped" dict among the fields (the parts of a diagnostic that could not run). A new
-diagnostic is one function here under @EVALUATORS.register(NAME). (evaluator.Evaluator is something else: it runs
-one per-example function over the devices.)
+diagnostic is one function here under @EVALUATORS.register(NAME). (evaluator.Evaluator is
+something else: it runs one per-example function over the devices.)
 """
 
 import math

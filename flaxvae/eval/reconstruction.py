@@ -181,7 +181,10 @@ def reconstruction_metrics(run, evaluator, params, rng, num_examples, final, lab
     for key, value in found.items():
       per_example.setdefault(key, []).append(value)
   row = {key: np.concatenate(parts) for key, parts in per_example.items()}
-  row.update(latents.summary())
+  if latents.count >= 2:
+    row.update(latents.summary())
+  else:
+    skipped["latent_statistics"] = "need at least 2 latent elements per channel"
   if rfid_examples:
     row["rfid"] = image_metrics.frechet_distance_of(
       features["reconstructions"], features["originals"]
