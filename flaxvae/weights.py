@@ -139,6 +139,28 @@ def load(name: str, path: str | None = None) -> Arrays:
   return arrays
 
 
+def check_shapes(
+  name: str, flat: Mapping[str, Any], expected: Mapping[str, tuple], what: str, origin: str
+):
+  """Raises WeightsMissing (one line) unless `flat` has exactly `expected`'s keys and shapes;
+  `what` names the network ("LPIPS VGG16"), `origin` the file or converter."""
+  found = {key: tuple(np.shape(value)) for key, value in flat.items()}
+  if found != dict(expected):
+    wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    raise WeightsMissing(
+      f"{origin} does not hold {what} weights ({len(wrong)} keys missing or of another shape, "
+      f"e.g. {wrong[0]}): prepare them again with `flaxvae weights prepare {name} --force`"
+    )
+
+
+def load_tree(name: str, expected: Mapping[str, tuple], what: str, path: str | None = None):
+  """Source `name`'s weights as nested dicts of float32 arrays, checked against `expected`
+  (flat key -> shape); WeightsMissing (one line, saying how to get them) when absent or wrong."""
+  flat = load(name, path)
+  check_shapes(name, flat, expected, what, path or weights_path(name))
+  return unflatten({key: value.astype(np.float32) for key, value in flat.items()})
+
+
 def save(name: str, arrays: Mapping[str, np.ndarray], path: str) -> str:
   """Writes `arrays` as source `name`'s file, atomically (a partial file never has the name)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
