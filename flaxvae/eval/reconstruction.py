@@ -37,7 +37,7 @@ from flax import nnx
 
 from flaxvae.data import protocols
 from flaxvae.errors import WeightsMissing
-from flaxvae.eval import diagnostics, image_metrics
+from flaxvae.eval import diagnostics, image_metrics, inception
 from flaxvae.models import contract
 from flaxvae.objectives import perceptual
 from flaxvae.train import outputs
@@ -88,8 +88,6 @@ def metrics_fn(graphdef, protocol, with_ssim, with_lpips, with_inception):
     if with_lpips:
       out["lpips"] = perceptual.lpips(lpips_weights, 2.0 * x - 1.0, 2.0 * recon - 1.0)
     if with_inception:
-      from flaxvae.eval import inception  # noqa: PLC0415 (only the final evaluation's rFID)
-
       out["inception_reconstructions"] = inception.inception_features(
         inception_weights, _colour(recon)
       )
@@ -116,10 +114,6 @@ def _lpips_weights(image_shape):
 
 def _inception_weights():
   """(Inception weights or None, why not)."""
-  try:
-    from flaxvae.eval import inception  # noqa: PLC0415 (its weights only when evaluated)
-  except ImportError as e:
-    return None, f"rFID needs flaxvae.eval.inception ({e})"
   try:
     return inception.load_inception_weights(), None
   except WeightsMissing as e:

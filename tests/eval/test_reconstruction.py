@@ -5,7 +5,6 @@ posterior variance. LPIPS and Inception are replaced by tiny known functions (th
 tests are elsewhere): these tests check the wiring (weights as arguments, the rows, the skips,
 blocks and devices), the metrics themselves are tested in test_image_metrics.py."""
 
-import sys
 import types
 
 import jax
@@ -15,9 +14,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-import flaxvae.eval
 from flaxvae import defaults
-from flaxvae.eval import evaluation, image_metrics, reconstruction, sampling
+from flaxvae.eval import evaluation, image_metrics, inception, reconstruction, sampling
 from flaxvae.eval.evaluator import Evaluator
 from flaxvae.models import contract
 from flaxvae.models.registry import MODELS
@@ -114,7 +112,7 @@ def fake_lpips(weights, x11, y11):
 
 
 def fake_inception_module():
-  """A stand-in for flaxvae.eval.inception: 4 features per image (channel means of 2x2
+  """Stand-ins for flaxvae.eval.inception's functions: 4 features per image (channel means of 2x2
   quadrants), so the Frechet distance is computable in numpy."""
 
   def inception_features(weights, images01):
@@ -130,9 +128,9 @@ def fake_inception_module():
 
 
 def use_inception(mp, module):
-  """Make `from flaxvae.eval import inception` give `module`, imported before or not."""
-  mp.setitem(sys.modules, "flaxvae.eval.inception", module)
-  mp.setattr(flaxvae.eval, "inception", module, raising=False)
+  """Inception's features and loader replaced by those of `module`."""
+  mp.setattr(inception, "inception_features", module.inception_features)
+  mp.setattr(inception, "load_inception_weights", module.load_inception_weights)
 
 
 def expected(images_uint8):
