@@ -19,7 +19,7 @@ j * in/out for output pixel j (the sampling of TensorFlow 1's resize_bilinear, n
 PyTorch computes those positions in float32 through affine_grid and grid_sample; `source_positions`
 repeats that arithmetic operation by operation (a single rounding where PyTorch's CPU kernels fuse
 a multiply and an add), so the resized images agree to float32 rounding of the interpolation
-itself rather than differing by the positions' float32 error (up to 3e-5 pixels).
+itself, not only to the float32 error of positions near 300 (several ulps of a pixel).
 
 The network: 94 convolutions without bias, each followed by inference BatchNorm without scale
 (eps 1e-3) and ReLU; stored here with the normalisation folded into a per-channel scale and bias,
