@@ -10,6 +10,7 @@ one warning, the keys today's defaults lack (a typo an earlier flaxvae accepted,
 removed) instead of refusing the checkpoint; config files and overrides stay strict.
 """
 
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -21,6 +22,7 @@ import ml_collections
 from flaxvae import defaults, models
 from flaxvae.data import protocols
 from flaxvae.errors import ConfigError
+from flaxvae.models import contract
 from flaxvae.objectives import likelihoods
 from flaxvae.runtime import parallel
 from flaxvae.train import optimizer
@@ -80,6 +82,7 @@ def validate(settings):
   models.check_config(settings.model)
   _validate_eval(settings.eval)
   optimizer.create_optimizer(settings.optimizer, settings.num_steps)
+  _validate_adversary(settings)
   if settings.parallel.backend not in parallel.BACKENDS:
     raise ConfigError(
       f"unknown parallel.backend {settings.parallel.backend!r}: use "
@@ -125,6 +128,73 @@ def _validate_objective(o):
         "ignored: use objective.name=elbo with them (num_samples k gives the "
         "k-sample ELBO), or drop them"
       )
+
+
+ADVERSARY_NAMES = ("none", "patchgan")
+ADVERSARY_CHOICES = {"norm": ("batch", "group", "none"), "loss": ("hinge", "non_saturating")}
+
+
+def _validate_adversary(settings):
+  """The perceptual and adversarial terms: settings that cannot work, or would be ignored."""
+  a, o = settings.adversary, settings.objective
+  if a.name not in ADVERSARY_NAMES:
+    raise ConfigError(f"unknown adversary.name {a.name!r}: use {' or '.join(ADVERSARY_NAMES)}")
+  if not a.enabled:
+    default = defaults.adversary_config()
+    given = {**dataclasses.asdict(a), "optimizer": dataclasses.asdict(a.optimizer)}
+    wanted = json.loads(default.to_json())
+    changed = [k for k in wanted if k != "name" and json.loads(json.dumps(given[k])) != wanted[k]]
+    if changed:
+      raise ConfigError(
+        f"adversary.{changed[0]} is set but adversary.name is 'none', so it would be "
+        "ignored: set adversary.name=patchgan to train a discriminator, or drop it"
+      )
+  if o.perceptual_weight < 0:
+    raise ConfigError(f"objective.perceptual_weight must be >= 0, got {o.perceptual_weight}")
+  if not (a.enabled or o.perceptual_weight):
+    return
+  what = "adversary.name=patchgan" if a.enabled else "objective.perceptual_weight"
+  if not contract.has(models.MODELS.get(settings.model.name), contract.RECONSTRUCTION):
+    raise ConfigError(
+      f"{what} needs a model that gives its reconstruction (the reconstruction capability, "
+      f"e.g. autoencoder_kl); model {settings.model.name!r} does not"
+    )
+  if o.name != "elbo" or o.num_samples != 1:
+    raise ConfigError(
+      f"{what} trains on one posterior sample per example: use objective.name=elbo with "
+      "objective.num_samples=1"
+    )
+  if o.free_bits:
+    raise ConfigError(f"{what} does not combine with objective.free_bits: set it to 0")
+  if not a.enabled:
+    return
+  for key, choices in ADVERSARY_CHOICES.items():
+    if getattr(a, key) not in choices:
+      raise ConfigError(f"unknown adversary.{key} {getattr(a, key)!r}: use {' or '.join(choices)}")
+  for key in ("num_layers", "width"):
+    if getattr(a, key) <= 0:
+      raise ConfigError(f"adversary.{key} must be positive, got {getattr(a, key)}")
+  for key in ("weight", "max_adaptive_weight", "start_step", "lecam_weight", "r1_weight"):
+    if getattr(a, key) < 0:
+      raise ConfigError(f"adversary.{key} must be >= 0, got {getattr(a, key)}")
+  if not 0 <= a.lecam_decay < 1:
+    raise ConfigError(f"adversary.lecam_decay must be in [0, 1), got {a.lecam_decay}")
+  if a.optimizer.accumulate_steps != 1:
+    raise ConfigError(
+      "adversary.optimizer.accumulate_steps must be 1: the discriminator takes one step on "
+      "each batch (optimizer.accumulate_steps splits both players' batches)"
+    )
+  if a.optimizer.frozen:
+    raise ConfigError(
+      "adversary.optimizer.frozen is not supported: freeze the discriminator by setting "
+      "adversary.train_start past num_steps"
+    )
+  if settings.optimizer.accumulate_steps > 1:
+    raise ConfigError(
+      "optimizer.accumulate_steps > 1 with a discriminator is not supported (its adaptive "
+      "weight and BatchNorm statistics are of the whole batch): use accumulate_steps=1"
+    )
+  optimizer.create_optimizer(a.optimizer, settings.num_steps)
 
 
 def _validate_eval(c):

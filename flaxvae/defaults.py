@@ -18,6 +18,32 @@ def model_config(name="mlp", **overrides):
   return config
 
 
+def base_optimizer():
+  """An optimizer section (config.optimizer, config.adversary.optimizer) with its defaults."""
+  o = ml_collections.ConfigDict()
+  o.name = "adam"  # adam, adamw, adamax, lamb
+  o.learning_rate = 1e-3
+  o.schedule = "constant"  # constant, warmup_constant or warmup_cosine
+  o.warmup_steps = 0
+  o.decay_start = 0  # warmup_cosine: flat at the peak until this step, then cosine
+  o.end_factor = 0.0  # warmup_cosine: the final rate as a fraction of the peak
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.0  # decoupled (adamw, adamax, lamb)
+  o.grad_clip_norm = 0.0  # 0 disables global-norm clipping
+  o.accumulate_steps = 1  # microbatches per step, gradients averaged (same numbers, less memory)
+  o.skip_nonfinite = True  # a step with a NaN/inf loss or gradient leaves the state unchanged
+  o.skip_threshold = 0.0  # > 0: skip a step whose gradient norm exceeds this
+  o.adaptive_skip = 0.0  # > 0: also skip above this multiple of a running quantile of recent norms
+  o.adaptive_skip_quantile = 0.9
+  o.adaptive_skip_window = 200  # recent finite gradient norms the quantile is taken over
+
+  # top-level parameter groups never updated, e.g. ("decoder", "to_output")
+  o.frozen = ()
+  return o
+
+
 def base_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -54,6 +80,9 @@ def base_config():
   config.objective.free_bits_per = (
     "unit"  # the groups free bits floor: each latent unit, or each layer
   )
+  # > 0: + weight * LPIPS(x, x_hat) per pixel, summed like log p(x|z) (LDM's perceptual term);
+  # needs a model with the reconstruction capability and the LPIPS weights (flaxvae weights)
+  config.objective.perceptual_weight = 0.0
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "fashion_mnist"
@@ -71,35 +100,9 @@ def base_config():
   config.data.read_threads = 2  # streaming: Grain threads reading and decoding batches
   config.data.prefetch_batches = 64  # streaming: batches Grain reads ahead of the trainer
 
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adam"  # adam, adamw, adamax, lamb
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.schedule = "constant"  # constant, warmup_constant or warmup_cosine
-  config.optimizer.warmup_steps = 0
-  config.optimizer.decay_start = 0  # warmup_cosine: flat at the peak until this step, then cosine
-  config.optimizer.end_factor = 0.0  # warmup_cosine: the final rate as a fraction of the peak
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.999
-  config.optimizer.eps = 1e-8
-  config.optimizer.weight_decay = 0.0  # decoupled (adamw, adamax, lamb)
-  config.optimizer.grad_clip_norm = 0.0  # 0 disables global-norm clipping
-  config.optimizer.accumulate_steps = (
-    1  # microbatches per step, gradients averaged (same numbers, less memory)
-  )
-  config.optimizer.skip_nonfinite = (
-    True  # a step with a NaN/inf loss or gradient leaves the state unchanged
-  )
-  config.optimizer.skip_threshold = 0.0  # > 0: skip a step whose gradient norm exceeds this
-  config.optimizer.adaptive_skip = (
-    0.0  # > 0: also skip above this multiple of a running quantile of recent norms
-  )
-  config.optimizer.adaptive_skip_quantile = 0.9
-  config.optimizer.adaptive_skip_window = (
-    200  # recent finite gradient norms the quantile is taken over
-  )
+  config.optimizer = base_optimizer()
 
-  # top-level parameter groups never updated, e.g. ("decoder", "to_output")
-  config.optimizer.frozen = ()
+  config.adversary = adversary_config()
 
   config.init = ml_collections.ConfigDict()
   config.init.params_from = ""  # a trained run's workdir: start from (some of) its parameters
@@ -154,6 +157,84 @@ def base_config():
   return config
 
 
+def adversary_config():
+  """config.adversary: off ("none"), with LDM's discriminator and loss settings ready for
+  name="patchgan" (taming-transformers' PatchGAN, LDM's LPIPSWithDiscriminator)."""
+  a = ml_collections.ConfigDict()
+  a.name = "none"  # none, or patchgan (pix2pix's NLayerDiscriminator)
+  a.num_layers = 3  # stride-2 convolutions before the two stride-1 ones
+  a.width = 64  # channels of the first convolution, doubled per layer up to 8x
+  a.norm = "batch"  # batch (statistics of the global batch across devices), group or none
+  a.loss = "hinge"  # hinge or non_saturating
+  a.weight = 0.5  # LDM's disc_weight: multiplies the adaptive weight
+  # LDM's adaptive weight: |grad of the reconstruction| / |grad of the adversarial term| at the
+  # decoder's last layer, clipped to [0, max_adaptive_weight]
+  a.adaptive_weight = True
+  a.max_adaptive_weight = 1e4
+  a.start_step = 0  # the adversarial term reaches the autoencoder from this step (LDM disc_start)
+  a.train_start = -1  # the discriminator trains from this step; -1: start_step (LDM)
+  a.lecam_weight = 0.0  # > 0: LeCam regularisation (Tseng et al. 2021)
+  a.lecam_decay = 0.99  # its EMA of the discriminator's mean outputs
+  a.r1_weight = 0.0  # > 0: R1 gradient penalty on real images, times weight / 2
+  a.optimizer = ml_collections.ConfigDict(base_optimizer())
+  a.optimizer.b1, a.optimizer.b2 = 0.5, 0.9  # LDM's Adam
+  return a
+
+
+def ldm_autoencoder_recipe(
+  *,
+  data,
+  batch_size,
+  channels=128,
+  channel_multipliers=(1, 2, 4, 4),
+  num_res_blocks=2,
+  attention_resolutions=(),
+  latent_channels=4,
+  use_quant_conv=True,
+  discriminator_start=50_001,
+  base_learning_rate=4.5e-6,
+):
+  """LDM's KL autoencoder recipe (latent-diffusion's autoencoder_kl_*.yaml with
+  LPIPSWithDiscriminator): an L1 reconstruction (the laplace likelihood with LDM's logvar 0,
+  see objectives/likelihoods.py) + LPIPS (weight 1.0) + KL weight 1e-6, all summed over pixels
+  and latent elements as LDM does; a 3-layer PatchGAN with BatchNorm and hinge loss from
+  `discriminator_start` (disc_weight 0.5, adaptive weight); both players Adam (0.5, 0.9) at
+  LDM's rate, base_learning_rate times the global batch (main.py's scaling)."""
+  config = base_config()
+  config.model = model_config(
+    "autoencoder_kl",
+    channels=channels,
+    channel_multipliers=tuple(channel_multipliers),
+    num_res_blocks=num_res_blocks,
+    attention_resolutions=tuple(attention_resolutions),
+    latent_channels=latent_channels,
+    use_quant_conv=use_quant_conv,
+  )
+  config.data.name = data
+  config.objective.likelihood = "laplace"
+  config.objective.beta = 1e-6
+  config.objective.perceptual_weight = 1.0
+  config.batch_size = batch_size
+  config.num_steps = 500_000
+  for o in (config.optimizer, config.adversary.optimizer):
+    o.learning_rate = base_learning_rate * batch_size
+    o.b1, o.b2 = 0.5, 0.9
+  a = config.adversary
+  a.name, a.num_layers, a.width, a.norm, a.loss = "patchgan", 3, 64, "batch", "hinge"
+  a.weight, a.start_step = 0.5, discriminator_start
+  config.log_every_steps = 100
+  config.checkpoint.every_steps = 5_000
+  config.eval.every_steps = 25_000
+  config.eval.batch_size = 16
+  config.eval.num_examples = 1_000
+  config.eval.num_importance_samples = 1
+  config.eval.final_num_importance_samples = 1
+  config.eval.final_num_examples = 10_000
+  config.eval.amortization_examples = 0
+  config.eval.num_image_samples = 16
+  return config
+
+
 def tiny_variant(config, image_shape=None):
   """The same config shrunk to run two steps in seconds on a CPU (`get_config("tiny")`): the
   test that every shipped config trains uses it on a small synthetic dataset of its shape.
@@ -186,6 +267,11 @@ def tiny_variant(config, image_shape=None):
       )
     )
     m.latent_channels = min(m.latent_channels, 4)
+  if m.name == "autoencoder_kl":  # the same levels and layout, 8 channels in groups of 4
+    m.channels, m.norm_groups, m.num_res_blocks = 8, 4, 1
+  if c.adversary.name != "none":  # both sides of the discriminator's start in two steps
+    c.adversary.width, c.adversary.start_step = 8, min(c.adversary.start_step, 1)
+    c.adversary.train_start = -1
   return c
 
 

@@ -10,6 +10,8 @@ A ConfigDict is resolved here (settings.resolve: checked once, typed, frozen); t
     run = Run(config, abstract=True, image_shape=(32, 32, 3))  # shapes only: AOT compiles
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,10 +20,12 @@ from flaxvae import config as config_lib
 from flaxvae import data as data_lib
 from flaxvae import models
 from flaxvae import settings as settings_lib
+from flaxvae import weights as weights_lib
 from flaxvae.data import feeds, protocols
 from flaxvae.errors import ConfigError
+from flaxvae.objectives import perceptual
 from flaxvae.runtime import parallel
-from flaxvae.train import checkpoint, guards, optimizer
+from flaxvae.train import checkpoint, guards, optimizer, players
 from flaxvae.train import step as step_lib
 
 
@@ -40,7 +44,6 @@ class Run:
     self.dataset = data_lib.open_dataset(s.data) if dataset is None else dataset
     self.likelihood = config_lib.likelihood_of(s.objective)
     self.protocol = protocols.PROTOCOLS.get(s.data.protocol)
-    self.step_cfg = step_lib.step_config(s)
     if for_training:
       self.runner = parallel.create_runner(s.parallel, s.batch_size)
       per_device = s.batch_size // self.runner.num_devices
@@ -88,6 +91,55 @@ class Run:
     if s.init.params_from and not abstract:
       self.params = self._with_trained(self.params, s.init)
     self.tx, self.schedule = optimizer.create_optimizer(s.optimizer, s.num_steps)
+    self.adversary, self.adversary_tx = None, None
+    if s.adversary.enabled:  # the second player: built here, its step's graph per runner
+      self.adversary_tx, _ = optimizer.create_optimizer(s.adversary.optimizer, s.num_steps)
+      self.adversary = self._discriminator(axis_name=None)
+    self.step_cfg = step_lib.step_config(s, self._adversary_step(self.runner))
+    # LPIPS's weights, read now so a run without them stops before it writes anything
+    self._constants = self._perceptual_weights() if for_training or abstract else None
+
+  def _discriminator(self, axis_name):
+    from flaxvae.models import discriminator  # noqa: PLC0415  (runs without one never need it)
+
+    discriminator.check_image_size(self.settings.adversary, *self.image_shape[:2])
+    build = lambda: discriminator.create_discriminator(
+      self.settings.adversary,
+      self.image_shape[-1],
+      self.settings.seed,
+      axis_name,
+      config_lib.DTYPES[self.settings.dtype],
+    )
+    return nnx.eval_shape(build) if self.abstract or axis_name is not None else build()
+
+  def _adversary_step(self, runner):
+    """players.AdversaryStep for `runner`'s mesh: BatchNorm's moments are means over its batch
+    axes, which the discriminator's graph names."""
+    if self.adversary is None:
+      return None
+    from flaxvae.models import discriminator  # noqa: PLC0415
+
+    graphdef = discriminator.split_discriminator(self._discriminator(runner.batch_axes))[0]
+    return players.adversary_step(self.settings.adversary, graphdef, self.adversary_tx)
+
+  @property
+  def constants(self):
+    """The frozen networks' weights the train step takes (LPIPS's), or None."""
+    if self._constants is None:
+      self._constants = self._perceptual_weights()
+    return self._constants
+
+  def _perceptual_weights(self):
+    """LPIPS's weights (shapes only for an abstract run): a one-line WeightsMissing, before
+    anything is written, when they are not prepared."""
+    if not self.settings.objective.perceptual_weight:
+      return None
+    if self.abstract:
+      shapes = {
+        k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in perceptual.weight_shapes().items()
+      }
+      return weights_lib.unflatten(shapes)
+    return perceptual.load_lpips_weights()
 
   @staticmethod
   def _with_trained(params, init):
@@ -123,10 +175,18 @@ class Run:
   def initial_state(self):
     """The train state at step 0 (ShapeDtypeStructs when the run is abstract)."""
     if self.abstract:
-      return jax.eval_shape(self._initial_state, self.params)
-    return self._initial_state(self.params)
+      return jax.eval_shape(self._initial_state, self.params, self._adversary_variables())
+    return self._initial_state(self.params, self._adversary_variables())
 
-  def _initial_state(self, params):
+  def _adversary_variables(self):
+    """The discriminator's (params, BatchNorm stats) as pure dicts, or None."""
+    if self.adversary is None:
+      return None
+    return tuple(
+      nnx.to_pure_dict(nnx.state(self.adversary, kind)) for kind in (nnx.Param, nnx.BatchStat)
+    )
+
+  def _initial_state(self, params, adversary_variables):
     c = self.settings
     return step_lib.TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -137,6 +197,11 @@ class Run:
       skipped=jnp.zeros((), jnp.int32),
       consecutive_skips=jnp.zeros((), jnp.int32),
       guard=guards.init(c.optimizer.adaptive_skip, c.optimizer.adaptive_skip_window),
+      adversary=()
+      if adversary_variables is None
+      else players.initial_adversary(
+        *adversary_variables, self.adversary_tx, self.settings.adversary.optimizer
+      ),
     )
 
   def eval_params(self, state):
@@ -149,14 +214,19 @@ class Run:
 
   def train_fn(self, inputs="indices", runner=None):
     """The jitted train function the trainer dispatches (train/step.py builds it)."""
+    runner = runner or self.runner
+    step_cfg = self.step_cfg
+    if runner is not self.runner and self.adversary is not None:
+      step_cfg = dataclasses.replace(step_cfg, adversary=self._adversary_step(runner))
     return step_lib.build_train_fn(
-      runner or self.runner,
+      runner,
       self.graphdef,
       self.tx,
-      self.step_cfg,
+      step_cfg,
       self.settings.scan_unroll,
       self.initial_state(),
       inputs,
+      self.constants,
     )
 
   def create_feed(self, data_state=None):

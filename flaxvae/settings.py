@@ -50,6 +50,7 @@ class ObjectiveSettings:
   kl_warmup_steps: int
   free_bits: float
   free_bits_per: str
+  perceptual_weight: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,36 @@ class OptimizerSettings:
   adaptive_skip_quantile: float
   adaptive_skip_window: int
   frozen: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdversarySettings:
+  """config.adversary: the second player (a discriminator) of the latent autoencoder's GAN
+  term, with its own optimizer (a section with the keys of `optimizer`)."""
+
+  name: str
+  num_layers: int
+  width: int
+  norm: str
+  loss: str
+  weight: float
+  adaptive_weight: bool
+  max_adaptive_weight: float
+  start_step: int
+  train_start: int
+  lecam_weight: float
+  lecam_decay: float
+  r1_weight: float
+  optimizer: OptimizerSettings
+
+  @property
+  def enabled(self):
+    return self.name != "none"
+
+  @property
+  def first_training_step(self):
+    """The step from which the discriminator trains (train_start, or start_step when < 0)."""
+    return self.start_step if self.train_start < 0 else self.train_start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +182,7 @@ class Settings:
   objective: ObjectiveSettings
   data: DataSettings
   optimizer: OptimizerSettings
+  adversary: AdversarySettings
   init: InitSettings
   parallel: ParallelSettings
   checkpoint: CheckpointSettings

@@ -24,6 +24,7 @@ def compilations(fn):
   jax.jit did not make (jax.pmap's keep no count)."""
   import jax  # noqa: PLC0415
 
+  fn = getattr(fn, "jitted", fn)  # train/step.py WithConstants: the jitted function it binds
   if not isinstance(fn, type(jax.jit(_identity))):
     return None
   return fn._cache_size()

@@ -34,7 +34,7 @@ from flaxvae.models.noise import NoiseSource
 from flaxvae.objectives import bounds
 from flaxvae.runtime import parallel
 from flaxvae.runtime.parallel import AXIS, FSDP
-from flaxvae.train import guards
+from flaxvae.train import guards, players
 
 
 class TrainState(NamedTuple):
@@ -46,6 +46,7 @@ class TrainState(NamedTuple):
   skipped: jax.Array  # int32: steps skipped for non-finite loss/gradients, in total
   consecutive_skips: jax.Array  # int32: skipped in a row up to now
   guard: Any = ()  # guards.py: recent gradient norms when optimizer.adaptive_skip > 0
+  adversary: Any = ()  # players.AdversaryState when the run trains a discriminator, else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,13 @@ class StepConfig:
   adaptive_skip_quantile: float = 0.9
   grad_clip_norm: float = 0.0
   accumulate_steps: int = 1
+  perceptual_weight: float = 0.0
+  adversary: Any = None  # players.AdversaryStep when the run trains a discriminator
+
+  @property
+  def reconstructs(self):
+    """Whether the loss needs the reconstruction itself (perceptual or adversarial terms)."""
+    return bool(self.perceptual_weight) or self.adversary is not None
 
 
 class Layout(NamedTuple):
@@ -78,6 +86,7 @@ class Layout(NamedTuple):
   batch_axes: Any = AXIS
   fsdp: int = 1
   param_dims: Any = None
+  adversary_dims: Any = None  # the discriminator's param_dims
 
   def gather(self, params):
     """This device's slices -> whole parameters."""
@@ -112,9 +121,9 @@ class Layout(NamedTuple):
     return jnp.sqrt(jax.lax.psum(squares(split), FSDP) + squares(whole))
 
 
-def step_config(s):
+def step_config(s, adversary=None):
   """StepConfig from settings.Settings `s`, every field named: a setting renamed on either side
-  fails here, never falls back to StepConfig's default."""
+  fails here, never falls back to StepConfig's default. `adversary`: players.AdversaryStep."""
   o, opt = s.objective, s.optimizer
   return StepConfig(
     protocol=protocols.PROTOCOLS.get(s.data.protocol),
@@ -131,6 +140,8 @@ def step_config(s):
     adaptive_skip_quantile=opt.adaptive_skip_quantile,
     grad_clip_norm=opt.grad_clip_norm,
     accumulate_steps=opt.accumulate_steps,
+    perceptual_weight=o.perceptual_weight,
+    adversary=adversary,
   )
 
 
@@ -143,8 +154,12 @@ def ema_decay_at(step, decay):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState, images):
-  """One optimizer update from this device's slice of the global batch."""
+def train_step(
+  graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState, images, constants=None
+):
+  """One optimizer update from this device's slice of the global batch (and one of the
+  discriminator's, when the run has one: train/players.py). `constants`: the frozen networks'
+  weights the loss needs (LPIPS), an argument of the jitted function, never baked into it."""
   noise = NoiseSource.per_global_batch(
     jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
     images.shape[0],
@@ -164,6 +179,12 @@ def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState,
 
   whole = layout.gather(state.params)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if cfg.reconstructs:  # LDM's loss: one backward pass with the heads' gradients (players.py)
+    grad_fn = lambda whole, x, noise: _as_value_and_grad(
+      players.autoencoder_gradients(
+        graphdef, cfg, layout, state, whole, x, noise, kl_scale, constants
+      )
+    )
   if cfg.accumulate_steps == 1:
     (_, values), grads = grad_fn(whole, x, noise)
   else:  # microbatches of this device's rows, averaged: the large batch's gradient
@@ -173,6 +194,7 @@ def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState,
       for m in range(cfg.accumulate_steps)
     ]
     values, grads = jax.tree.map(lambda *a: sum(a) / len(a), *[(v, g) for (_, v), g in parts])
+  reconstruction = values.pop(players.RECONSTRUCTION, None)  # this device's rows, [0, 1]
   grads = layout.reduce(grads)
   metrics = bounds.device_mean(values, layout.batch_axes)
   grad_norm = layout.norm(grads)
@@ -199,6 +221,12 @@ def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState,
   else:
     params, opt_state, ema = update(None)
   skipped = (~ok).astype(jnp.int32)
+  adversary = state.adversary
+  if cfg.adversary is not None:
+    adversary, adversary_metrics = players.discriminator_update(
+      cfg.adversary, layout, state, x, reconstruction
+    )
+    metrics = dict(metrics, **adversary_metrics)
   new_state = TrainState(
     state.step + 1,
     params,
@@ -208,9 +236,16 @@ def train_step(graphdef, tx, cfg: StepConfig, layout: Layout, state: TrainState,
     state.skipped + skipped,
     (state.consecutive_skips + skipped) * skipped,
     guards.update(state.guard, grad_norm),
+    adversary,
   )
   metrics = dict(metrics, grad_norm=grad_norm, skipped=skipped.astype(jnp.float32))
   return new_state, metrics
+
+
+def _as_value_and_grad(values_and_grads):
+  """players' (values, grads) in value_and_grad's ((loss, values), grads) form."""
+  values, grads = values_and_grads
+  return (values["loss"], values), grads
 
 
 def train_steps(
@@ -222,6 +257,7 @@ def train_steps(
   state: TrainState,
   batches,
   batch_of=lambda b: b,
+  constants=None,
 ):
   """`len(batches)` train steps in one lax.scan; returns the mean of each metric.
 
@@ -231,7 +267,7 @@ def train_steps(
   """
 
   def body(state, item):
-    return train_step(graphdef, tx, cfg, layout, state, batch_of(item))
+    return train_step(graphdef, tx, cfg, layout, state, batch_of(item), constants)
 
   # A rolled loop (even of one trip) runs convolutions many times slower on XLA:CPU, so
   # dispatches no longer than `unroll` are unrolled completely: straight-line code, no loop.
@@ -247,24 +283,49 @@ def train_steps(
   return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
-def gather_train_steps(graphdef, tx, cfg, layout, unroll, state, dataset, indices):
+def gather_train_steps(graphdef, tx, cfg, layout, unroll, state, dataset, indices, constants=None):
   """train_steps over batches gathered on device from a device-resident dataset.
 
   Each step gathers its own batch inside the loop: no [steps, batch, *image] copy.
   """
-  return train_steps(graphdef, tx, cfg, layout, unroll, state, indices, lambda idx: dataset[idx])
-
-
-def layout_of(runner: parallel.Runner, params):
-  """The Layout of `params` on `runner`'s mesh."""
-  dims = jax.tree.map(
-    lambda p: -1 if (d := parallel.fsdp_dim(p.shape, runner.fsdp)) is None else d, params
+  return train_steps(
+    graphdef, tx, cfg, layout, unroll, state, indices, lambda idx: dataset[idx], constants
   )
-  return Layout(runner.batch_axes, runner.fsdp, dims)
+
+
+def layout_of(runner: parallel.Runner, params, adversary_params=None):
+  """The Layout of `params` (and the discriminator's) on `runner`'s mesh."""
+  dims = lambda tree: jax.tree.map(
+    lambda p: -1 if (d := parallel.fsdp_dim(p.shape, runner.fsdp)) is None else d, tree
+  )
+  adversary_dims = None if adversary_params is None else dims(adversary_params)
+  return Layout(runner.batch_axes, runner.fsdp, dims(params), adversary_dims)
+
+
+class WithConstants:
+  """The jitted train function with the frozen networks' weights (LPIPS) bound as its second
+  argument: placed on the devices once, passed to every call, never compiled into the program
+  as constants. Called and lowered as the function itself."""
+
+  def __init__(self, jitted, constants):
+    self.jitted, self.constants = jitted, constants
+
+  def __call__(self, state, *inputs):
+    return self.jitted(state, self.constants, *inputs)
+
+  def lower(self, state, *inputs):
+    return self.jitted.lower(state, self.constants, *inputs)
 
 
 def build_train_fn(
-  runner: parallel.Runner, graphdef, tx, cfg: StepConfig, unroll: int, state, inputs="indices"
+  runner: parallel.Runner,
+  graphdef,
+  tx,
+  cfg: StepConfig,
+  unroll: int,
+  state,
+  inputs="indices",
+  constants=None,
 ):
   """The jitted train function, state donated: the only place it is assembled.
 
@@ -272,10 +333,11 @@ def build_train_fn(
   "batches": (state, uint8 batches [n, batch, H, W, C]) (streaming feed);
   "one_step": (state, uint8 batch [batch, H, W, C]), one step without a loop (cost analysis).
   `state` (arrays or shapes) gives the layout of the state on the runner's mesh.
-  Returns (state, metrics averaged over the dispatch's steps).
+  Returns (state, metrics averaged over the dispatch's steps). `constants` (the LPIPS weights,
+  host arrays or shapes) are bound as WithConstants, replicated on every device.
   """
   R, batch = parallel.REPLICATED, parallel.batch_axis
-  layout = layout_of(runner, state.params)
+  layout = layout_of(runner, state.params, state.adversary.params if state.adversary else None)
   kinds: tuple[Any, ...]
   if inputs == "indices":
     fn, kinds = (
@@ -289,4 +351,13 @@ def build_train_fn(
   else:
     raise ValueError(f"unknown inputs {inputs!r}: use indices, batches or one_step")
   state_kind = runner.state_specs(state) if runner.backend == "shard_map" else R
-  return runner.wrap(fn, (state_kind, *kinds), (state_kind, R), donate_argnums=(0,))
+  if constants is None:
+    return runner.wrap(fn, (state_kind, *kinds), (state_kind, R), donate_argnums=(0,))
+  takes_constants = lambda state, constants, *inputs: fn(state, *inputs, constants=constants)
+  jitted = runner.wrap(takes_constants, (state_kind, R, *kinds), (state_kind, R), (0,))
+  on_devices = constants if _is_abstract(constants) else runner.put(constants)
+  return WithConstants(jitted, on_devices)
+
+
+def _is_abstract(tree):
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
