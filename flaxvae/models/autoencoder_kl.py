@@ -43,6 +43,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxvae.errors import ConfigError, UsageError
@@ -55,6 +56,58 @@ LOGVAR_RANGE = (-30.0, 20.0)  # LDM's clamp on the posterior's log-variance
 MEAN_AND_SCALE = ("laplace", "gaussian")  # likelihoods fed LDM's (out11, logvar)
 
 
+TRUNCATED_STD = 0.87962566103423978  # the std of N(0, 1) truncated to [-2, 2]
+LECUN_NORMAL = jax.nn.initializers.lecun_normal()
+
+
+def host_lecun_normal(key, shape, dtype=jnp.float32):
+  """nnx's default kernel initializer (normal truncated at 2 standard deviations, variance
+  1 / fan-in), drawn by numpy from the key's bits when the model is built eagerly.
+
+  Why: eagerly, jax compiles its initializer once per distinct parameter shape, and this
+  model has dozens of shapes: most of its build time on a CPU. Traced (create_model's
+  abstract build), jax's own initializer of the same distribution stands in."""
+  if isinstance(key, jax.core.Tracer):
+    return LECUN_NORMAL(key, shape, dtype)
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key), np.uint32).ravel())
+  draws = rng.standard_normal(shape)
+  outside = np.abs(draws) > 2.0
+  while outside.any():
+    draws[outside] = rng.standard_normal(int(outside.sum()))
+    outside = np.abs(draws) > 2.0
+  fan_in = math.prod(shape[:-1])
+  return jnp.asarray(draws / (TRUNCATED_STD * math.sqrt(fan_in)), dtype)
+
+
+def host_constant(value):
+  """An initializer of `value` everywhere, made on the host (no compile per shape)."""
+  return lambda key, shape, dtype=jnp.float32: jnp.asarray(np.full(shape, value), dtype)
+
+
+HOST_INIT = dict(kernel_init=host_lecun_normal, bias_init=host_constant(0.0))
+
+
+def conv(i, o, rngs, dtype, kernel=3, stride=1, padding="SAME"):
+  """A float32-parameter conv initialised on the host; 1x1 stride-1 ones as matmuls
+  (layers.PointwiseConv)."""
+  pointwise = kernel == 1 and stride == 1
+  return (layers.PointwiseConv if pointwise else nnx.Conv)(
+    i,
+    o,
+    (kernel, kernel),
+    strides=stride,
+    padding=padding,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
+    **HOST_INIT,
+  )
+
+
+def dense(i, o, rngs, dtype):
+  return nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **HOST_INIT)
+
+
 def upsample_nearest(x, factor=2):
   return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
 
@@ -65,8 +118,8 @@ class GroupNorm(nnx.Module):
 
   def __init__(self, channels, groups, dtype):
     self.groups, self.dtype = groups, dtype
-    self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+    self.scale = nnx.Param(host_constant(1.0)(None, (channels,)))
+    self.bias = nnx.Param(host_constant(0.0)(None, (channels,)))
 
   def __call__(self, x):
     b, h, w, c = x.shape
@@ -84,10 +137,10 @@ class ResnetBlock(nnx.Module):
 
   def __init__(self, cin, cout, groups, rngs, dtype):
     self.norm1 = GroupNorm(cin, groups, dtype)
-    self.conv1 = layers.conv(cin, cout, rngs, dtype)
+    self.conv1 = conv(cin, cout, rngs, dtype)
     self.norm2 = GroupNorm(cout, groups, dtype)
-    self.conv2 = layers.conv(cout, cout, rngs, dtype)
-    self.conv_shortcut = layers.conv(cin, cout, rngs, dtype, kernel=1) if cin != cout else None
+    self.conv2 = conv(cout, cout, rngs, dtype)
+    self.conv_shortcut = conv(cin, cout, rngs, dtype, kernel=1) if cin != cout else None
 
   def __call__(self, x):
     h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -102,8 +155,8 @@ class Attention(nnx.Module):
   def __init__(self, channels, groups, rngs, dtype):
     self.dtype = dtype
     self.group_norm = GroupNorm(channels, groups, dtype)
-    dense = lambda: layers.dense(channels, channels, rngs, dtype)
-    self.to_q, self.to_k, self.to_v, self.to_out = dense(), dense(), dense(), dense()
+    make = lambda: dense(channels, channels, rngs, dtype)
+    self.to_q, self.to_k, self.to_v, self.to_out = make(), make(), make(), make()
 
   def __call__(self, x):
     b, h, w, c = x.shape
@@ -119,7 +172,7 @@ class Downsample(nnx.Module):
   """Pad (0, 1, 0, 1) with zeros, then a 3x3 stride-2 VALID conv (LDM's asymmetric padding)."""
 
   def __init__(self, channels, rngs, dtype):
-    self.conv = layers.conv(channels, channels, rngs, dtype, stride=2, padding="VALID")
+    self.conv = conv(channels, channels, rngs, dtype, stride=2, padding="VALID")
 
   def __call__(self, x):
     return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
@@ -129,7 +182,7 @@ class Upsample(nnx.Module):
   """Nearest-neighbour x2, then a 3x3 conv."""
 
   def __init__(self, channels, rngs, dtype):
-    self.conv = layers.conv(channels, channels, rngs, dtype)
+    self.conv = conv(channels, channels, rngs, dtype)
 
   def __call__(self, x):
     return self.conv(upsample_nearest(x))
@@ -214,7 +267,7 @@ def run_units(units, h, scan, remat):
 
 class Encoder(nnx.Module):
   def __init__(self, colors, widths, num_res_blocks, attend, latent_channels, groups, rngs, dtype):
-    self.conv_in = layers.conv(colors, widths[0], rngs, dtype)
+    self.conv_in = conv(colors, widths[0], rngs, dtype)
     ins = [widths[0], *widths[:-1]]
     last = len(widths) - 1
     self.down_blocks = nnx.List(
@@ -227,7 +280,7 @@ class Encoder(nnx.Module):
     )
     self.mid_block = MidBlock(widths[-1], groups, rngs, dtype)
     self.conv_norm_out = GroupNorm(widths[-1], groups, dtype)
-    self.conv_out = layers.conv(widths[-1], 2 * latent_channels, rngs, dtype)
+    self.conv_out = conv(widths[-1], 2 * latent_channels, rngs, dtype)
 
   def __call__(self, x11, scan, remat):
     h = self.conv_in(x11)
@@ -244,7 +297,7 @@ class Decoder(nnx.Module):
     self, out_channels, widths, num_res_blocks, attend, latent_channels, groups, rngs, dtype
   ):
     top = widths[-1]
-    self.conv_in = layers.conv(latent_channels, top, rngs, dtype)
+    self.conv_in = conv(latent_channels, top, rngs, dtype)
     self.mid_block = MidBlock(top, groups, rngs, dtype)
     ups = list(reversed(widths))
     ins = [top, *ups[:-1]]
@@ -265,7 +318,7 @@ class Decoder(nnx.Module):
       ]
     )
     self.conv_norm_out = GroupNorm(widths[0], groups, dtype)
-    self.conv_out = layers.conv(widths[0], out_channels, rngs, dtype)
+    self.conv_out = conv(widths[0], out_channels, rngs, dtype)
 
   def features(self, z, scan, remat):
     """The input of conv_out: everything but the last layer."""
@@ -359,11 +412,9 @@ class AutoencoderKL(nnx.Module):
       out_channels, widths, num_res_blocks, attend, latent_channels, norm_groups, rngs, dtype
     )
     two_z = 2 * latent_channels
-    self.quant_conv = layers.conv(two_z, two_z, rngs, dtype, kernel=1) if use_quant_conv else None
+    self.quant_conv = conv(two_z, two_z, rngs, dtype, kernel=1) if use_quant_conv else None
     self.post_quant_conv = (
-      layers.conv(latent_channels, latent_channels, rngs, dtype, kernel=1)
-      if use_quant_conv
-      else None
+      conv(latent_channels, latent_channels, rngs, dtype, kernel=1) if use_quant_conv else None
     )
     self.logvar_init = float(logvar_init)
     if learn_logvar:
