@@ -217,7 +217,7 @@ def _validate_eval(c):
   for key in ("ais_steps", "ais_chains", "ais_leapfrog", "log_points"):
     if value(key) <= 0:
       raise ConfigError(f"eval.{key} must be positive, got {value(key)}")
-  for key in ("ais_examples", "bdmc_examples"):
+  for key in ("ais_examples", "bdmc_examples", "rfid_examples"):
     if value(key) < 0:
       raise ConfigError(f"eval.{key} must be >= 0, got {value(key)}")
   if c.amortization_learning_rate <= 0:

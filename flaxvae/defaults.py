@@ -154,6 +154,10 @@ def base_config():
   config.eval.log_points = (
     12  # log schedule: evaluations at 0 and ~log-spaced steps up to num_steps
   )
+  # PSNR, SSIM, LPIPS, rFID and latent statistics (eval/reconstruction.py): always for models
+  # with the reconstruction capability; True adds them for other models with one latent layer
+  config.eval.reconstruction_metrics = False
+  config.eval.rfid_examples = 0  # final evaluation's rFID on the first N examples (0: all)
   return config
 
 

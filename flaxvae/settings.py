@@ -162,6 +162,8 @@ class EvalSettings:
   bdmc_examples: int
   schedule: str
   log_points: int
+  reconstruction_metrics: bool
+  rfid_examples: int
 
 
 @dataclasses.dataclass(frozen=True)

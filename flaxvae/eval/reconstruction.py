@@ -44,7 +44,6 @@ from flaxvae.train import outputs
 
 LATENT_STREAM = 8  # folded into an example's key for its latent sample (diagnostics.py: 2-7)
 BLOCK_BATCHES = 4  # evaluator batches per block: the features held at once
-DEFAULT_RFID_EXAMPLES = 0  # eval.rfid_examples until settings has it: 0, every evaluated example
 
 
 def applies(model, eval_settings):
@@ -53,7 +52,7 @@ def applies(model, eval_settings):
   Gaussian latent (a baseline VAE compared on the same figures)."""
   if contract.has(model, contract.RECONSTRUCTION):
     return True
-  asked = getattr(eval_settings, "reconstruction_metrics", False)
+  asked = eval_settings.reconstruction_metrics
   return bool(asked) and contract.has(model, contract.AGGREGATE_POSTERIOR)
 
 
@@ -148,7 +147,7 @@ def reconstruction_metrics(run, evaluator, params, rng, num_examples, final, lab
     skipped["rfid"] = "computed in the final evaluation only"
   else:
     inception_weights, why = _inception_weights()
-    asked = getattr(eval_settings, "rfid_examples", DEFAULT_RFID_EXAMPLES)
+    asked = eval_settings.rfid_examples
     rfid_examples = min(asked or n, n) if inception_weights is not None else 0
     if why or rfid_examples < 2:
       skipped["rfid"] = why or "needs at least 2 examples"
