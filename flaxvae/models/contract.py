@@ -156,7 +156,7 @@ class Reconstructs(Protocol):
   reconstruction whose last layer can be re-applied to its own parameters (the gradient of a
   loss with respect to that layer's kernel: LDM's adaptive discriminator weight)."""
 
-  OUTPUT_LAYER: tuple = None  # the path of the last layer in the pure parameter dict
+  OUTPUT_LAYER: tuple | None = None  # the path of the last layer in the pure parameter dict
 
   def encode(self, x) -> tuple:
     """(mean, logvar) [b, h, w, c] of q(z|x) for images x [b, H, W, C] in [0, 1]."""

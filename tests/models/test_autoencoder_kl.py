@@ -137,6 +137,22 @@ def test_learned_logvar_is_a_top_level_group_and_gaussian_maps_a_variance():
   assert jax.eval_shape(fixed.decode, jnp.zeros((1, 8, 8, 4))).shape == (1, 16, 16, 3)
 
 
+def test_parameters_only_and_the_abstract_build_has_the_real_ones_shapes():
+  """Every array is a trained nnx.Param (a constant held as a Variable would be moved by the
+  optimizer), and the build from shapes alone (jax's initializer, traced) has the structure,
+  shapes and dtypes of the real one (numpy's draws)."""
+  keys = dict(learn_logvar=True, attention_resolutions=(8,))
+  real, abstract = nnx.state(build(**keys)), nnx.state(build(abstract=True, **keys))
+  assert not jax.tree.leaves(nnx.state(build(**keys), nnx.Not(nnx.Param)))
+  assert jax.tree.structure(real) == jax.tree.structure(abstract)
+  signature = lambda tree: [(a.shape, a.dtype) for a in jax.tree.leaves(tree)]
+  assert signature(real) == signature(abstract)
+  # LeCun normal: standard deviation 1 / sqrt(fan-in), truncated at 2 / 0.88 of it.
+  kernel = np.asarray(real["decoder"]["conv_in"]["kernel"][...])  # fan-in 3 x 3 x 4
+  std = 1 / math.sqrt(36)
+  assert np.abs(kernel).max() <= 2 * std / 0.8796 and 0.8 * std < kernel.std() < 1.2 * std
+
+
 def test_logvar_is_clamped_as_ldm_clamps_it():
   model = build()
   bias = model.quant_conv.bias[...]
