@@ -339,6 +339,7 @@ def build_train_fn(
   R, batch = parallel.REPLICATED, parallel.batch_axis
   layout = layout_of(runner, state.params, state.adversary.params if state.adversary else None)
   kinds: tuple[Any, ...]
+  fn: Any  # (state, *inputs, constants=None) -> (state, metrics)
   if inputs == "indices":
     fn, kinds = (
       functools.partial(gather_train_steps, graphdef, tx, cfg, layout, unroll),

@@ -79,6 +79,7 @@ def test_both_players_train_and_log_their_terms(reference):
   assert int(state["adversary"]["skipped"]) == 0 and int(state["skipped"]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["", "data:2,fsdp:4"])
 def test_eight_devices_give_the_numbers_of_one(reference, tmp_path, mesh):
   one, eight = tmp_path / "one", tmp_path / "eight"
@@ -98,6 +99,7 @@ def test_eight_devices_give_the_numbers_of_one(reference, tmp_path, mesh):
       np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [START - 1, START + 1], ids=["before_start", "after_start"])
 def test_a_preempted_run_resumes_bitwise_on_either_side_of_the_start(reference, tmp_path, stop):
   with pytest.MonkeyPatch.context() as mp:
@@ -134,3 +136,12 @@ def test_an_image_size_the_downsampling_does_not_divide_is_refused(tmp_path):
   with pytest.raises(ConfigError, match="divisible"):
     train(config, str(tmp_path), DATASET)
   assert not tmp_path.joinpath("checkpoints").exists()
+
+
+def test_the_step_config_takes_the_perceptual_weight_and_the_adversary_from_their_settings():
+  from flaxvae.run import Run  # noqa: PLC0415
+
+  run = Run(two_players(**{"objective.perceptual_weight": 0.25}), DATASET)
+  assert run.step_cfg.perceptual_weight == 0.25
+  assert run.step_cfg.adversary.start_step == START and run.step_cfg.adversary.train_start == 1
+  assert run.step_cfg.adversary.loss == "hinge" and run.step_cfg.adversary.weight == 0.5
