@@ -18,6 +18,7 @@ from flaxvae.train import outputs, preemption
 from flaxvae.train.trainer import train
 from tests import conftest
 from tests.train.test_fault_tolerance import assert_bitwise, saved_state, stop_at
+from tests.train.test_players import rounding_only
 
 SHAPE = (28, 28, 1)
 DATASET = conftest.array_dataset(32, 16, SHAPE)
@@ -91,10 +92,7 @@ def test_eight_devices_give_the_numbers_of_one(reference, tmp_path, mesh):
   a, b = saved_state(one, NUM_STEPS), saved_state(eight, NUM_STEPS)
   for part in ("params", "adversary"):
     for (path, x), y in zip(jax.tree.leaves_with_path(a[part]), jax.tree.leaves(b[part])):
-      if "to_k" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
-        # The key's bias adds the same q.b to every logit of a query: softmax cancels it, its
-        # gradient is zero up to rounding, and Adam scales that rounding to steps of the
-        # learning rate whose signs depend on the summation order. It changes no output.
+      if rounding_only(path):
         continue
       np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
 
@@ -139,7 +137,7 @@ def test_an_image_size_the_downsampling_does_not_divide_is_refused(tmp_path):
 
 
 def test_the_step_config_takes_the_perceptual_weight_and_the_adversary_from_their_settings():
-  from flaxvae.run import Run  # noqa: PLC0415
+  from flaxvae.run import Run
 
   run = Run(two_players(**{"objective.perceptual_weight": 0.25}), DATASET)
   assert run.step_cfg.perceptual_weight == 0.25
