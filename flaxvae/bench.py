@@ -2,6 +2,7 @@
 
     flaxvae bench --config configs/fashion_mnist_mlp.py [--steps N] [--windows W]
     flaxvae bench --aot --config configs/cifar10_vdvae.py [--devices 1,8] [--device_memory 80GB]
+        [--mesh data:2,fsdp:4] [--image_shape 512,512,3]
 
 The first compiles the function `train.py` dispatches (the in-memory feed: indices into the
 device-resident split, `config.steps_per_dispatch` steps per call) and prints one JSON line:
@@ -33,6 +34,7 @@ from flaxvae.errors import UsageError
 from flaxvae.run import Run
 from flaxvae.runtime import parallel, timing, xla_flags
 from flaxvae.train import checkpoint as checkpoint_lib
+from flaxvae.train import step as step_lib
 
 AOT_CHILD = "FLAXVAE_BENCH_AOT_CHILD"  # set in a child compiling for more devices than this one has
 
@@ -95,9 +97,10 @@ def lowered_step_flops(config, image_shape):
   costs minutes; on the MLP, conv and VDVAE configs it agrees closely with the compiled count
   (step_flops), which is why the FLOP columns can use it."""
   config = config.copy_and_resolve_references()
-  if "scan_blocks" in config.model:
+  if "scan_blocks" in config.model:  # VDVAE names the choice, the KL autoencoder's is a bool
     with config.unlocked():
-      config.model.scan_blocks = "unroll"
+      scanned = config.model.scan_blocks
+      config.model.scan_blocks = "unroll" if isinstance(scanned, str) else False
   run = Run(config, abstract=True, image_shape=tuple(image_shape))
   return float(_cost(_lower_one_step(run)).get("flops", 0.0))
 
@@ -119,8 +122,16 @@ def compiled_trainer(config, dataset=None):
     return runner.put(idx, parallel.batch_axis(1))
 
   start = time.perf_counter()
-  compiled = train_fn.lower(state, dataset, indices()).compile()
+  compiled = _as_called(train_fn, train_fn.lower(state, dataset, indices()).compile())
   return run, compiled, state, dataset, indices, time.perf_counter() - start
+
+
+def _as_called(train_fn, compiled):
+  """`compiled` taking the arguments `train_fn` takes: a step with frozen networks' weights
+  (LPIPS's, step.WithConstants) gets them bound as the jitted function has them."""
+  if isinstance(train_fn, step_lib.WithConstants):
+    return step_lib.WithConstants(compiled, train_fn.constants)
+  return compiled
 
 
 def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, dataset=None):
@@ -151,7 +162,7 @@ def time_trainer(config, *, steps=0, windows=5, window_seconds=2.0, dataset=None
     examples_per_s=measured.median_rate(n * config.batch_size),
     window_rates=rates,
     steps_per_window=measured.calls_per_window * n,
-    memory=_memory(compiled),
+    memory=_memory(getattr(compiled, "jitted", compiled)),
     loss=loss,
     state=state,
   )
@@ -265,11 +276,59 @@ def parse_bytes(text):
   raise UsageError(f"--device_memory {text!r}: give a size like 80GB or 16GiB")
 
 
+def parse_image_shape(text):
+  """'512' (square, 3 channels) / '512,512' / '512,512,3' -> (H, W, C)."""
+  try:
+    dims = tuple(int(d) for d in str(text).replace("x", ",").split(",") if d.strip())
+  except ValueError:
+    dims = ()
+  if len(dims) == 1:
+    dims = (dims[0], dims[0], 3)
+  elif len(dims) == 2:
+    dims = (*dims, 3)
+  if len(dims) != 3 or min(dims) < 1:
+    raise UsageError(f"--image_shape {text!r}: give H,W,C like 512,512,3 (or 512 for 512,512,3)")
+  return dims
+
+
+def _shard_bytes(tree):
+  """Bytes of `tree`'s arrays (ShapeDtypeStructs with shardings) held by one device."""
+  return sum(
+    int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in jax.tree.leaves(tree)
+  )
+
+
+def _size(tree):
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+def player_memory(state):
+  """Per-device GiB of each player's state (parameters, optimizer state, EMA; the
+  discriminator's BatchNorm statistics) from its shapes and shardings, and the parameter
+  counts: what the state costs before the step's activations."""
+  row = dict(
+    parameters=_size(state.params),
+    per_device_parameter_gib=_gib(_shard_bytes(state.params)),
+    per_device_optimizer_gib=_gib(_shard_bytes(state.opt_state)),
+    per_device_ema_gib=_gib(_shard_bytes(state.ema_params)),
+  )
+  if state.adversary:
+    adversary = state.adversary
+    row.update(
+      adversary_parameters=_size(adversary.params),
+      per_device_adversary_parameter_gib=_gib(_shard_bytes(adversary.params)),
+      per_device_adversary_optimizer_gib=_gib(_shard_bytes(adversary.opt_state)),
+      per_device_adversary_stats_gib=_gib(_shard_bytes(adversary.stats)),
+    )
+  return row
+
+
 def aot_row(config, num_devices, image_shape=None, mesh=None, device_memory=None):
   """Compiles one train dispatch for `num_devices` from shapes alone and reports parameters,
-  FLOPs per example (lowered_step_flops), per-device memory and compile time; with
-  `device_memory` (bytes) also the largest global batch whose step fits it, from a second
-  compile at twice the batch (activation memory grows linearly with the batch)."""
+  FLOPs per example (lowered_step_flops), per-device memory of each player's state and of the
+  compiled step, and compile time; with `device_memory` (bytes) also the largest global batch
+  whose step fits it, from a second compile at twice the batch (activation memory grows
+  linearly with the batch). `image_shape` (H, W, C): else the dataset's."""
   image_shape = tuple(image_shape or data_lib.open_dataset(config.data).image_shape)
   run = Run(config, abstract=True, image_shape=image_shape)
   mesh = config.parallel.mesh if mesh is None else mesh
@@ -280,11 +339,6 @@ def aot_row(config, num_devices, image_shape=None, mesh=None, device_memory=None
     raise UsageError(f"batch_size {batch} does not split over {num_devices} devices")
   compiled, compile_s, state = _compile_abstract(run, runner, batch, image_shape, n)
   memory = _memory(compiled) or {}
-  leaves = lambda tree: jax.tree.leaves(tree)
-  params = sum(int(np.prod(a.shape)) for a in leaves(state.params))
-  shards = lambda tree: sum(
-    int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in leaves(tree)
-  )
   row = dict(
     case="aot",
     model=config.model.name,
@@ -295,10 +349,7 @@ def aot_row(config, num_devices, image_shape=None, mesh=None, device_memory=None
     steps_per_dispatch=n,
     dtype=config.dtype,
     image_shape=list(image_shape),
-    parameters=params,
-    per_device_parameter_gib=_gib(shards(state.params)),
-    per_device_optimizer_gib=_gib(shards(state.opt_state)),
-    per_device_ema_gib=_gib(shards(state.ema_params)),
+    **player_memory(state),
     compile_s=round(compile_s, 1),
     **{f"per_device_{k.replace('_size_in_bytes', '')}_gib": _gib(v) for k, v in memory.items()},
   )
@@ -313,16 +364,18 @@ def aot_row(config, num_devices, image_shape=None, mesh=None, device_memory=None
       device_memory_gib=_gib(device_memory),
       per_device_activation_gib_per_example=_gib(per_example),
       largest_batch=max(0, fits // num_devices * num_devices),
+      largest_batch_per_device=max(0, fits // num_devices),
     )
   return row
 
 
-def run_aot(config, device_counts, device_memory=None, emit=print):
+def run_aot(config, device_counts, device_memory=None, emit=print, image_shape=None):
   """aot_row for each device count (this process must have them)."""
   rows = []
   for d in device_counts:
     if d <= jax.device_count():
-      row = dict(aot_row(config, d, device_memory=device_memory), **environment())
+      row = aot_row(config, d, image_shape=image_shape, device_memory=device_memory)
+      row = dict(row, **environment())
       rows.append(row)
       emit(json.dumps(row))
   return rows

@@ -276,6 +276,12 @@ def bench_command(argv):
       "--aot: also the largest global batch whose step fits this much memory per device, e.g. 80GB",
       flag_values=fv,
     )
+    flags.DEFINE_string(
+      "image_shape",
+      None,
+      "--aot: the images' H,W,C (or one side for square RGB), e.g. 512; default: the data's",
+      flag_values=fv,
+    )
 
   fv, _ = _parse(argv, define)
   if fv.config is None:
@@ -291,10 +297,12 @@ def bench_command(argv):
     return
   counts = [int(d) for d in fv.devices]
   memory = bench.parse_bytes(fv.device_memory) if fv.device_memory else None
+  image_shape = bench.parse_image_shape(fv.image_shape) if fv.image_shape else None
   if fv.mesh is not None:
     with fv.config.unlocked():
       fv.config.parallel.mesh = fv.mesh
-  bench.run_aot(fv.config, [d for d in counts if d <= jax.device_count()], memory)
+  local = [d for d in counts if d <= jax.device_count()]
+  bench.run_aot(fv.config, local, memory, image_shape=image_shape)
   rest = _without_flag(argv[1:], "--devices")
   for d in (d for d in counts if d > jax.device_count()):
     bench.in_child_with_devices(

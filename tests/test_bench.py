@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import pytest
 
 from flaxvae import bench, cli
+from flaxvae.errors import UsageError
 from flaxvae.run import Run
 from flaxvae.runtime import parallel, timing
 from flaxvae.train import trainer
+from tests import conftest
 from tests.conftest import REPO, array_dataset, tiny_config
 
 
@@ -127,3 +129,24 @@ def test_aot_on_one_device_reports_parameters_flops_and_memory_from_shapes_alone
   assert row["case"] == "aot" and row["parameters"] > 2 * 784 * 32
   assert row["flops_per_example"] > 4 * 2 * 784 * 32 and row["per_device_temp_gib"] >= 0
   assert row["largest_batch"] > 0
+
+
+def test_aot_image_shape_is_one_side_or_three_dimensions():
+  assert bench.parse_image_shape("512") == (512, 512, 3)
+  assert bench.parse_image_shape("64,32") == (64, 32, 3)
+  assert bench.parse_image_shape("28,28,1") == (28, 28, 1)
+  for bad in ("", "a", "1,2,3,4", "0"):
+    with pytest.raises(UsageError, match="--image_shape"):
+      bench.parse_image_shape(bad)
+
+
+@pytest.mark.slow  # two compiles of both players (LPIPS's VGG16 included) for 8 devices
+def test_aot_of_two_players_reports_the_discriminators_parameters_and_memory():
+  """The latent autoencoder's step, both players and LPIPS's weights as shapes alone: the
+  discriminator's parameters and state are reported beside the autoencoder's."""
+  config = conftest.load_config("fashion_mnist_kl_f4", "tiny")
+  row = bench.aot_row(config, 8, image_shape=(28, 28, 1), mesh="data:2,fsdp:4", device_memory=2**30)
+  assert row["parameters"] > row["adversary_parameters"] > 0
+  for key in ("parameter", "optimizer", "stats"):
+    assert row[f"per_device_adversary_{key}_gib"] >= 0
+  assert row["flops_per_example"] > 0 and row["largest_batch_per_device"] > 0
