@@ -262,6 +262,7 @@ def render(rows):
         "finite loss",
         "compile s",
         "measured",
+        "command",
       ],
       [
         [r["device_kind"], r["case"], "`" + r.get("config", "") + "`"]
@@ -273,28 +274,34 @@ def render(rows):
           if "failed" not in r
           else ["", r["batch_size"], "", f"failed: {r['failed']}", *[""] * 8, r["measured"]]
         )
+        + [command_cell(r)]
         for r in throughput
       ],
     ),
     "",
     *sections.table(
-      ["device", "check", "passed", "pytest's summary", "s", "measured"],
+      ["device", "check", "passed", "pytest's summary", "s", "measured", "command"],
       [
         [r["device_kind"], r["check"], r["passed"], r["summary"], r["seconds"], r["measured"]]
+        + [command_cell(r)]
         for r in checks
       ],
     ),
     "",
-    "Commands: `make device-check` (the full run; `.venv/bin/python " + SCRIPT + "`) and, "
-    "for the rows marked quick, `.venv/bin/python " + SCRIPT + " --quick` (tiny variants: "
-    "a test of the script, not a measurement). The kl-f8 case has the discriminator on "
-    "from step 0, so every timed step runs both players and LPIPS. GFLOP/example from XLA's "
+    "`make device-check` runs `" + SCRIPT + "`; rows run with `--quick` (the configs' tiny "
+    "variants on a CPU) test the script and are no measurement of the models. The kl-f8 "
+    "case has the discriminator on from step 0, so every timed step runs both players and "
+    "LPIPS. GFLOP/example from XLA's "
     "cost analysis of one step (forward, backward, update); MFU against the peak named. "
     "`compiled GiB` is the step's arguments + temp from XLA's memory analysis; `peak in use` "
     "the device allocator's peak, where the device reports one.",
     "",
     *sections.raw_block(rows),
   ]
+
+
+def command_cell(row):
+  return f"`{row['command']}`" if row.get("command") else ""
 
 
 def merge(earlier, fresh):

@@ -91,7 +91,7 @@ def test_device_check_names_the_peak_it_divides_by_and_keeps_other_devices_rows(
   assert check.merge([gpu, old_cpu], [new_cpu]) == [gpu, new_cpu]
   failed = dict(gpu, batch_size=4, failed="RESOURCE_EXHAUSTED")
   table = [line for line in check.render([failed]) if line.startswith("| NVIDIA")]
-  assert table[0].count("|") == 17  # a failed case keeps the table's 16 columns
+  assert table[0].count("|") == 18  # a failed case keeps the table's 17 columns
 
 
 @pytest.mark.slow  # compiles both tiny steps and runs two tests in children: minutes here
