@@ -10,7 +10,7 @@ RUN_DIR ?= runs/fashion_mnist_mlp
 TORCH_VENV := .venv-torch
 export FLAXVAE_DATA_DIR ?= $(CURDIR)/data/tfds
 
-.PHONY: install venv data weights run lint test test-slow test-bench bench device-check aot-autoencoder clean
+.PHONY: install venv data weights run lint test test-slow test-bench bench device-check aot-autoencoder parity-fixtures clean
 
 install: venv data
 
@@ -80,6 +80,12 @@ $(REF_VENV)/.installed:
 	$(REF_VENV)/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 \
 	  lpips==0.1.4 diffusers==0.42.1 safetensors==0.8.0 numpy
 	@touch $@
+
+# diffusers' AutoencoderKL (the pinned release) in the SD 1.x, SDXL, SD3 and FLUX.1 layouts on
+# random weights -> tests/fixtures/diffusers_vae/, which the importer's parity test reads (so
+# `make test` needs no torch); rerun after a diffusers upgrade.
+parity-fixtures: $(REF_VENV)/.installed
+	$(REF_VENV)/bin/python -m tests.reference.diffusers_vae_configs
 
 bench: install $(TORCH_VENV)/.installed $(REF_VENV)/.installed
 	$(PY) benchmarks/report.py --out BENCHMARKS.md $(BENCH_ARGS)

@@ -110,6 +110,7 @@ class Model:
     self._ais = {}
     self._encode = jax.jit(lambda p, x: merge(p).encode(x))
     self._decode = jax.jit(lambda p, z: merge(p).decode(z))
+    self._decode_image = jax.jit(lambda p, z: self.likelihood.mean(merge(p).decode(z)))
     self._log_joint = jax.jit(lambda p, x, zs: merge(p).log_joint(x, zs))
     self._log_prior = jax.jit(lambda p, zs: merge(p).log_prior(zs))
 
@@ -126,13 +127,23 @@ class Model:
         f"{self.settings.model.name!r} has {list(self.capabilities) or 'none'}"
       )
 
+  def _require_any(self, capabilities, what):
+    if not set(capabilities) & set(self.capabilities):
+      self._require(capabilities[0], what)
+
   def encode(self, x):
-    """The Gaussian posterior q(z|x) as (mean, logvar), each [batch, latent]."""
-    self._require(contract.AGGREGATE_POSTERIOR, "encode")
+    """The Gaussian posterior q(z|x) as (mean, logvar), each [batch, latent]; for a latent
+    autoencoder (the reconstruction capability) [batch, h, w, c] each, x [batch, H, W, C] of
+    any size its downsampling takes (odd ones pad as diffusers' AutoencoderKL does)."""
+    self._require_any((contract.AGGREGATE_POSTERIOR, contract.RECONSTRUCTION), "encode")
     return self._encode(self.params, self._x(x))
 
   def decode(self, z):
-    """The likelihood's raw parameters for latents z [n, latent]: [n, H, W, channels_out]."""
+    """The likelihood's raw parameters for latents z [n, latent]: [n, H, W, channels_out]. A
+    latent autoencoder's (the reconstruction capability): the image [n, H, W, C] for latents
+    [n, h, w, c], the likelihood's mean, in the value range of the images `encode` takes."""
+    if contract.RECONSTRUCTION in self.capabilities:
+      return self._decode_image(self.params, jnp.asarray(z, jnp.float32))
     self._require(contract.AGGREGATE_POSTERIOR, "decode")
     return self._decode(self.params, jnp.asarray(z, jnp.float32))
 
@@ -302,3 +313,21 @@ def evaluate(
       ".json", "".join(f"_{key}{value}" for key, value in adhoc.items()) + ".json"
     )
   return row, evaluation.write_json(workdir, name, row)
+
+
+def import_weights(source, workdir, **options):
+  """`flaxvae import-weights`: diffusers' AutoencoderKL (a folder with config.json and the
+  safetensors, or the file) or LDM's first-stage checkpoint -> a run directory `workdir` that
+  `load`, `evaluate`, `sample`, latent-stats and init.params_from read. `options`: data,
+  image_size, config (a ConfigDict to build on), norm_groups (interop/runs.py)."""
+  from flaxvae.interop import runs  # noqa: PLC0415
+
+  return runs.import_weights(source, workdir, **options)
+
+
+def export_weights(workdir, dest, step=None):
+  """`flaxvae export-weights`: a latent autoencoder's weights in diffusers' layout (config.json
+  + diffusion_pytorch_model.safetensors in `dest`, with its scaling and shift factors)."""
+  from flaxvae.interop import runs  # noqa: PLC0415
+
+  return runs.export_weights(workdir, dest, step)

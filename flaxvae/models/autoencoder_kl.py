@@ -455,9 +455,10 @@ class AutoencoderKL(nnx.Module):
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     out = (out + params["bias"].astype(self.dtype)).astype(jnp.float32)
-    (top, _), (left, _) = self.padding
-    height, width = self.image_shape[:2]
-    out = out[:, top : top + height, left : left + width]
+    (top, bottom), (left, right) = self.padding
+    if top or bottom or left or right:  # pad_to's zeros cropped off; any other size as it came
+      height, width = self.image_shape[:2]
+      out = out[:, top : top + height, left : left + width]
     if not self.ldm_output:
       return out
     mean = (out + 1.0) / 2.0
