@@ -4,6 +4,8 @@
     flaxvae evaluate --workdir runs/mlp [--num_importance_samples K] [--max_examples N]
     flaxvae sample --workdir runs/mlp [--temperature 0.8 | --temperature 1,0.9,0.8] [--n 64]
     flaxvae report --workdir runs/mlp
+    flaxvae latent-stats --workdir runs/kl_f8 [--split test] [--max_examples N]
+    flaxvae reconstruct --workdir runs/kl_f8 --images DIR [--tile 512 --overlap 64]
     flaxvae prepare-data fashion_mnist [--source_dir DIR] [--data_dir DIR]
     flaxvae prepare-data folder --source DIR --name NAME [--test_fraction F]
     flaxvae bench --config configs/fashion_mnist_mlp.py [--steps N] [--windows W]
@@ -424,6 +426,69 @@ def sample_command(argv):
       api.load(fv.workdir, fv.step), fv.workdir, fv.n, temperature, keep, fv.seed, fv.out
     )
   )
+
+
+@command("latent-stats")
+def latent_stats_command(argv):
+  """Per-channel mean and std of a latent autoencoder's latents over a split, and the scale
+  and shift a latent diffusion model normalises them with -> WORKDIR/latent_stats.json."""
+
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
+    flags.DEFINE_string("split", None, "split (default: the run's eval split)", flag_values=fv)
+    flags.DEFINE_integer(
+      "max_examples", None, "first N examples (default: the whole split)", flag_values=fv
+    )
+    flags.DEFINE_integer(
+      "batch_size", None, "examples per batch (default: eval.batch_size)", flag_values=fv
+    )
+    flags.DEFINE_enum(
+      "posterior",
+      "sample",
+      ["sample", "mean"],
+      "latents: posterior samples or means",
+      flag_values=fv,
+    )
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+
+  fv, _ = _parse(argv, define)
+  if not fv.workdir:
+    raise UsageError("latent-stats needs --workdir DIR (a trained or imported autoencoder)")
+  from flaxvae.eval import latent_stats  # noqa: PLC0415
+
+  row, path = latent_stats.compute(
+    fv.workdir, fv.split, fv.max_examples, fv.batch_size, fv.step, fv.posterior
+  )
+  print(
+    f"scale {row['latent_scale']:.6g} (LDM scale_factor), shift {row['latent_shift']:.6g} "
+    f"(SD3/FLUX: (z - shift) * scale) over {row['num_examples']} {row['split']} examples"
+  )
+  print(f"written: {path}")
+
+
+@command("reconstruct")
+def reconstruct_command(argv):
+  """Reconstructions of your images (PNG/JPEG, a folder, or uint8 .npy) at their own size,
+  whole or in overlapping tiles blended linearly (--tile) when whole ones do not fit."""
+
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
+    flags.DEFINE_string("images", None, "an image, a folder of them, or a .npy", flag_values=fv)
+    flags.DEFINE_string("out", None, "folder (default WORKDIR/reconstructions)", flag_values=fv)
+    flags.DEFINE_integer("tile", 0, "tile side in pixels (0: whole images)", flag_values=fv)
+    flags.DEFINE_integer("overlap", 0, "pixels neighbouring tiles share", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+
+  fv, _ = _parse(argv, define)
+  if not fv.workdir or not fv.images:
+    raise UsageError("reconstruct needs --workdir DIR and --images PATH")
+  from flaxvae.eval import reconstruct_images  # noqa: PLC0415
+
+  out = fv.out or os.path.join(fv.workdir, "reconstructions")
+  for name, psnr, path in reconstruct_images.reconstruct(
+    fv.workdir, fv.images, out, fv.tile, fv.overlap, fv.step
+  ):
+    print(f"{name}: PSNR {psnr:.2f} dB  {path}")
 
 
 @command("report")
