@@ -29,8 +29,10 @@ GPU's rows, measured on a machine whose files do not come back, are added here w
 """
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -106,6 +108,7 @@ def ensure_lpips_weights():
   if os.path.exists(weights.weights_path(perceptual.NAME)):
     return None
   directory = tempfile.mkdtemp(prefix="flaxvae-random-lpips-")
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
   os.environ["FLAXVAE_WEIGHTS_DIR"] = directory
   draw = np.random.default_rng(0).uniform  # non-negative: lpips' heads must be
   arrays = {k: draw(0.0, 0.05, s).astype(np.float32) for k, s in perceptual.weight_shapes().items()}

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 from scripts import load_script
 
@@ -113,3 +114,17 @@ def test_device_check_runs_on_this_cpu_shortened(tmp_path):
   text = out.read_text()
   assert "## Device check" in text and "kl_f8_256_two_players" in text
   assert text.index("## Device check") < text.index("## Raw results")
+
+
+@pytest.mark.slow  # writes and reads VGG16's 14.7M weights: seconds, more on a loaded host
+def test_without_prepared_weights_lpips_gets_random_ones_of_vgg16s_shapes(tmp_path, monkeypatch):
+  """The accelerator has no weights and no internet: the step's cost does not depend on them."""
+  from flaxvae.objectives import perceptual
+
+  check = load_script("device_check")
+  monkeypatch.setenv("FLAXVAE_WEIGHTS_DIR", str(tmp_path))
+  directory = check.ensure_lpips_weights()
+  assert directory and directory != str(tmp_path)
+  loaded = perceptual.load_lpips_weights()  # from the directory it now points at
+  assert sum(a.size for a in jax.tree.leaves(loaded)) > 14_000_000
+  assert check.ensure_lpips_weights() is None  # now there: nothing made again
