@@ -136,12 +136,18 @@ def check_resumable(saved, current, step, directory):
 
 
 def _all_finite(state):
-  """True when the trained values (params, optimizer state, EMA) hold no NaN or inf.
+  """True when the trained values (params, optimizer state, EMA, and the discriminator's
+  params and optimizer state) hold no NaN or inf.
 
   The guard's window of recent norms is NaN-padded by design and is not checked.
   """
   fields = state._asdict() if hasattr(state, "_asdict") else state
-  return bool(_finite([fields[k] for k in ("params", "opt_state", "ema_params") if k in fields]))
+  trained = [fields[k] for k in ("params", "opt_state", "ema_params") if k in fields]
+  adversary = fields.get("adversary")
+  if adversary:  # the discriminator's (train/players.py AdversaryState, or its saved dict)
+    parts = adversary._asdict() if hasattr(adversary, "_asdict") else adversary
+    trained += [parts["params"], parts["opt_state"]]
+  return bool(_finite(trained))
 
 
 @jax.jit
@@ -499,14 +505,39 @@ def restore_items(manager, step, **items):
 
 
 def restore_state(manager, step, abstract_state):
-  """The `state` item of `step` alone, laid out (and typed) as `abstract_state`."""
+  """The `state` item of `step` alone, laid out (and typed) as `abstract_state`.
+
+  A field this version added that is empty in this run (`adversary=()` of a model without a
+  discriminator) is absent from an older version's checkpoint: it is restored as empty, so
+  flaxvae 0.1's checkpoints still load."""
   as_dict = hasattr(abstract_state, "_asdict")
-  restored = restore_items(
-    manager,
-    step,
-    state=ocp.args.StandardRestore(dict(abstract_state._asdict()) if as_dict else abstract_state),
-  )["state"]
-  return type(abstract_state)(**restored) if as_dict else restored
+  target = dict(abstract_state._asdict()) if as_dict else abstract_state
+
+  def restore(tree):
+    return restore_items(manager, step, state=ocp.args.StandardRestore(tree))["state"]
+
+  if not as_dict:
+    return restore(target)
+  try:
+    restored = restore(target)
+  except ValueError:
+    saved = _saved_fields(manager, step)
+    absent = {k: v for k, v in target.items() if isinstance(v, tuple) and not v}
+    absent = {k: v for k, v in absent.items() if saved is not None and k not in saved}
+    if not absent:
+      raise
+    restored = {**restore({k: v for k, v in target.items() if k not in absent}), **absent}
+  return type(abstract_state)(**restored)
+
+
+def _saved_fields(manager, step):
+  """The top-level fields of `step`'s saved state; None where its metadata is unreadable (the
+  restore that failed then reports the damage)."""
+  state_dir = os.path.join(str(manager.directory), str(int(step)), "state")
+  try:
+    return set(ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree)
+  except Exception:  # damaged metadata: the caller re-raises the restore's error
+    return None
 
 
 def read_state(state_dir):

@@ -145,6 +145,14 @@ def step_config(s, adversary=None):
   )
 
 
+def consecutive_skips(state: TrainState):
+  """The longest current run of skipped steps of any player (the autoencoder's, or the
+  discriminator's when the run trains one): what max_consecutive_skips bounds."""
+  if not state.adversary:
+    return state.consecutive_skips
+  return jnp.maximum(state.consecutive_skips, state.adversary.consecutive_skips)
+
+
 def ema_decay_at(step, decay):
   """The EMA's decay at `step`: min(decay, (1 + step) / (10 + step)), the warm-up of TF's
   ExponentialMovingAverage with num_updates. A fixed 0.999 from the initial parameters keeps

@@ -28,6 +28,7 @@ from flaxvae.run import Run
 from flaxvae.runtime import dispatch, jax_private
 from flaxvae.train import checkpoint as checkpoint_lib
 from flaxvae.train import outputs, preemption, workdir_lock
+from flaxvae.train import step as step_lib
 
 log = logging.getLogger("flaxvae")
 
@@ -193,7 +194,10 @@ def train(config, workdir, dataset=None):
           step, f"loss {row['loss']:.2f}, rate {row['rate']:.2f}, {row['examples_per_s']:,.0f} ex/s"
         )
         _check_skips(
-          runner.get(state.consecutive_skips), settings.max_consecutive_skips, step, checkpointer
+          runner.get(step_lib.consecutive_skips(state)),
+          settings.max_consecutive_skips,
+          step,
+          checkpointer,
         )
         pending, window_start, window_step = [], time.perf_counter(), step
       eval_row = None

@@ -131,7 +131,7 @@ def test_lpips_without_its_weights_is_one_line_before_anything_is_written(tmp_pa
 def test_an_image_size_the_downsampling_does_not_divide_is_refused(tmp_path):
   config = two_players(**{"model.pad_to": 0})  # 28 is not divisible by 8 (three levels)
   config.model.channel_multipliers = (1, 2, 2, 2)
-  with pytest.raises(ConfigError, match="divisible"):
+  with pytest.raises(ConfigError, match="downsamples by 8 .* but the image is 28x28"):
     train(config, str(tmp_path), DATASET)
   assert not tmp_path.joinpath("checkpoints").exists()
 
@@ -143,3 +143,25 @@ def test_the_step_config_takes_the_perceptual_weight_and_the_adversary_from_thei
   assert run.step_cfg.perceptual_weight == 0.25
   assert run.step_cfg.adversary.start_step == START and run.step_cfg.adversary.train_start == 1
   assert run.step_cfg.adversary.loss == "hinge" and run.step_cfg.adversary.weight == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+  "name, shape",
+  [
+    ("fashion_mnist_kl_f4", SHAPE),
+    ("imagenet256_kl_f8", (256, 256, 3)),
+    ("kl_f8c16", (256, 256, 3)),
+  ],
+)
+def test_every_shipped_autoencoder_config_trains_two_steps_on_data_of_its_shape(
+  name, shape, tmp_path
+):
+  """get_config("tiny"): the config's own structure (levels, latent channels, quant convs,
+  LPIPS, the discriminator on both sides of its start) on random images of its shape."""
+  config = conftest.set_keys(conftest.load_config(name, "tiny"), **{"eval.rfid_examples": 0})
+  dataset = conftest.array_dataset(16, 8, shape)
+  row = train(config, str(tmp_path), dataset)
+  assert np.isfinite(row["elbo"]) and np.isfinite(row["psnr"]) and np.isfinite(row["lpips"])
+  last = [r for r in outputs.read_metrics(str(tmp_path)) if "disc_loss" in r][-1]
+  assert last["adaptive_weight"] > 0.0 and last["disc_loss"] > 0.0
