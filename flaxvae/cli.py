@@ -11,6 +11,8 @@
     flaxvae bench --config configs/fashion_mnist_mlp.py [--steps N] [--windows W]
     flaxvae bench --aot --config configs/cifar10_vdvae.py [--devices 1,8] [--device_memory 80GB]
     flaxvae weights list | prepare NAME|all [--from FILE [--heads FILE]] [--force]
+    flaxvae import-weights SOURCE --workdir runs/sd_vae [--data NAME] [--image_size N]
+    flaxvae export-weights --workdir runs/sd_vae DEST
 
 Problems a user can fix (a bad config value, missing data, a batch that does not split over
 the devices) end with one line on stderr and exit status 2, before any file in the workdir is
@@ -542,6 +544,56 @@ def weights_command(argv):
   for name in names if words[1] == "all" else [words[1]]:
     path, written = weights.prepare(name, fv.weights_dir, fv["from"].value, fv.force, **options)
     print(f"{name} {'ready in' if written else 'already in'} {path}")
+
+
+@command("import-weights")
+def import_weights_command(argv):
+  """A published KL autoencoder as a flaxvae run: diffusers' AutoencoderKL (a folder with
+  config.json + diffusion_pytorch_model.safetensors, a pipeline's folder with vae/, or the
+  .safetensors file) or LDM's checkpoint (first_stage_model.*; a .ckpt needs torch) -> WORKDIR
+  with a step-0 checkpoint that evaluate, sample, latent-stats and init.params_from read."""
+
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "the new run's directory", flag_values=fv)
+    flags.DEFINE_string("data", "imagenet256", "the dataset the run evaluates on", flag_values=fv)
+    flags.DEFINE_integer(
+      "image_size",
+      None,
+      "the run's image side (default: config.json's sample_size)",
+      flag_values=fv,
+    )
+    flags.DEFINE_integer(
+      "norm_groups",
+      None,
+      "GroupNorm groups where no config.json says (default 32)",
+      flag_values=fv,
+    )
+
+  fv, words = _parse(argv, define, positional=1)
+  if not fv.workdir or len(words) != 1:
+    raise UsageError("usage: import-weights SOURCE --workdir DIR [--data NAME] [--image_size N]")
+  from flaxvae import api  # noqa: PLC0415
+
+  options = dict(data=fv.data, image_size=fv.image_size, norm_groups=fv.norm_groups)
+  print(f"written: {api.import_weights(words[0], fv.workdir, **options)}")
+
+
+@command("export-weights")
+def export_weights_command(argv):
+  """A latent autoencoder run's weights (EMA when kept) in diffusers' AutoencoderKL layout:
+  DEST/config.json (with the scaling and shift factors: latent-stats' when measured) and
+  DEST/diffusion_pytorch_model.safetensors."""
+
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+
+  fv, words = _parse(argv, define, positional=1)
+  if not fv.workdir or len(words) != 1:
+    raise UsageError("usage: export-weights --workdir DIR DEST")
+  from flaxvae import api  # noqa: PLC0415
+
+  print(f"written: {api.export_weights(fv.workdir, words[0], fv.step)}")
 
 
 def _configure_logging():
