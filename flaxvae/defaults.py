@@ -186,34 +186,17 @@ def adversary_config():
 
 
 def ldm_autoencoder_recipe(
-  *,
-  data,
-  batch_size,
-  channels=128,
-  channel_multipliers=(1, 2, 4, 4),
-  num_res_blocks=2,
-  attention_resolutions=(),
-  latent_channels=4,
-  use_quant_conv=True,
-  discriminator_start=50_001,
-  base_learning_rate=4.5e-6,
+  *, data, batch_size, discriminator_start=50_001, base_learning_rate=4.5e-6, **model_options
 ):
   """LDM's KL autoencoder recipe (latent-diffusion's autoencoder_kl_*.yaml with
   LPIPSWithDiscriminator): an L1 reconstruction (the laplace likelihood with LDM's logvar 0,
   see objectives/likelihoods.py) + LPIPS (weight 1.0) + KL weight 1e-6, all summed over pixels
   and latent elements as LDM does; a 3-layer PatchGAN with BatchNorm and hinge loss from
   `discriminator_start` (disc_weight 0.5, adaptive weight); both players Adam (0.5, 0.9) at
-  LDM's rate, base_learning_rate times the global batch (main.py's scaling)."""
+  LDM's rate, base_learning_rate times the global batch (main.py's scaling). `model_options`
+  change autoencoder_kl's own defaults (kl-f8's: channels 128, multipliers 1,2,4,4, ...)."""
   config = base_config()
-  config.model = model_config(
-    "autoencoder_kl",
-    channels=channels,
-    channel_multipliers=tuple(channel_multipliers),
-    num_res_blocks=num_res_blocks,
-    attention_resolutions=tuple(attention_resolutions),
-    latent_channels=latent_channels,
-    use_quant_conv=use_quant_conv,
-  )
+  config.model = model_config("autoencoder_kl", **model_options)
   config.data.name = data
   config.objective.likelihood = "laplace"
   config.objective.beta = 1e-6
