@@ -1,6 +1,7 @@
 """flaxvae: VAEs in JAX/Flax NNX with posterior diagnostics.
 
-`flaxvae.load(workdir)` and `flaxvae.load_dataset(config_or_workdir, split)` load lazily, so
+`flaxvae.load(workdir)`, `flaxvae.load_dataset(config_or_workdir, split)` and
+`flaxvae.import_weights` / `export_weights` (published KL autoencoders) load lazily, so
 `import flaxvae` starts no JAX backend and changes nothing in the process (no environment
 variable, no re-execution). The `flaxvae` command applies flaxvae's process defaults itself;
 a program of your own calls `flaxvae.apply_process_defaults()` before importing JAX.
@@ -17,7 +18,7 @@ Layout (each folder's __init__ says more):
   api.py (load, evaluate), bench.py (throughput and ahead-of-time memory), cli.py
 """
 
-__all__ = ["load", "load_dataset", "apply_process_defaults"]
+__all__ = ["load", "load_dataset", "import_weights", "export_weights", "apply_process_defaults"]
 
 
 def apply_process_defaults(*, malloc=False):
@@ -38,7 +39,7 @@ def apply_process_defaults(*, malloc=False):
 
 
 def __getattr__(name):
-  if name in ("load", "load_dataset"):
+  if name in ("load", "load_dataset", "import_weights", "export_weights"):
     import flaxvae.api  # noqa: PLC0415  (lazy on purpose: JAX must not start at `import flaxvae`)
 
     return getattr(flaxvae.api, name)

@@ -218,3 +218,10 @@ def test_a_copied_pipeline_folder_reads_its_vae_subfolder(tmp_path):
   shutil.copytree(FIXTURES / "flux", tmp_path / "pipeline" / "vae")
   _, scaling = runs.build_model(str(tmp_path / "pipeline"))
   assert scaling == {"scaling_factor": 0.3611, "shift_factor": 0.1159}
+
+
+def test_the_package_serves_import_and_export_lazily():
+  import flaxvae  # noqa: PLC0415
+
+  assert flaxvae.import_weights is api.import_weights
+  assert flaxvae.export_weights is api.export_weights
