@@ -30,6 +30,10 @@ def get_config(arg=None):
   )
   config.model.pad_to = 32
   config.adversary.num_layers, config.adversary.width = 2, 32
+  # The discriminator trains for 100 steps before its loss reaches the autoencoder: switched on
+  # untrained at step 150 (LDM's train_start = start_step), it stalled the reconstruction of a
+  # run this short (docs/autoencoders.md, "Quality")
+  config.adversary.train_start = 50
   config.num_steps = 100_000
   config.time_budget_s = 1_800.0
   config.log_every_steps = 100
