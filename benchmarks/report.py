@@ -621,10 +621,14 @@ def render_vdvae(rows):
 
 KLAE_CONFIG = "configs/fashion_mnist_kl_f4.py"
 KLAE_TWIN = "benchmarks/torch_kl_autoencoder.py"
-# Each side of the discriminator's start: the config's own start is far beyond the steps a
-# bench times, so the config as is times the autoencoder's step alone; start_step=0 times the
-# two players' step (the adaptive weight, the adversarial term, the discriminator's update).
-KLAE_PHASE_FLAGS = {"before": [], "after": ["--config.adversary.start_step=0"]}
+# Each side of the discriminator's start: the config's own start (and its discriminator's
+# training, from step 50) is beyond the steps a bench times, so the config as is times the
+# autoencoder's step alone; start_step=0 with train_start=0 times the two players' step (the
+# adaptive weight, the adversarial term, the discriminator's update).
+KLAE_PHASE_FLAGS = {
+  "before": [],
+  "after": ["--config.adversary.start_step=0", "--config.adversary.train_start=0"],
+}
 # The twin's (phase, adaptive weight): LDM's autograd.grad to the last kernel, and the same
 # gradients with each network differentiated once (benchmarks/torch_kl_autoencoder.py).
 KLAE_TWINS = (("before", "ldm"), ("after", "ldm"), ("after", "at_output"))
