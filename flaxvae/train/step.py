@@ -324,6 +324,13 @@ class WithConstants:
   def lower(self, state, *inputs):
     return self.jitted.lower(state, self.constants, *inputs)
 
+  def __getattr__(self, name):
+    """The rest of the wrapped function's interface (a compiled one's as_text, cost_analysis,
+    memory_analysis: what bench and the op profile read)."""
+    if name in ("jitted", "constants"):  # not yet set (copy, pickle): no recursion
+      raise AttributeError(name)
+    return getattr(self.jitted, name)
+
 
 def build_train_fn(
   runner: parallel.Runner,
