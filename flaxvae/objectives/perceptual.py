@@ -134,15 +134,18 @@ def scale_inputs(images11):
 
 def lpips(weights, x11, y11, dtype=jnp.float32):
   """LPIPS distances [b] float32 between `x11` and `y11` ([b, H, W, C] in [-1, 1], C 1 or 3),
-  differentiable in both; the convolutions run in `dtype`."""
+  differentiable in both; the convolutions run in `dtype`.
+
+  Each image set goes through VGG16 on its own, not as one concatenated batch: a gradient
+  taken with respect to `y11` alone (the training step's, x being the data) then runs VGG16's
+  backward pass over y's images only; through a concatenation it ran over both, half of it
+  discarded."""
   if x11.shape != y11.shape:
     raise ConfigError(f"LPIPS compares images of one shape, not {x11.shape} and {y11.shape}")
-  batch = x11.shape[0]
-  both = jnp.concatenate([scale_inputs(x11), scale_inputs(y11)], axis=0)
-  total = jnp.zeros((batch,), jnp.float32)
-  for name, feature in zip(FEATURES, vgg16_features(weights["vgg16"], both, dtype), strict=True):
-    unit = _unit_normalise(feature)
-    squared = jnp.square(unit[:batch] - unit[batch:])
+  features = lambda images: vgg16_features(weights["vgg16"], scale_inputs(images), dtype)
+  total = jnp.zeros((x11.shape[0],), jnp.float32)
+  for name, fx, fy in zip(FEATURES, features(x11), features(y11), strict=True):
+    squared = jnp.square(_unit_normalise(fx) - _unit_normalise(fy))
     weighted = jnp.sum(squared * weights["heads"][name].astype(jnp.float32), axis=-1)
     total = total + jnp.mean(weighted, axis=(1, 2))
   return total

@@ -9,6 +9,7 @@ on the device.
 """
 
 import jax
+import jax.numpy as jnp
 
 # Decoder rows per device in one host-dispatched chunk of importance samples, per registered
 # model name, for the convolutional models whose evaluation on XLA:CPU is chunked from the host.
@@ -30,3 +31,15 @@ def scan_blocks_default():
   """How a model's stacked layers run when its config says `auto`: `scan` compiles once per
   group (accelerators), `unroll` keeps XLA:CPU's fast convolutions."""
   return "unroll" if on_cpu() else "scan"
+
+
+def branch(predicate, when_true, when_false):
+  """`lax.cond(predicate, when_true, when_false, None)`, except on XLA:CPU, where both branches
+  run and the result is selected: XLA:CPU runs the convolutions inside a conditional's branches
+  on its slow path, as inside a rolled loop, so a skipped branch that holds convolutions (the
+  discriminator's, before its start) costs more where it runs than computing it every step
+  (docs/performance.md). The branches take no operand and must not depend on which one runs."""
+  if not on_cpu():
+    return jax.lax.cond(predicate, when_true, when_false, None)
+  taken, skipped = when_true(None), when_false(None)
+  return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), taken, skipped)

@@ -26,8 +26,10 @@ reconstruction (not differentiated), hinge or non-saturating loss, optional LeCa
 terms, its own optimizer, guards and skip counters. BatchNorm normalises each call with the
 global batch's statistics (two calls, real then reconstructed, as taming's loss does). Both
 players see the reconstruction of the same forward pass (simultaneous updates; LDM's second
-optimizer recomputes it after the first update). Before `adversary.first_training_step` the
-discriminator's branch is not run at all (`lax.cond`), so warm-up steps cost nothing extra.
+optimizer recomputes it after the first update). Before `adversary.train_start` (and before
+`adversary.start_step` for its term in the autoencoder's loss) the discriminator's branch is not
+run on accelerators (`lax.cond`); on XLA:CPU it runs and its result is discarded
+(runtime/backend.py `branch`: a conditional's convolutions take XLA:CPU's slow path).
 """
 
 import dataclasses
@@ -41,6 +43,7 @@ from flax import nnx
 
 from flaxvae.models import contract
 from flaxvae.objectives import adversarial, bounds, perceptual
+from flaxvae.runtime import backend
 from flaxvae.train import guards
 
 
@@ -181,7 +184,7 @@ def autoencoder_gradients(graphdef, cfg, layout, state, whole, x, noise, kl_scal
     def inactive(_):
       return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros_like(raw)
 
-    g_loss, d_weight, toward_adversary = jax.lax.cond(active, adversarial_term, inactive, None)
+    g_loss, d_weight, toward_adversary = backend.branch(active, adversarial_term, inactive)
     cotangent = cotangent + d_weight * toward_adversary
     metrics = dict(generator_loss=g_loss, adaptive_weight=d_weight)
   # Gradients of this device's batch mean, as the ELBO path's: layout.reduce averages them.
@@ -292,7 +295,7 @@ def discriminator_update(adversary: AdversaryStep, layout, state, real01, fake01
       disc_loss=zero, lecam_real=zero, lecam_fake=zero, disc_grad_norm=zero, disc_skipped=zero
     )
 
-  return jax.lax.cond(state.step >= adversary.train_start, train, wait, None)
+  return backend.branch(state.step >= adversary.train_start, train, wait)
 
 
 def _at(tree, path):
