@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import flaxvae as flaxvae_package
 from flaxvae import api, cli
 from flaxvae.errors import ConfigError, UsageError
 from flaxvae.interop import runs, safetensors, vae_weights
@@ -221,7 +222,5 @@ def test_a_copied_pipeline_folder_reads_its_vae_subfolder(tmp_path):
 
 
 def test_the_package_serves_import_and_export_lazily():
-  import flaxvae  # noqa: PLC0415
-
-  assert flaxvae.import_weights is api.import_weights
-  assert flaxvae.export_weights is api.export_weights
+  assert flaxvae_package.import_weights is api.import_weights
+  assert flaxvae_package.export_weights is api.export_weights
