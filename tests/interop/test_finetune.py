@@ -47,7 +47,9 @@ def test_an_imported_model_evaluates(imported):
 
 
 @pytest.mark.parametrize(
-  "stage", ["", pytest.param(",mse,bf16", marks=pytest.mark.slow)], ids=["l1", "mse_bf16"]
+  "stage",
+  [pytest.param("", marks=pytest.mark.slow), pytest.param(",mse,bf16", marks=pytest.mark.slow)],
+  ids=["l1", "mse_bf16"],
 )
 def test_the_decoder_alone_fine_tunes_on_8_devices(imported, tmp_path, stage):
   assert jax.device_count() == 8
