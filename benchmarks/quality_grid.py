@@ -10,12 +10,10 @@ conv VAE (ELBO)=runs/quality/conv"
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 import flaxvae
-from flaxvae.data import protocols
 from flaxvae.eval import reconstruction
 from flaxvae.train import outputs
 
@@ -27,30 +25,24 @@ FLAGS = flags.FLAGS
 FIGURES = ("step", "psnr", "ssim", "lpips", "rfid", "rate")
 
 
-def reconstructions_of(model, count):
-  """The first `count` test images (as evaluation reads them) and their reconstructions."""
-  run = model.run
-  images = run.eval_images[:count]
-  x = protocols.eval_targets(jnp.asarray(images), jnp.arange(count), run.protocol)
-  return np.asarray(x), np.asarray(reconstruction._reconstruct_jit(run.graphdef, model.params, x))
-
-
 def main(_):
   runs = [part.split("=", 1) for part in FLAGS.runs.split(",")]
   rows, table = [], []
   for label, workdir in runs:
-    x, recon = reconstructions_of(flaxvae.load(workdir), FLAGS.columns)
+    model = flaxvae.load(workdir)
+    images = model.run.eval_images[: FLAGS.columns]
+    x, recon = reconstruction.mean_reconstructions(model.run, model.params, images)
     rows += [x] if not rows else []
     rows.append(recon)
     with open(os.path.join(workdir, "eval.json")) as f:
       found = json.load(f)
-    table.append((label, workdir, found))
+    table.append((label, found))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   outputs.save_image_grid(FLAGS.out, np.concatenate(rows), FLAGS.columns)
   print(f"written: {FLAGS.out} (rows: originals, then {', '.join(label for label, _ in runs)})")
   print("| run | " + " | ".join(FIGURES) + " |")
   print("|---" * (len(FIGURES) + 1) + "|")
-  for label, _, found in table:
+  for label, found in table:
     cells = [
       f"{found[k]:.4g}" if isinstance(found.get(k), float) else str(found.get(k)) for k in FIGURES
     ]

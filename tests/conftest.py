@@ -131,17 +131,3 @@ def pytest_configure(config):
     "slow: deep-model compiles and multi-process runs (`make test-slow`; CI runs "
     "them after `make test`)",
   )
-
-
-# The folders whose files take longest (each trains several runs through train()): collected
-# first, so that `make test`'s two workers (pytest-xdist, one file at a time) do not finish
-# with one of them alone on a long file while the other idles.
-FIRST = ("tests/train/", "tests/interop/", "tests/models/")
-
-
-def pytest_collection_modifyitems(items):
-  def rank(item):
-    path = pathlib.Path(str(item.fspath)).relative_to(REPO).as_posix()
-    return next((i for i, prefix in enumerate(FIRST) if path.startswith(prefix)), len(FIRST))
-
-  items.sort(key=rank)  # stable: the order within a file, and of the other folders, is kept

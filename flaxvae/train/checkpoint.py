@@ -522,8 +522,9 @@ def restore_state(manager, step, abstract_state):
     restored = restore(target)
   except ValueError:
     saved = _saved_fields(manager, step)
-    absent = {k: v for k, v in target.items() if isinstance(v, tuple) and not v}
-    absent = {k: v for k, v in absent.items() if saved is not None and k not in saved}
+    if saved is None:
+      raise
+    absent = {k: v for k, v in target.items() if isinstance(v, tuple) and not v and k not in saved}
     if not absent:
       raise
     restored = {**restore({k: v for k, v in target.items() if k not in absent}), **absent}

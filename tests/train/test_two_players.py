@@ -86,7 +86,12 @@ def test_both_players_train_and_log_their_terms(reference):
 # per-device batch; the adaptive weight, a ratio with the small norm of the adversarial
 # gradient, then passes the difference on. eps=1 keeps such updates as small as their
 # gradients, so the comparison sees how the step reduces over devices, not the sign of rounding.
-LINEAR_SMALL_UPDATES = {"optimizer.eps": 1.0, "adversary.optimizer.eps": 1.0, "num_steps": 5}
+COMPARED_STEPS = 5
+LINEAR_SMALL_UPDATES = {
+  "optimizer.eps": 1.0,
+  "adversary.optimizer.eps": 1.0,
+  "num_steps": COMPARED_STEPS,
+}
 COMPARED = ("loss", "distortion", "perceptual", "rate", "grad_norm", "adaptive_weight")
 COMPARED += ("generator_loss", "disc_loss", "disc_grad_norm")
 
@@ -98,12 +103,13 @@ def test_eight_devices_give_the_numbers_of_one(tmp_path, mesh):
   train(two_players(**LINEAR_SMALL_UPDATES, **{"parallel.num_devices": 1}), str(one), DATASET)
   train(two_players(**LINEAR_SMALL_UPDATES, **mesh), str(eight), DATASET)
   rows = [[r for r in outputs.read_metrics(str(w)) if "disc_loss" in r] for w in (one, eight)]
-  assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2, 3, 4, 5]
+  steps = list(range(1, COMPARED_STEPS + 1))
+  assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == steps
   for a, b in zip(*rows):  # both sides of the start: the discriminator's loss reaches step 4
     for key in COMPARED:
       # rows are logged to 6 decimals: a near-zero term (the generator loss) differs by that
       np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=f"{key} {a}")
-  a, b = saved_state(one, 5), saved_state(eight, 5)
+  a, b = saved_state(one, COMPARED_STEPS), saved_state(eight, COMPARED_STEPS)
   for part in ("params", "adversary"):
     for (path, x), y in zip(jax.tree.leaves_with_path(a[part]), jax.tree.leaves(b[part])):
       if rounding_only(path):
