@@ -518,26 +518,23 @@ def restore_state(manager, step, abstract_state):
 
   if not as_dict:
     return restore(target)
-  try:
-    restored = restore(target)
-  except ValueError:
-    saved = _saved_fields(manager, step)
-    if saved is None:
-      raise
-    absent = {k: v for k, v in target.items() if isinstance(v, tuple) and not v and k not in saved}
-    if not absent:
-      raise
-    restored = {**restore({k: v for k, v in target.items() if k not in absent}), **absent}
+  saved = _saved_fields(manager, step)  # read first: a failed restore leaves orbax's reads behind
+  absent = {
+    k: v
+    for k, v in target.items()
+    if isinstance(v, tuple) and not v and saved is not None and k not in saved
+  }
+  restored = {**restore({k: v for k, v in target.items() if k not in absent}), **absent}
   return type(abstract_state)(**restored)
 
 
 def _saved_fields(manager, step):
   """The top-level fields of `step`'s saved state; None where its metadata is unreadable (the
-  restore that failed then reports the damage)."""
+  restore then reports the damage)."""
   state_dir = os.path.join(str(manager.directory), str(int(step)), "state")
   try:
     return set(ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree)
-  except Exception:  # damaged metadata: the caller re-raises the restore's error
+  except Exception:  # damaged metadata: the restore that follows reports it
     return None
 
 
