@@ -599,10 +599,14 @@ def export_weights_command(argv):
 def _configure_logging():
   """flaxvae's own messages at INFO; everything else (JAX, Orbax, absl) at WARNING, so
   JAX's INFO line about a TPU backend it could not open, on machines without TPUs, stays
-  quiet while real warnings and backend errors still show."""
+  quiet while real warnings and backend errors still show. asyncio's own errors are dropped:
+  flaxvae runs no event loop, and when one of Orbax's concurrent reads of a damaged checkpoint
+  fails, the reads it abandons are logged at garbage collection as "Task exception was never
+  retrieved" with a traceback, after flaxvae has reported the damage in its one line."""
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   logging.getLogger("flaxvae").setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def _late_callback_after_a_closed_loop(unraisable):
