@@ -138,8 +138,8 @@ class Run:
       shapes = {
         k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in perceptual.weight_shapes().items()
       }
-      return weights_lib.unflatten(shapes)
-    return perceptual.load_lpips_weights()
+      return perceptual.for_training(weights_lib.unflatten(shapes))
+    return perceptual.for_training(perceptual.load_lpips_weights())
 
   @staticmethod
   def _with_trained(params, init):

@@ -78,32 +78,90 @@ def weight_shapes():
   return shapes
 
 
-def _conv3x3(x, kernel, bias, dtype):
-  y = jax.lax.conv_general_dilated(
+def _conv3x3(x, kernel, bias, dtype, input_gradient_kernel=None):
+  """3x3 convolution with zero padding 1. On a 1x1 map (relu5_3's block at 16-31 px) only the
+  kernel's centre meets a pixel, so it is that tap's matrix product, the same numbers: XLA:CPU's
+  convolution of a 1x1 map ran 10x slower than the product (BENCHMARKS.md, the latent
+  autoencoder's profile). With `input_gradient_kernel` (for_training) the input's gradient
+  convolves with it instead of a kernel transposed in every step."""
+  if x.shape[1:3] == (1, 1):
+    return jnp.einsum("nhwc,cd->nhwd", x, kernel[1, 1].astype(dtype)) + bias.astype(dtype)
+  if input_gradient_kernel is None:
+    y = _same_conv(x, kernel.astype(dtype))
+  else:
+    y = _conv_frozen_kernel(x, kernel.astype(dtype), input_gradient_kernel.astype(dtype))
+  return y + bias.astype(dtype)
+
+
+def _same_conv(x, kernel):
+  return jax.lax.conv_general_dilated(
     x,
-    kernel.astype(dtype),
+    kernel,
     window_strides=(1, 1),
     padding=((1, 1), (1, 1)),
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
   )
-  return y + bias.astype(dtype)
+
+
+@jax.custom_vjp
+def _conv_frozen_kernel(x, kernel, input_gradient_kernel):
+  """_same_conv(x, kernel), differentiable in x only (the kernels' cotangents are zeros: LPIPS's
+  weights are frozen); the input's gradient is the same convolution of the output's gradient
+  with `input_gradient_kernel`, the kernel flipped in space with its channels swapped."""
+  return _same_conv(x, kernel)
+
+
+def _conv_frozen_kernel_forward(x, kernel, input_gradient_kernel):
+  return _same_conv(x, kernel), (kernel, input_gradient_kernel)
+
+
+def _conv_frozen_kernel_backward(kernels, output_gradient):
+  kernel, input_gradient_kernel = kernels
+  input_gradient = _same_conv(output_gradient, input_gradient_kernel)
+  return input_gradient, jnp.zeros_like(kernel), jnp.zeros_like(input_gradient_kernel)
+
+
+_conv_frozen_kernel.defvjp(_conv_frozen_kernel_forward, _conv_frozen_kernel_backward)
+
+
+def input_gradient_kernel(kernel):
+  """A 3x3 HWIO `kernel` (array or ShapeDtypeStruct) as the input gradient of its 'same'
+  convolution convolves with: flipped in space, in and out channels swapped."""
+  if isinstance(kernel, jax.ShapeDtypeStruct):
+    h, w, i, o = kernel.shape
+    return jax.ShapeDtypeStruct((h, w, o, i), kernel.dtype)
+  return np.ascontiguousarray(np.asarray(kernel)[::-1, ::-1].transpose(0, 1, 3, 2))
+
+
+def for_training(weights):
+  """`weights` with each VGG16 kernel's input_gradient_kernel under "vgg16_input_gradient", for
+  a train step that differentiates LPIPS in the reconstruction: computed once on the host here,
+  where the step's backward pass transposed 14.7M weights every step (40 ms of a 600 ms step of
+  the Fashion-MNIST autoencoder on XLA:CPU)."""
+  transposed = {name: input_gradient_kernel(p["kernel"]) for name, p in weights["vgg16"].items()}
+  return dict(weights, vgg16_input_gradient=transposed)
 
 
 def _max_pool2x2(x):
-  """2x2 windows, stride 2; an odd last row or column is dropped, as torch's MaxPool2d(2, 2)."""
+  """2x2 windows, stride 2; an odd last row or column is dropped, as torch's MaxPool2d(2, 2).
+  (A max over a reshape has a cheaper gradient on XLA:CPU, but splits it among tied maxima,
+  which bfloat16 makes common: reduce_window's goes to one, as torch's.)"""
   init = np.array(-np.inf, x.dtype)  # concrete, so JAX lowers it to a differentiable max-pool
   return jax.lax.reduce_window(x, init, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
-def vgg16_features(vgg16, images, dtype=jnp.float32):
-  """The five compared ReLU features of scaled `images` [n, H, W, 3], in `dtype`."""
+def vgg16_features(vgg16, images, dtype=jnp.float32, input_gradient_kernels=None):
+  """The five compared ReLU features of scaled `images` [n, H, W, 3], in `dtype`; with
+  `input_gradient_kernels` (for_training), differentiable in the images only."""
   x = images.astype(dtype)
+  transposed = input_gradient_kernels or {}
   features = []
   for index, block in enumerate(VGG16_BLOCKS):
     if index:
       x = _max_pool2x2(x)
     for name, _ in block:
-      x = jax.nn.relu(_conv3x3(x, vgg16[name]["kernel"], vgg16[name]["bias"], dtype))
+      layer = vgg16[name]
+      x = jax.nn.relu(_conv3x3(x, layer["kernel"], layer["bias"], dtype, transposed.get(name)))
     features.append(x)
   return features
 
@@ -134,7 +192,8 @@ def scale_inputs(images11):
 
 def lpips(weights, x11, y11, dtype=jnp.float32):
   """LPIPS distances [b] float32 between `x11` and `y11` ([b, H, W, C] in [-1, 1], C 1 or 3),
-  differentiable in both; the convolutions run in `dtype`.
+  differentiable in both (and in the weights, unless they come from for_training); the
+  convolutions run in `dtype`.
 
   Each image set goes through VGG16 on its own, not as one concatenated batch: a gradient
   taken with respect to `y11` alone (the training step's, x being the data) then runs VGG16's
@@ -142,7 +201,9 @@ def lpips(weights, x11, y11, dtype=jnp.float32):
   discarded."""
   if x11.shape != y11.shape:
     raise ConfigError(f"LPIPS compares images of one shape, not {x11.shape} and {y11.shape}")
-  features = lambda images: vgg16_features(weights["vgg16"], scale_inputs(images), dtype)
+  features = lambda images: vgg16_features(
+    weights["vgg16"], scale_inputs(images), dtype, weights.get("vgg16_input_gradient")
+  )
   total = jnp.zeros((x11.shape[0],), jnp.float32)
   for name, fx, fy in zip(FEATURES, features(x11), features(y11), strict=True):
     squared = jnp.square(_unit_normalise(fx) - _unit_normalise(fy))

@@ -67,10 +67,10 @@ def _check_against(fixture, weights, case):
       )
 
 
-@pytest.mark.parametrize("case", ["rgb", "odd", "grey"])
+@pytest.mark.parametrize("case", ["rgb", "odd", "grey", "grey28"])
 def test_matches_lpips_package_on_random_weights(random_weights, case):
   """RGB noise, odd sizes (pools drop the last row/column as torch's do) and grey images
-  (repeated to RGB), distances and gradients."""
+  (repeated to RGB), distances and gradients; at 28x28 relu5_3's block runs on 1x1 maps."""
   _check_against(np.load(FIXTURES / "random.npz"), random_weights, case)
 
 
@@ -194,3 +194,15 @@ def test_load_refuses_weights_of_other_shapes(random_flat, tmp_path):
   path = weights_lib.save(perceptual.NAME, wrong, str(tmp_path / "lpips.npz"))
   with pytest.raises(WeightsMissing, match="heads/relu5_3.*--force"):
     perceptual.load_lpips_weights(path)
+
+
+def test_training_weights_give_the_same_distances_and_image_gradients(random_weights):
+  """for_training's precomputed input-gradient kernels replace autodiff's transposed ones."""
+  fixture = np.load(FIXTURES / "random.npz")
+  training = perceptual.for_training(random_weights)
+  for case in ("grey", "grey28"):
+    x, y = _to11(fixture[f"{case}_x"]), _to11(fixture[f"{case}_y"])
+    np.testing.assert_array_equal(_lpips(training, x, y), _lpips(random_weights, x, y))
+    np.testing.assert_allclose(
+      _lpips_grad(training, x, y), _lpips_grad(random_weights, x, y), rtol=1e-6, atol=1e-9
+    )

@@ -9,8 +9,8 @@ The model is lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True): lpips' own
 (its vgg.pth) on a VGG16 trunk that this script loads from flaxvae's converted file, since
 torchvision's ImageNet weights are a download. Two fixtures:
   random.npz: every weight (trunk and heads) drawn by lpips_random_weights.py from a fixed seed,
-    which the test draws again; RGB, odd-sized and grey pairs, distances in float32 and float64,
-    and the grey pairs' d(sum of distances)/dx.
+    which the test draws again; RGB, odd-sized and grey (32x32 and 28x28) pairs, distances in
+    float32 and float64, and the grey pairs' d(sum of distances)/dx.
   pretrained.npz: the converted weights, with the heads checked bitwise against lpips' vgg.pth;
     synthetic 64x64 RGB and 32x32 grey pairs (noise, blur, shift, another image), distances and
     the grey pairs' gradients. Its test is skipped where the weights are absent.
@@ -143,12 +143,14 @@ def write_random(model):
     "rgb": rng.integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8),
     "odd": np.stack(distorted_pairs(rng, 2, 36, 44, 3)),
     "grey": np.stack(distorted_pairs(rng, 2, 32, 32, 1)),
+    # Fashion-MNIST's size: relu5_3's block runs on 1x1 maps (flaxvae's matrix-product path)
+    "grey28": np.stack(distorted_pairs(rng, 2, 28, 28, 1)),
   }
   for case, (x, y) in cases.items():
     d32, g32 = distances_and_gradients(model, x, y, torch.float32)
     d64, _ = distances_and_gradients(model, x, y, torch.float64)
     out.update({f"{case}_x": x, f"{case}_y": y, f"{case}_lpips": d32, f"{case}_lpips64": d64})
-    if case == "grey":
+    if case.startswith("grey"):
       out[f"{case}_grad"] = g32
   np.savez_compressed(OUT / "random.npz", **out)
   return {k: v for k, v in out.items() if k.endswith("lpips")}
