@@ -108,10 +108,6 @@ def dense(i, o, rngs, dtype):
   return nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **HOST_INIT)
 
 
-def upsample_nearest(x, factor=2):
-  return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
-
-
 class GroupNorm(nnx.Module):
   """GroupNorm (eps 1e-6) whose statistics and affine map are computed in float32 whatever the
   compute dtype: a bfloat16 variance of large activations is the classic NaN source.
@@ -190,13 +186,49 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-  """Nearest-neighbour x2, then a 3x3 conv."""
+  """Nearest-neighbour x2, then a 3x3 conv ('same' padding), computed at the input's resolution.
+
+  Each output pixel of one of the four phases (row and column parity) sees a 2x2 patch of the
+  input: the 3x3 taps that land on one source pixel of the upsampled image are summed into
+  one. Four 2x2 convolutions at the low resolution (16 taps per input pixel) replace a 3x3
+  convolution at the high one (36 taps per input pixel): 2.25x fewer FLOPs, the same numbers up
+  to float rounding, the same parameter (a [3, 3, c, c] kernel, diffusers' layout). On XLA:CPU
+  the decoder's last upsampling ran 2.8x faster forward and backward (BENCHMARKS.md)."""
 
   def __init__(self, channels, rngs, dtype):
     self.conv = conv(channels, channels, rngs, dtype)
 
   def __call__(self, x):
-    return self.conv(upsample_nearest(x))
+    dtype = self.conv.dtype
+    kernel, bias = self.conv.kernel[...], self.conv.bias[...]
+    phases = []
+    for row_phase, row_kernel in enumerate(_phase_kernels(kernel, axis=0)):
+      row = []
+      for col_phase, phase_kernel in enumerate(_phase_kernels(row_kernel, axis=1)):
+        # phase 0 reads input pixels (i - 1, i), phase 1 (i, i + 1): zero beyond the border
+        padding = tuple(((1, 0), (0, 1))[phase] for phase in (row_phase, col_phase))
+        out = jax.lax.conv_general_dilated(
+          x.astype(dtype),
+          phase_kernel.astype(dtype),
+          window_strides=(1, 1),
+          padding=padding,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        row.append(out)
+      phases.append(jnp.stack(row, axis=3))  # [b, h, w, col phase, c]
+    b, h, w, _, c = phases[0].shape
+    y = jnp.stack(phases, axis=2).reshape(b, 2 * h, 2 * w, c)  # [b, h, row phase, w, ...]
+    return y + bias.astype(dtype)
+
+
+def _phase_kernels(kernel, axis):
+  """A 3x3 kernel's two 2-tap kernels along `axis` after nearest x2 upsampling: the even
+  output reads (taps 0 | 1 + 2), the odd one (taps 0 + 1 | 2)."""
+  first, middle, last = jnp.split(kernel, 3, axis=axis)
+  return (
+    jnp.concatenate([first, middle + last], axis=axis),
+    jnp.concatenate([first + middle, last], axis=axis),
+  )
 
 
 class Level(nnx.Module):

@@ -338,3 +338,32 @@ def test_bad_settings_are_one_line_config_errors(shape, keys, words):
   with pytest.raises(ConfigError, match="learn_logvar") as info:
     build(likelihood=likelihoods.get_likelihood("bernoulli"), learn_logvar=True)
   assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_upsample_by_phases_is_nearest_upsampling_then_a_same_conv(dtype):
+  """Upsample's four low-resolution 2x2 convolutions against the definition in float32 (repeat
+  each pixel 2x2, then the 3x3 'same' conv with the same parameters): values and gradients,
+  odd sizes; bfloat16 within 5% of each output's largest magnitude (its bias gradient sums
+  in bfloat16)."""
+  from flaxvae.models import autoencoder_kl  # noqa: PLC0415
+
+  layer = autoencoder_kl.Upsample(8, nnx.Rngs(0), dtype)
+  layer.conv.bias[...] = jax.random.normal(jax.random.key(1), (8,))
+  graphdef, params = nnx.split(layer)
+  definition_graphdef = nnx.graphdef(autoencoder_kl.Upsample(8, nnx.Rngs(0), jnp.float32))
+  x = jax.random.normal(jax.random.key(2), (2, 5, 3, 8))
+
+  def definition(params, x):
+    upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return nnx.merge(definition_graphdef, params).conv(upsampled)
+
+  def by_phases(params, x):
+    return nnx.merge(graphdef, params)(x).astype(jnp.float32)
+
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  ours = [by_phases(params, x), *jax.tree.leaves(jax.grad(loss(by_phases), (0, 1))(params, x))]
+  exact = [definition(params, x), *jax.tree.leaves(jax.grad(loss(definition), (0, 1))(params, x))]
+  for a, b in zip(ours, exact, strict=True):
+    scale = 5e-2 * float(jnp.abs(b).max()) if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=scale)
