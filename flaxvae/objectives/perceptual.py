@@ -142,12 +142,49 @@ def for_training(weights):
   return dict(weights, vgg16_input_gradient=transposed)
 
 
+@jax.custom_vjp
 def _max_pool2x2(x):
   """2x2 windows, stride 2; an odd last row or column is dropped, as torch's MaxPool2d(2, 2).
-  (A max over a reshape has a cheaper gradient on XLA:CPU, but splits it among tied maxima,
-  which bfloat16 makes common: reduce_window's goes to one, as torch's.)"""
-  init = np.array(-np.inf, x.dtype)  # concrete, so JAX lowers it to a differentiable max-pool
-  return jax.lax.reduce_window(x, init, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  A max over a reshape, whose gradient goes to the window's first maximum in row-major order
+  (as torch's and lax.reduce_window's do: ties are common in bfloat16) by elementwise masks:
+  reduce_window's gradient built index maps with select-and-scatter, ~35 ms of a 550 ms
+  autoencoder step on XLA:CPU."""
+  return jnp.max(_windows(x), axis=(2, 4))
+
+
+def _windows(x):
+  """[n, h, w, c] -> [n, h // 2, 2, w // 2, 2, c], dropping an odd last row or column."""
+  n, h, w, c = x.shape
+  return x[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool2x2_forward(x):
+  pooled = _max_pool2x2(x)
+  return pooled, (x, pooled)
+
+
+def _max_pool2x2_backward(residuals, pooled_gradient):
+  x, pooled = residuals
+  is_max = _windows(x) == pooled[:, :, None, :, None, :]
+  at = lambda row, col: is_max[:, :, row, :, col]  # [n, h // 2, w // 2, c]
+  # the window's first maximum in row-major order: (0, 0), (0, 1), (1, 0), (1, 1)
+  before_01 = at(0, 0)
+  before_10 = before_01 | at(0, 1)
+  before_11 = before_10 | at(1, 0)
+  first = jnp.stack(
+    [
+      jnp.stack([at(0, 0), at(0, 1) & ~before_01], axis=3),
+      jnp.stack([at(1, 0) & ~before_10, at(1, 1) & ~before_11], axis=3),
+    ],
+    axis=2,
+  )
+  gradient = jnp.where(first, pooled_gradient[:, :, None, :, None, :], 0).astype(x.dtype)
+  n, h, w, c = x.shape
+  gradient = gradient.reshape(n, h // 2 * 2, w // 2 * 2, c)
+  return (jnp.pad(gradient, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+_max_pool2x2.defvjp(_max_pool2x2_forward, _max_pool2x2_backward)
 
 
 def vgg16_features(vgg16, images, dtype=jnp.float32, input_gradient_kernels=None):

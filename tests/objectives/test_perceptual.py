@@ -97,12 +97,15 @@ def test_bfloat16_convolutions_stay_close_and_return_float32(random_weights):
 
 @pytest.mark.slow
 def test_bfloat16_gradient_is_float32_and_finite(random_weights):
+  """Within 20% of float32's in relative L2: bfloat16 through VGG16's 13 layers measured 9-10%
+  here, moving with where XLA's fusions round intermediates to bfloat16 (its largest element's
+  error moved between 8.7% and 11.3% of the largest gradient with the max-pool's backward)."""
   fixture = np.load(FIXTURES / "random.npz")
   x, y = _to11(fixture["grey_x"]), _to11(fixture["grey_y"])
   gradient = _lpips_grad(random_weights, x, y, dtype=jnp.bfloat16)
   assert gradient.dtype == jnp.float32 and bool(jnp.isfinite(gradient).all())
   reference = _lpips_grad(random_weights, x, y)
-  assert float(jnp.abs(gradient - reference).max()) < 0.1 * float(jnp.abs(reference).max())
+  assert float(jnp.linalg.norm(gradient - reference)) < 0.2 * float(jnp.linalg.norm(reference))
 
 
 def test_identical_and_blank_images_give_zero_and_finite_gradients(random_weights):
@@ -206,3 +209,22 @@ def test_training_weights_give_the_same_distances_and_image_gradients(random_wei
     np.testing.assert_allclose(
       _lpips_grad(training, x, y), _lpips_grad(random_weights, x, y), rtol=1e-6, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 9, 4)])
+def test_max_pool_and_its_gradient_are_reduce_windows_bitwise_with_ties(dtype, shape):
+  """The reshaped max-pool's masks send each window's gradient to its first maximum in
+  row-major order, as reduce_window's select-and-scatter (and torch) do; ReLU'd rounded values
+  make ties in most windows, and odd sizes drop the last row or column."""
+  x = jax.nn.relu(jnp.round(2 * jax.random.normal(jax.random.key(0), shape))).astype(dtype)
+  pooled_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+  g = jax.random.normal(jax.random.key(1), pooled_shape).astype(dtype)
+  window = (1, 2, 2, 1)
+  definition = lambda x: jax.lax.reduce_window(
+    x, np.array(-np.inf, x.dtype), jax.lax.max, window, window, "VALID"
+  )
+  ours, ours_pullback = jax.vjp(perceptual._max_pool2x2, x)
+  theirs, theirs_pullback = jax.vjp(definition, x)
+  np.testing.assert_array_equal(ours, theirs)
+  np.testing.assert_array_equal(ours_pullback(g)[0], theirs_pullback(g)[0])
