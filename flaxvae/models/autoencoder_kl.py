@@ -115,7 +115,8 @@ class GroupNorm(nnx.Module):
   The statistics are two passes (mean, then the mean square about it) of per-channel sums over
   the pixels, combined into groups on the small [b, c] arrays: reduced over [b, h, w, groups,
   c/groups] instead, the pixels' reduction kept a minor axis of c/groups (2 at 64 channels and
-  32 groups), which XLA:CPU ran 4-5x slower forward and backward (BENCHMARKS.md)."""
+  32 groups), which XLA:CPU ran several times slower forward and backward
+  (docs/performance.md)."""
 
   def __init__(self, channels, groups, dtype):
     self.groups, self.dtype = groups, dtype
@@ -192,8 +193,8 @@ class Upsample(nnx.Module):
   input: the 3x3 taps that land on one source pixel of the upsampled image are summed into
   one. Four 2x2 convolutions at the low resolution (16 taps per input pixel) replace a 3x3
   convolution at the high one (36 taps per input pixel): 2.25x fewer FLOPs, the same numbers up
-  to float rounding, the same parameter (a [3, 3, c, c] kernel, diffusers' layout). On XLA:CPU
-  the decoder's last upsampling ran 2.8x faster forward and backward (BENCHMARKS.md)."""
+  to float rounding, the same parameter (a [3, 3, c, c] kernel, diffusers' layout)
+  (docs/performance.md)."""
 
   def __init__(self, channels, rngs, dtype):
     self.conv = conv(channels, channels, rngs, dtype)

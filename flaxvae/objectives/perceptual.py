@@ -80,9 +80,8 @@ def weight_shapes():
 
 def _conv3x3(x, kernel, bias, dtype, input_gradient_kernel=None):
   """3x3 convolution with zero padding 1. On a 1x1 map (relu5_3's block at 16-31 px) only the
-  kernel's centre meets a pixel, so it is that tap's matrix product, the same numbers: XLA:CPU's
-  convolution of a 1x1 map ran 10x slower than the product (BENCHMARKS.md, the latent
-  autoencoder's profile). With `input_gradient_kernel` (for_training) the input's gradient
+  kernel's centre meets a pixel, so it is that tap's matrix product, the same numbers, which
+  XLA:CPU runs many times faster than its convolution of a 1x1 map (docs/performance.md). With `input_gradient_kernel` (for_training) the input's gradient
   convolves with it instead of a kernel transposed in every step."""
   if x.shape[1:3] == (1, 1):
     return jnp.einsum("nhwc,cd->nhwd", x, kernel[1, 1].astype(dtype)) + bias.astype(dtype)
@@ -136,8 +135,8 @@ def input_gradient_kernel(kernel):
 def for_training(weights):
   """`weights` with each VGG16 kernel's input_gradient_kernel under "vgg16_input_gradient", for
   a train step that differentiates LPIPS in the reconstruction: computed once on the host here,
-  where the step's backward pass transposed 14.7M weights every step (40 ms of a 600 ms step of
-  the Fashion-MNIST autoencoder on XLA:CPU)."""
+  where the step's backward pass transposed VGG16's 14.7M weights every step
+  (docs/performance.md)."""
   transposed = {name: input_gradient_kernel(p["kernel"]) for name, p in weights["vgg16"].items()}
   return dict(weights, vgg16_input_gradient=transposed)
 
@@ -146,9 +145,8 @@ def for_training(weights):
 def _max_pool2x2(x):
   """2x2 windows, stride 2; an odd last row or column is dropped, as torch's MaxPool2d(2, 2).
   A max over a reshape, whose gradient goes to the window's first maximum in row-major order
-  (as torch's and lax.reduce_window's do: ties are common in bfloat16) by elementwise masks:
-  reduce_window's gradient built index maps with select-and-scatter, ~35 ms of a 550 ms
-  autoencoder step on XLA:CPU."""
+  (as torch's and lax.reduce_window's do: ties are common in bfloat16) by elementwise masks,
+  where reduce_window's select-and-scatter gradient built index maps (docs/performance.md)."""
   return jnp.max(_windows(x), axis=(2, 4))
 
 
