@@ -79,7 +79,9 @@ def _lower_one_step(run):
   )
   initial = run.initial_state()
   state = checkpoint_lib.abstract_like(initial, runner.state_shardings(initial))
-  return run.train_fn("one_step", runner=runner).lower(state, images)
+  # the program the trainer runs at step 0 (without a later-starting discriminator's branches
+  # on XLA:CPU), as compiled_trainer times it
+  return step_lib.program_for(run.train_fn("one_step", runner=runner), 0, 1).lower(state, images)
 
 
 def step_flops(run):
@@ -112,7 +114,7 @@ def compiled_trainer(config, dataset=None):
   runner = run.runner
   images = run.train_images
   n = config.steps_per_dispatch
-  train_fn = run.train_fn("indices")
+  train_fn = step_lib.program_for(run.train_fn("indices"), 0, n)  # the initial state's step
   state = runner.put(run.initial_state(), "state")
   dataset = runner.put(images)
   stream = order.IndexStream(len(images), config.seed)

@@ -78,10 +78,10 @@ def test_the_timing_loop_warms_up_then_times_windows_waiting_on_each_last_result
 def test_recompilation_guard():
   f = jax.jit(lambda x: x + 1)
   f(jnp.ones(2))
-  trainer.check_no_recompilation(f, {2})
+  trainer.check_no_recompilation(f, {(id(f), 2)})  # (program, dispatch size) pairs run
   f(jnp.ones(3))
-  with pytest.raises(RuntimeError, match="compiled 2 times"):
-    trainer.check_no_recompilation(f, {2})
+  with pytest.raises(RuntimeError, match=r"compiled 2 times for dispatch sizes \[2\]"):
+    trainer.check_no_recompilation(f, {(id(f), 2)})
 
 
 def test_bfloat16_compute_keeps_float32_state_and_close_loss():

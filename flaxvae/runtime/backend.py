@@ -33,6 +33,14 @@ def scan_blocks_default():
   return "unroll" if on_cpu() else "scan"
 
 
+def separate_waiting_program():
+  """Whether a run whose discriminator starts later also compiles a program without the
+  discriminator's branches, which the host dispatches before its start (train/step.py): on
+  XLA:CPU, where `branch` below computes the skipped branch and discards it; accelerators skip
+  it with lax.cond inside the one program."""
+  return on_cpu()
+
+
 def branch(predicate, when_true, when_false):
   """`lax.cond(predicate, when_true, when_false, None)`, except on XLA:CPU, where both branches
   run and the result is selected: XLA:CPU runs the convolutions inside a conditional's branches

@@ -28,8 +28,10 @@ global batch's statistics (two calls, real then reconstructed, as taming's loss 
 players see the reconstruction of the same forward pass (simultaneous updates; LDM's second
 optimizer recomputes it after the first update). Before `adversary.train_start` (and before
 `adversary.start_step` for its term in the autoencoder's loss) the discriminator's branch is not
-run on accelerators (`lax.cond`); on XLA:CPU it runs and its result is discarded
-(runtime/backend.py `branch`: a conditional's convolutions take XLA:CPU's slow path).
+run on accelerators (`lax.cond`); on XLA:CPU, where a conditional's convolutions take the slow
+path, the program selects between both branches (runtime/backend.py `branch`), and the host
+dispatches the steps before the first of the two starts to a second program without them
+(`AdversaryStep.waiting`, step.build_train_fn).
 """
 
 import dataclasses
@@ -80,6 +82,15 @@ class AdversaryStep:
   adaptive_skip: float
   adaptive_skip_quantile: float
   grad_clip_norm: float
+  # True in the program the host runs for dispatches wholly before first_active_step
+  # (step.build_train_fn, on XLA:CPU): the discriminator's branches are left out and its state
+  # passes through, as the full program's inactive branches give
+  waiting: bool = False
+
+  @property
+  def first_active_step(self):
+    """The first step at which anything the discriminator does reaches the state."""
+    return min(self.start_step, self.train_start)
 
 
 def adversary_step(settings, graphdef, tx):
@@ -184,7 +195,10 @@ def autoencoder_gradients(graphdef, cfg, layout, state, whole, x, noise, kl_scal
     def inactive(_):
       return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros_like(raw)
 
-    g_loss, d_weight, toward_adversary = backend.branch(active, adversarial_term, inactive)
+    if adversary.waiting:
+      g_loss, d_weight, toward_adversary = inactive(None)
+    else:
+      g_loss, d_weight, toward_adversary = backend.branch(active, adversarial_term, inactive)
     cotangent = cotangent + d_weight * toward_adversary
     metrics = dict(generator_loss=g_loss, adaptive_weight=d_weight)
   # Gradients of this device's batch mean, as the ELBO path's: layout.reduce averages them.
@@ -295,6 +309,8 @@ def discriminator_update(adversary: AdversaryStep, layout, state, real01, fake01
       disc_loss=zero, lecam_real=zero, lecam_fake=zero, disc_grad_norm=zero, disc_skipped=zero
     )
 
+  if adversary.waiting:
+    return wait(None)
   return backend.branch(state.step >= adversary.train_start, train, wait)
 
 

@@ -32,7 +32,7 @@ from flax import nnx
 from flaxvae.data import protocols
 from flaxvae.models.noise import NoiseSource
 from flaxvae.objectives import bounds
-from flaxvae.runtime import parallel
+from flaxvae.runtime import backend, parallel
 from flaxvae.runtime.parallel import AXIS, FSDP
 from flaxvae.train import guards, players
 
@@ -349,8 +349,60 @@ def build_train_fn(
   "one_step": (state, uint8 batch [batch, H, W, C]), one step without a loop (cost analysis).
   `state` (arrays or shapes) gives the layout of the state on the runner's mesh.
   Returns (state, metrics averaged over the dispatch's steps). `constants` (the LPIPS weights,
-  host arrays or shapes) are bound as WithConstants, replicated on every device.
+  host arrays or shapes) are bound as WithConstants, replicated on every device. A run whose
+  discriminator starts later gets WithWaitingProgram on XLA:CPU (program_for picks).
   """
+  full = _build_train_fn(runner, graphdef, tx, cfg, unroll, state, inputs, constants)
+  adversary = cfg.adversary
+  if adversary is None or adversary.first_active_step <= 0:
+    return full
+  if not backend.separate_waiting_program():
+    return full
+  waiting_cfg = dataclasses.replace(cfg, adversary=dataclasses.replace(adversary, waiting=True))
+  waiting = _build_train_fn(runner, graphdef, tx, waiting_cfg, unroll, state, inputs, constants)
+  return WithWaitingProgram(full, waiting, adversary.first_active_step)
+
+
+class WithWaitingProgram:
+  """The train function of a run whose discriminator starts at `first_active_step` > 0, on a
+  backend that runs the skipped discriminator branches (runtime/backend.py): called, lowered
+  and inspected as the full program, with `waiting`, the same step without the
+  discriminator's branches, for the dispatches that end by `first_active_step`
+  (program_for). Both programs give the same autoencoder and the same untouched discriminator
+  before the start: the full one selects zeros for the adversarial term and the old state for
+  the discriminator there."""
+
+  def __init__(self, full, waiting, first_active_step):
+    self.full, self.waiting, self.first_active_step = full, waiting, first_active_step
+
+  def __call__(self, state, *inputs):
+    return self.full(state, *inputs)
+
+  def lower(self, state, *inputs):
+    return self.full.lower(state, *inputs)
+
+  def __getattr__(self, name):
+    if name in ("full", "waiting", "first_active_step"):  # not yet set (copy, pickle)
+      raise AttributeError(name)
+    return getattr(self.full, name)
+
+
+def program_for(train_fn, step, num_steps):
+  """The program that runs the dispatch of steps [step, step + num_steps): the waiting one
+  when `train_fn` has one and the dispatch ends by the discriminator's first active step."""
+  if isinstance(train_fn, WithWaitingProgram) and step + num_steps <= train_fn.first_active_step:
+    return train_fn.waiting
+  return train_fn
+
+
+def programs(train_fn):
+  """Every program `train_fn` dispatches to (jax_private.compilations counts them)."""
+  if isinstance(train_fn, WithWaitingProgram):
+    return [train_fn.full, train_fn.waiting]
+  return [train_fn]
+
+
+def _build_train_fn(runner, graphdef, tx, cfg, unroll, state, inputs, constants):
   R, batch = parallel.REPLICATED, parallel.batch_axis
   layout = layout_of(runner, state.params, state.adversary.params if state.adversary else None)
   kinds: tuple[Any, ...]

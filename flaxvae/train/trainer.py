@@ -69,13 +69,14 @@ def next_dispatch_size(step, settings, evaluations=frozenset()):
 
 
 def check_no_recompilation(train_fn, sizes_run):
-  """Cheap guard: one compilation per dispatch size, none after (jit functions: the pmap
-  strategy's function keeps no count)."""
-  compiled = jax_private.compilations(train_fn)
+  """Cheap guard: one compilation per program and dispatch size (`sizes_run`: the pairs run),
+  none after (jit functions: the pmap strategy's function keeps no count)."""
+  counts = [jax_private.compilations(fn) for fn in step_lib.programs(train_fn)]
+  compiled = None if None in counts else sum(counts)
   if compiled is not None and compiled > len(sizes_run):
     raise RuntimeError(
       f"the train step compiled {compiled} times for dispatch sizes "
-      f"{sorted(sizes_run)}: an argument changed shape, dtype or sharding"
+      f"{sorted({n for _, n in sizes_run})}: an argument changed shape, dtype or sharding"
     )
 
 
@@ -175,10 +176,11 @@ def train(config, workdir, dataset=None):
   try:
     while step < settings.num_steps:
       n = next_dispatch_size(step, settings, evaluations)
-      state, metrics = train_fn(state, *feed.args(n))  # async: the next batches overlap compute
+      program = step_lib.program_for(train_fn, step, n)
+      state, metrics = program(state, *feed.args(n))  # async: the next batches overlap compute
       in_flight.add(metrics)  # at most two dispatches queued: see runtime/dispatch.py
       pending.append((n, metrics))
-      sizes_run.add(n)
+      sizes_run.add((id(program), n))
       step += n
       logged = step % settings.log_every_steps == 0 or step == settings.num_steps
       if logged:

@@ -80,6 +80,32 @@ def test_both_players_train_and_log_their_terms(reference):
   assert int(state["adversary"]["skipped"]) == 0 and int(state["skipped"]) == 0
 
 
+def test_before_the_discriminator_starts_the_waiting_program_gives_the_full_programs_numbers(
+  reference, tmp_path, monkeypatch
+):
+  """On XLA:CPU the trainer dispatches step 0 (before adversary.train_start = 1) to the program
+  without the discriminator's branches; with only the full program (as accelerators run it) the
+  run's every number is the same, bitwise."""
+  from flaxvae.run import Run  # noqa: PLC0415
+  from flaxvae.runtime import backend  # noqa: PLC0415
+  from flaxvae.train import step as step_lib  # noqa: PLC0415
+
+  train_fn = Run(two_players(), DATASET).train_fn("indices")
+  assert step_lib.program_for(train_fn, 0, 1) is train_fn.waiting
+  assert step_lib.program_for(train_fn, 0, 2) is train_fn and train_fn.first_active_step == 1
+  monkeypatch.setattr(backend, "separate_waiting_program", lambda: False)
+  assert not isinstance(Run(two_players(), DATASET).train_fn(), step_lib.WithWaitingProgram)
+  train(two_players(), str(tmp_path), DATASET)
+  assert_bitwise(saved_state(tmp_path, NUM_STEPS), saved_state(reference, NUM_STEPS))
+  timing = ("wall_s", "examples_per_s")
+  rows = lambda workdir: [
+    {k: v for k, v in r.items() if k not in timing}
+    for r in outputs.read_metrics(str(workdir))
+    if "disc_loss" in r
+  ]
+  assert rows(tmp_path) == rows(reference) and len(rows(reference)) == NUM_STEPS
+
+
 # Adam's first updates are lr * g / |g|: where a gradient is rounding noise (an attention key's
 # bias, whose gradient softmax cancels; elements the per-device batch sums in another order),
 # its sign, and so a whole lr-sized step, follows the summation order, which changes with the
