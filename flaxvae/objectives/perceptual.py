@@ -81,8 +81,9 @@ def weight_shapes():
 def _conv3x3(x, kernel, bias, dtype, input_gradient_kernel=None):
   """3x3 convolution with zero padding 1. On a 1x1 map (relu5_3's block at 16-31 px) only the
   kernel's centre meets a pixel, so it is that tap's matrix product, the same numbers, which
-  XLA:CPU runs many times faster than its convolution of a 1x1 map (docs/performance.md). With `input_gradient_kernel` (for_training) the input's gradient
-  convolves with it instead of a kernel transposed in every step."""
+  XLA:CPU runs many times faster than its convolution of a 1x1 map (docs/performance.md). With
+  `input_gradient_kernel` (for_training) the input's gradient convolves with it instead of a
+  kernel transposed in every step."""
   if x.shape[1:3] == (1, 1):
     return jnp.einsum("nhwc,cd->nhwd", x, kernel[1, 1].astype(dtype)) + bias.astype(dtype)
   if input_gradient_kernel is None:

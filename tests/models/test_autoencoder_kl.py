@@ -346,7 +346,7 @@ def test_upsample_by_phases_is_nearest_upsampling_then_a_same_conv(dtype):
   each pixel 2x2, then the 3x3 'same' conv with the same parameters): values and gradients,
   odd sizes; bfloat16 within 5% of each output's largest magnitude (its bias gradient sums
   in bfloat16)."""
-  from flaxvae.models import autoencoder_kl  # noqa: PLC0415
+  from flaxvae.models import autoencoder_kl
 
   layer = autoencoder_kl.Upsample(8, nnx.Rngs(0), dtype)
   layer.conv.bias[...] = jax.random.normal(jax.random.key(1), (8,))

@@ -86,9 +86,9 @@ def test_before_the_discriminator_starts_the_waiting_program_gives_the_full_prog
   """On XLA:CPU the trainer dispatches step 0 (before adversary.train_start = 1) to the program
   without the discriminator's branches; with only the full program (as accelerators run it) the
   run's every number is the same, bitwise."""
-  from flaxvae.run import Run  # noqa: PLC0415
-  from flaxvae.runtime import backend  # noqa: PLC0415
-  from flaxvae.train import step as step_lib  # noqa: PLC0415
+  from flaxvae.run import Run
+  from flaxvae.runtime import backend
+  from flaxvae.train import step as step_lib
 
   train_fn = Run(two_players(), DATASET).train_fn("indices")
   assert step_lib.program_for(train_fn, 0, 1) is train_fn.waiting
