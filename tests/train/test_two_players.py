@@ -14,7 +14,10 @@ import pytest
 from flaxvae import settings, weights
 from flaxvae.errors import ConfigError, WeightsMissing
 from flaxvae.objectives import perceptual
+from flaxvae.run import Run
+from flaxvae.runtime import backend
 from flaxvae.train import outputs, preemption
+from flaxvae.train import step as step_lib
 from flaxvae.train.trainer import train
 from tests import conftest
 from tests.train.test_fault_tolerance import assert_bitwise, saved_state, stop_at
@@ -80,21 +83,24 @@ def test_both_players_train_and_log_their_terms(reference):
   assert int(state["adversary"]["skipped"]) == 0 and int(state["skipped"]) == 0
 
 
-def test_before_the_discriminator_starts_the_waiting_program_gives_the_full_programs_numbers(
-  reference, tmp_path, monkeypatch
-):
-  """On XLA:CPU the trainer dispatches step 0 (before adversary.train_start = 1) to the program
-  without the discriminator's branches; with only the full program (as accelerators run it) the
-  run's every number is the same, bitwise."""
-  from flaxvae.run import Run
-  from flaxvae.runtime import backend
-  from flaxvae.train import step as step_lib
-
+def test_the_steps_before_the_discriminator_starts_dispatch_to_the_waiting_program(monkeypatch):
+  """On XLA:CPU a dispatch that ends by the first active step (adversary.train_start = 1 here)
+  runs the program without the discriminator's branches; accelerators keep one program."""
   train_fn = Run(two_players(), DATASET).train_fn("indices")
   assert step_lib.program_for(train_fn, 0, 1) is train_fn.waiting
   assert step_lib.program_for(train_fn, 0, 2) is train_fn and train_fn.first_active_step == 1
+  assert step_lib.program_for(train_fn, 1, 1) is train_fn
   monkeypatch.setattr(backend, "separate_waiting_program", lambda: False)
   assert not isinstance(Run(two_players(), DATASET).train_fn(), step_lib.WithWaitingProgram)
+
+
+@pytest.mark.slow
+def test_before_the_discriminator_starts_the_waiting_program_gives_the_full_programs_numbers(
+  reference, tmp_path, monkeypatch
+):
+  """The reference run dispatched step 0 to the waiting program; with only the full program
+  (as accelerators run it) the run's every number is the same, bitwise."""
+  monkeypatch.setattr(backend, "separate_waiting_program", lambda: False)
   train(two_players(), str(tmp_path), DATASET)
   assert_bitwise(saved_state(tmp_path, NUM_STEPS), saved_state(reference, NUM_STEPS))
   timing = ("wall_s", "examples_per_s")
@@ -183,7 +189,6 @@ def test_an_image_size_the_downsampling_does_not_divide_is_refused(tmp_path):
 
 
 def test_the_step_config_takes_the_perceptual_weight_and_the_adversary_from_their_settings():
-  from flaxvae.run import Run
 
   run = Run(two_players(**{"objective.perceptual_weight": 0.25}), DATASET)
   assert run.step_cfg.perceptual_weight == 0.25
