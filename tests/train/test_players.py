@@ -33,9 +33,11 @@ def random_lpips_weights(seed=0):
   return jax.tree.map(jnp.float32, weights.unflatten(flat))
 
 
-# the adaptive case differentiates LDM's loss twice more, eagerly: half a minute, so it runs
-# with the slow tests (tests/train/test_two_players.py checks the weight through train())
-@pytest.mark.parametrize("adaptive", [pytest.param(True, marks=pytest.mark.slow), False])
+# Eager differentiation of LDM's loss: a minute per case, so both run with the slow tests
+# (CI's make test-slow); the fast tests/train/test_two_players.py trains the same step through
+# train() and checks its logged terms
+@pytest.mark.slow
+@pytest.mark.parametrize("adaptive", [True, False])
 def test_one_backward_pass_gives_the_gradient_of_ldms_loss(adaptive, monkeypatch):
   config = conftest.set_keys(
     conftest.load_config("fashion_mnist_kl_f4", "tiny"),
