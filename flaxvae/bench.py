@@ -69,8 +69,10 @@ def _memory(compiled):
   return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
 
 
-def _lower_one_step(run):
-  """The one-step train function (1 device, no loop) lowered from shapes alone."""
+def _lower_one_step(run, at_step=None):
+  """The one-step train function (1 device, no loop) lowered from shapes alone: the full
+  program, or with `at_step` the one the trainer runs for that step (without a later-starting
+  discriminator's branches on XLA:CPU, step.program_for)."""
   runner = parallel.Runner("shard_map", jax.devices()[:1])
   images = jax.ShapeDtypeStruct(
     (run.settings.batch_size, *run.image_shape),
@@ -79,17 +81,19 @@ def _lower_one_step(run):
   )
   initial = run.initial_state()
   state = checkpoint_lib.abstract_like(initial, runner.state_shardings(initial))
-  # the program the trainer runs at step 0 (without a later-starting discriminator's branches
-  # on XLA:CPU), as compiled_trainer times it
-  return step_lib.program_for(run.train_fn("one_step", runner=runner), 0, 1).lower(state, images)
+  train_fn = run.train_fn("one_step", runner=runner)
+  if at_step is not None:
+    train_fn = step_lib.program_for(train_fn, at_step, 1)
+  return train_fn.lower(state, images)
 
 
 def step_flops(run):
   """FLOPs of one train step of the global batch, from XLA's cost analysis (1 device, no loop).
 
-  Cost analysis counts a loop body once, so it is taken on a single unrolled step.
+  Cost analysis counts a loop body once, so it is taken on a single unrolled step. The program
+  is the one the trainer runs at the initial step, which compiled_trainer times.
   """
-  return float(_cost(_lower_one_step(run).compile()).get("flops", 0.0))
+  return float(_cost(_lower_one_step(run, at_step=0).compile()).get("flops", 0.0))
 
 
 def lowered_step_flops(config, image_shape):
