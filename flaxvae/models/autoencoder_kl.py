@@ -201,7 +201,7 @@ class Upsample(nnx.Module):
 
   def __call__(self, x):
     dtype = self.conv.dtype
-    kernel, bias = self.conv.kernel[...], self.conv.bias[...]
+    x, kernel, bias = x.astype(dtype), self.conv.kernel[...], self.conv.bias[...]
     phases = []
     for row_phase, row_kernel in enumerate(_phase_kernels(kernel, axis=0)):
       row = []
@@ -209,7 +209,7 @@ class Upsample(nnx.Module):
         # phase 0 reads input pixels (i - 1, i), phase 1 (i, i + 1): zero beyond the border
         padding = tuple(((1, 0), (0, 1))[phase] for phase in (row_phase, col_phase))
         out = jax.lax.conv_general_dilated(
-          x.astype(dtype),
+          x,
           phase_kernel.astype(dtype),
           window_strides=(1, 1),
           padding=padding,

@@ -46,7 +46,10 @@ def branch(predicate, when_true, when_false):
   run and the result is selected: XLA:CPU runs the convolutions inside a conditional's branches
   on its slow path, as inside a rolled loop, so a skipped branch that holds convolutions (the
   discriminator's, before its start) costs more where it runs than computing it every step
-  (docs/performance.md). The branches take no operand and must not depend on which one runs."""
+  (docs/performance.md). The branches take no operand and must not depend on which one runs.
+  A Python bool `predicate` (known when tracing) runs its branch alone on every backend."""
+  if isinstance(predicate, bool):
+    return (when_true if predicate else when_false)(None)
   if not on_cpu():
     return jax.lax.cond(predicate, when_true, when_false, None)
   taken, skipped = when_true(None), when_false(None)

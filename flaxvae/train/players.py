@@ -169,7 +169,7 @@ def autoencoder_gradients(graphdef, cfg, layout, state, whole, x, noise, kl_scal
   cotangent = toward_reconstruction
   metrics = {}
   if adversary is not None:
-    active = state.step >= adversary.start_step
+    active = False if adversary.waiting else state.step >= adversary.start_step
 
     def adversarial_term(_):
       def head(raw):
@@ -195,10 +195,7 @@ def autoencoder_gradients(graphdef, cfg, layout, state, whole, x, noise, kl_scal
     def inactive(_):
       return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros_like(raw)
 
-    if adversary.waiting:
-      g_loss, d_weight, toward_adversary = inactive(None)
-    else:
-      g_loss, d_weight, toward_adversary = backend.branch(active, adversarial_term, inactive)
+    g_loss, d_weight, toward_adversary = backend.branch(active, adversarial_term, inactive)
     cotangent = cotangent + d_weight * toward_adversary
     metrics = dict(generator_loss=g_loss, adaptive_weight=d_weight)
   # Gradients of this device's batch mean, as the ELBO path's: layout.reduce averages them.
@@ -309,9 +306,8 @@ def discriminator_update(adversary: AdversaryStep, layout, state, real01, fake01
       disc_loss=zero, lecam_real=zero, lecam_fake=zero, disc_grad_norm=zero, disc_skipped=zero
     )
 
-  if adversary.waiting:
-    return wait(None)
-  return backend.branch(state.step >= adversary.train_start, train, wait)
+  training = False if adversary.waiting else state.step >= adversary.train_start
+  return backend.branch(training, train, wait)
 
 
 def _at(tree, path):

@@ -352,6 +352,8 @@ def build_train_fn(
   host arrays or shapes) are bound as WithConstants, replicated on every device. A run whose
   discriminator starts later gets WithWaitingProgram on XLA:CPU (program_for picks).
   """
+  if constants is not None and not _is_abstract(constants):
+    constants = runner.put(constants)  # once, shared by both programs of WithWaitingProgram
   full = _build_train_fn(runner, graphdef, tx, cfg, unroll, state, inputs, constants)
   adversary = cfg.adversary
   if adversary is None or adversary.first_active_step <= 0:
@@ -403,6 +405,7 @@ def programs(train_fn):
 
 
 def _build_train_fn(runner, graphdef, tx, cfg, unroll, state, inputs, constants):
+  """build_train_fn's one program; `constants` already on the devices (or shapes)."""
   R, batch = parallel.REPLICATED, parallel.batch_axis
   layout = layout_of(runner, state.params, state.adversary.params if state.adversary else None)
   kinds: tuple[Any, ...]
@@ -423,8 +426,7 @@ def _build_train_fn(runner, graphdef, tx, cfg, unroll, state, inputs, constants)
     return runner.wrap(fn, (state_kind, *kinds), (state_kind, R), donate_argnums=(0,))
   takes_constants = lambda state, constants, *inputs: fn(state, *inputs, constants=constants)
   jitted = runner.wrap(takes_constants, (state_kind, R, *kinds), (state_kind, R), (0,))
-  on_devices = constants if _is_abstract(constants) else runner.put(constants)
-  return WithConstants(jitted, on_devices)
+  return WithConstants(jitted, constants)
 
 
 def _is_abstract(tree):
